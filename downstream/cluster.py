@@ -1,0 +1,137 @@
+"""Unsupervised classification: clustering frozen features, scored against the labels.
+
+ibot-protocols.md §2 "Unsupervised classification / clustering". Two protocols:
+
+- ``cluster-kmeans`` (the task ``cluster``): faiss k-means on the L2-normalised final CLS
+  of the test split, K = number of classes (or ``k``), best of ``restarts`` runs; works for
+  any encoder.
+- ``cluster-head``: the paper's: cluster = argmax of the teacher head's output on the CLS
+  token (a model pretrained with out_dim = number of classes). The runner computes the
+  argmax and calls :func:`cluster_head_metrics`.
+
+Metrics (percent, like the paper's table): ``nmi``, ``ami``, ``ari``, ``fmi`` from
+scikit-learn and ``acc``, the accuracy under the best one-to-one cluster -> class matching
+(Hungarian algorithm, scipy). With K > classes the unmatched clusters count as wrong;
+with K < classes the unmatched classes do. Predictions are scored on the whole split at
+once (the reference scored per-rank shards, so its ARI/FMI drifted with world size).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn import metrics as skm
+
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.features import FeatureSet
+from ibot_bench.tasks import TaskOutput, register_task
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_KMEANS = "cluster-kmeans"
+PROTOCOL_HEAD = "cluster-head"
+
+
+@dataclass
+class ClusterConfig:
+    """Settings of k-means clustering (ibot-protocols.md §2 "clustering")."""
+
+    k: int = 0  # number of clusters; 0 = number of classes
+    restarts: int = 10  # faiss nredo: the run with the lowest objective is kept
+    niter: int = 100
+    spherical: bool = False  # renormalise centroids after each iteration
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | gpu (faiss)
+
+
+def hungarian_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples correct under the best one-to-one matching of clusters to classes.
+
+    Uses scipy's ``linear_sum_assignment`` on the contingency table; K need not equal the
+    number of classes.
+    """
+    table = skm.cluster.contingency_matrix(labels, pred)  # (classes, clusters)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum()) / len(labels)
+
+
+def clustering_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``nmi``, ``ami``, ``ari``, ``fmi``, ``acc`` in percent (ibot-protocols.md §2)."""
+    pred, labels = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+    if len(pred) != len(labels):
+        raise UserError(f"{len(pred)} cluster assignments for {len(labels)} labels")
+    if len(labels) == 0:
+        raise UserError("cannot score an empty clustering")
+    scores = {
+        "nmi": skm.normalized_mutual_info_score(labels, pred),
+        "ami": skm.adjusted_mutual_info_score(labels, pred),
+        "ari": skm.adjusted_rand_score(labels, pred),
+        "fmi": skm.fowlkes_mallows_score(labels, pred),
+        "acc": hungarian_accuracy(pred, labels),
+    }
+    return {name: 100.0 * float(v) for name, v in scores.items()}
+
+
+def cluster_head_metrics(head_argmax: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Protocol ``cluster-head`` (ibot-protocols.md §2): score the teacher head's CLS argmax.
+
+    ``head_argmax`` (N,) and ``labels`` (N,) must cover the whole split, gathered in the
+    same order. Returns the metrics of :func:`clustering_metrics`.
+    """
+    return clustering_metrics(head_argmax, labels)
+
+
+def _use_gpu(device: str) -> bool:
+    if device not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"device must be auto, cpu or gpu, got {device!r}")
+    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if device == "gpu" and not has_gpu:
+        raise UserError("device: gpu asked for, but faiss has no GPU support or sees no GPU")
+    return device != "cpu" and has_gpu
+
+
+def kmeans_assign(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarray, bool]:
+    """faiss k-means of the L2-normalised rows of ``x``: (cluster per row, ran on GPU)."""
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UserError("features contain NaN or inf; the encoder produced invalid outputs")
+    x = np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    if not 1 <= k <= len(x):
+        raise UserError(f"cannot make {k} clusters of {len(x)} images")
+    if cfg.restarts < 1 or cfg.niter < 1:
+        raise ConfigError("restarts and niter must be >= 1")
+    gpu = _use_gpu(cfg.device)
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=cfg.niter,
+        nredo=cfg.restarts,
+        seed=cfg.seed,
+        spherical=cfg.spherical,
+        gpu=gpu,
+        verbose=False,
+        min_points_per_centroid=1,  # no warning for small splits
+        max_points_per_centroid=len(x),  # use every point, no subsampling
+    )
+    kmeans.train(x)
+    _, assign = kmeans.index.search(x, 1)
+    return assign[:, 0].astype(np.int64), gpu
+
+
+@register_task("cluster", ClusterConfig)
+def cluster(train: FeatureSet, test: FeatureSet, cfg: ClusterConfig) -> TaskOutput:
+    """k-means on the test split's L2-normalised CLS vs its labels (ibot-protocols.md §2)."""
+    if cfg.k < 0:
+        raise ConfigError(f"k must be >= 0 (0 = number of classes), got {cfg.k}")
+    num_classes = max(test.num_classes, len(np.unique(test.labels)))
+    k = cfg.k or num_classes
+    pred, gpu = kmeans_assign(test.cls, k, cfg)
+    log.info(
+        "cluster: k-means K=%d on %d images, faiss on %s", k, len(pred), "gpu" if gpu else "cpu"
+    )
+    extra = {"k": k, "faiss_device": "gpu" if gpu else "cpu", "num_images": len(pred)}
+    return TaskOutput(clustering_metrics(pred, test.labels), PROTOCOL_KMEANS, extra)

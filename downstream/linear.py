@@ -1,0 +1,369 @@
+"""Linear probes on cached frozen features: many heads trained at once.
+
+ibot-protocols.md §2 "Linear probe": ``Linear(D, C)`` heads, weight
+N(0, 0.01), bias 0, SGD momentum 0.9, weight decay 0, cosine schedule to 0 (stepped per
+iteration here), lr scaled by ``batch_size / 256``. Every (learning rate, feature
+variant) pair is one head; all heads train in one model with one optimizer (a param
+group per head), on the same shuffled mini-batches, as DINOv2 does — one pass over the
+cached features instead of one run per learning rate (the reference recomputed the
+backbone every epoch, dino#141).
+
+Feature variants (ibot-protocols.md §2, "Default features"):
+
+- ``cls``: final-block CLS (D);
+- ``cls_last4``: concatenated CLS of the last 4 blocks (4D; the paper's ViT-S feature);
+- ``cls_patch``: [final CLS, mean patch token] (2D; the paper's ViT-B/L feature).
+
+Learning-rate grid (default, DINOv2's): 13 base lrs 1e-5, 2e-5, 5e-5, ..., 5e-2, 0.1,
+each multiplied by ``batch_size / 256``.
+
+Two protocols, registered as two tasks so their numbers are never mixed:
+
+- ``linear`` (default): the head is chosen on a stratified validation split held out from
+  the training features (``val_fraction``), then reported on the test set; optionally
+  refit on all training features (``refit``).
+- ``linear-paper``: the reference's protocol: all heads train on all training features and
+  the reported number is the maximum over heads *and epochs* of the test accuracy
+  (selection on the test set). Its default grid is the reference's 45 base lrs
+  {1..9} x 10^k, k = -4..0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ibot_bench.data.subsets import stratified_split
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.features import FeatureSet
+from ibot_bench.tasks import TaskOutput, register_task
+
+log = logging.getLogger(__name__)
+
+FEATURE_VARIANTS = ("cls", "cls_last4", "cls_patch")
+DINOV2_BASE_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
+PAPER_BASE_LRS = [round(m * 10.0**e, 6) for e in range(-4, 1) for m in range(1, 10)]
+
+
+@dataclass
+class LinearBaseConfig:
+    """Settings shared by both linear protocols (ibot-protocols.md §2 "Linear probe")."""
+
+    epochs: int = 100
+    batch_size: int = 1024
+    base_lrs: list[float] = field(default_factory=lambda: list(DINOV2_BASE_LRS))
+    features: list[str] = field(default_factory=lambda: list(FEATURE_VARIANTS))
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    bf16: bool = False  # bfloat16 autocast for the heads' forward pass
+    eval_batch_size: int = 4096
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+
+@dataclass
+class LinearConfig(LinearBaseConfig):
+    """Protocol ``linear``: head chosen on a held-out stratified validation split."""
+
+    val_fraction: float = 0.1
+    refit: bool = False  # retrain the chosen head on all training features
+
+
+@dataclass
+class LinearPaperConfig(LinearBaseConfig):
+    """Protocol ``linear-paper``: max over heads and epochs on the test set (reference)."""
+
+    base_lrs: list[float] = field(default_factory=lambda: list(PAPER_BASE_LRS))
+    eval_every: int = 1  # epochs between test evaluations (the last epoch always counts)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One linear head: the feature variant it reads and its learning rates."""
+
+    feature: str
+    base_lr: float
+    lr: float
+
+    def as_dict(self) -> dict:
+        return {"feature": self.feature, "base_lr": self.base_lr, "lr": self.lr}
+
+
+class LinearHeads(nn.Module):
+    """One ``Linear(D_f, C)`` per head, weight N(0, 0.01), bias 0 (ibot-protocols.md §2)."""
+
+    def __init__(
+        self, specs: list[HeadSpec], dims: dict[str, int], num_classes: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.specs = specs
+        gen = torch.Generator().manual_seed(seed)
+        self.heads = nn.ModuleList(nn.Linear(dims[s.feature], num_classes) for s in specs)
+        for head in self.heads:
+            nn.init.normal_(head.weight, mean=0.0, std=0.01, generator=gen)
+            nn.init.zeros_(head.bias)
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(specs):
+            groups.setdefault(s.feature, []).append(i)
+        self.groups = groups
+        order = torch.tensor([i for idx in groups.values() for i in idx])
+        self.register_buffer("restore", torch.argsort(order), persistent=False)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(H, B, C) logits of every head, in ``specs`` order.
+
+        Heads reading the same feature variant run as one batched matmul over their stacked
+        weights (each head keeps its own parameters, hence its own lr param group).
+        """
+        outs = []
+        for feature, idx in self.groups.items():
+            weight = torch.stack([self.heads[i].weight for i in idx])  # (h, C, D)
+            bias = torch.stack([self.heads[i].bias for i in idx])  # (h, C)
+            outs.append(torch.matmul(feats[feature], weight.transpose(1, 2)) + bias[:, None])
+        return torch.cat(outs)[self.restore]
+
+
+def check_variants(fs: FeatureSet, features: list[str]) -> dict[str, int]:
+    """Dimension of every requested feature variant of ``fs``; clear errors when one is missing."""
+    if not features:
+        raise ConfigError(f"features must name at least one of {', '.join(FEATURE_VARIANTS)}")
+    unknown = [f for f in features if f not in FEATURE_VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown feature variant(s) {unknown}; known: {list(FEATURE_VARIANTS)}")
+    d = fs.cls.shape[1] if fs.cls.ndim == 2 else 0
+    dims = {"cls": d, "cls_last4": 4 * d, "cls_patch": 2 * d}
+    if d == 0:
+        raise UserError(f"feature set has no CLS features (shape {fs.cls.shape})")
+    if "cls_last4" in features and (fs.cls_last_n.ndim != 2 or fs.cls_last_n.shape[1] != 4 * d):
+        raise UserError(
+            f"feature variant 'cls_last4' needs the CLS of the last 4 blocks (4 x {d} = {4 * d} "
+            f"columns in cls_last_n), got shape {fs.cls_last_n.shape}; extract features with "
+            "n_last_blocks=4 or drop 'cls_last4' from features"
+        )
+    if "cls_patch" in features and (fs.patch_mean.ndim != 2 or fs.patch_mean.shape[1] != d):
+        raise UserError(
+            f"feature variant 'cls_patch' needs patch_mean of shape (N, {d}), "
+            f"got {fs.patch_mean.shape}; drop 'cls_patch' from features"
+        )
+    return {f: dims[f] for f in features}
+
+
+def feature_batch(
+    fs: FeatureSet, rows: np.ndarray, features: list[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The requested feature variants of rows ``rows``, as float32 tensors on ``device``."""
+
+    def rows_of(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a[rows], dtype=np.float32)).to(device)
+
+    out: dict[str, torch.Tensor] = {}
+    if {"cls", "cls_patch"} & set(features):
+        out["cls"] = rows_of(fs.cls)
+    if "cls_last4" in features:
+        out["cls_last4"] = rows_of(fs.cls_last_n)
+    if "cls_patch" in features:
+        out["cls_patch"] = torch.cat([out["cls"], rows_of(fs.patch_mean)], dim=1)
+    return out
+
+
+def head_specs(cfg: LinearBaseConfig) -> list[HeadSpec]:
+    """Every (feature variant, base lr) pair; lr = base_lr x batch_size / 256."""
+    if not cfg.base_lrs or any(lr <= 0 for lr in cfg.base_lrs):
+        raise ConfigError(f"base_lrs must be a non-empty list of positive numbers: {cfg.base_lrs}")
+    scale = cfg.batch_size / 256.0
+    features = list(dict.fromkeys(cfg.features))
+    return [HeadSpec(f, float(lr), float(lr) * scale) for f in features for lr in cfg.base_lrs]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _check_config(cfg: LinearBaseConfig) -> None:
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise ConfigError("epochs, batch_size and eval_batch_size must be >= 1")
+
+
+@torch.no_grad()
+def evaluate_heads(
+    model: LinearHeads,
+    fs: FeatureSet,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 and top-5 accuracy (percent) of every head on rows ``rows`` of ``fs``."""
+    features = sorted({s.feature for s in model.specs})
+    labels = torch.from_numpy(np.asarray(fs.labels, dtype=np.int64)[rows]).to(device)
+    hits1 = torch.zeros(len(model.specs), dtype=torch.float64)
+    hits5 = torch.zeros(len(model.specs), dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        y = labels[start : start + batch_size]
+        feats = feature_batch(fs, rows[start : start + batch_size], features, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(feats)
+        top = logits.float().topk(min(5, logits.shape[2]), dim=2).indices  # (H, B, 5)
+        hits1 += (top[:, :, 0] == y).sum(1).double().cpu()
+        hits5 += (top == y[None, :, None]).any(2).sum(1).double().cpu()
+    n = max(len(rows), 1)
+    return (100.0 * hits1 / n).numpy(), (100.0 * hits5 / n).numpy()
+
+
+def train_heads(
+    fs: FeatureSet,
+    rows: np.ndarray,
+    specs: list[HeadSpec],
+    num_classes: int,
+    cfg: LinearBaseConfig,
+    on_epoch: Callable[[int, LinearHeads], None] | None = None,
+) -> LinearHeads:
+    """Train all heads of ``specs`` together on rows ``rows`` of ``fs``.
+
+    ibot-protocols.md §2: SGD (momentum, weight decay from ``cfg``), one param group per
+    head with its own lr, cosine decay to 0 per iteration, seeded shuffling.
+    ``on_epoch(epoch, model)`` is called after every epoch.
+    """
+    device = resolve_device(cfg.device)
+    dims = check_variants(fs, [s.feature for s in specs])
+    model = LinearHeads(specs, dims, num_classes, cfg.seed).to(device)
+    groups = [{"params": h.parameters(), "lr": s.lr} for s, h in zip(specs, model.heads)]
+    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    rng = np.random.default_rng(cfg.seed)
+    labels = np.asarray(fs.labels, dtype=np.int64)
+    features = sorted(dims)
+    for epoch in range(cfg.epochs):
+        perm = rng.permutation(rows)
+        total = 0.0
+        for start in range(0, len(perm), cfg.batch_size):
+            batch = perm[start : start + cfg.batch_size]
+            feats = feature_batch(fs, batch, features, device)
+            y = torch.from_numpy(labels[batch]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = model(feats)
+            # sum over heads of each head's batch-mean cross-entropy
+            flat = logits.float().reshape(-1, num_classes)
+            loss = F.cross_entropy(flat, y.repeat(len(specs)), reduction="sum") / len(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        log.debug(
+            "linear epoch %d: mean loss per head %.4f", epoch, total / steps_per_epoch / len(specs)
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+    return model
+
+
+def _num_classes(train: FeatureSet, test: FeatureSet) -> int:
+    return max(train.num_classes, int(train.labels.max()) + 1, int(test.labels.max()) + 1)
+
+
+def _test_metrics(top1: float, top5: float, num_classes: int) -> dict[str, float]:
+    metrics = {"top1": float(top1)}
+    if num_classes >= 5:
+        metrics["top5"] = float(top5)
+    return metrics
+
+
+def linear_probe(
+    train: FeatureSet, test: FeatureSet, cfg: LinearConfig
+) -> tuple[dict[str, float], dict]:
+    """Protocol ``linear``: choose the head on a held-out split, report it on ``test``.
+
+    The validation split is stratified and deterministic (``val_fraction``, ``seed``); the
+    chosen head has the best validation top-1 (ties: first in (feature, lr) order). Returns
+    ``(metrics, extra)``; extra holds the chosen head and every head's validation score.
+    Reused by ``semi`` as a plain function.
+    """
+    _check_config(cfg)
+    check_variants(train, cfg.features)
+    check_variants(test, cfg.features)
+    specs, num_classes = head_specs(cfg), _num_classes(train, test)
+    fit_rows, val_rows = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
+    model = train_heads(train, fit_rows, specs, num_classes, cfg)
+    device = next(model.parameters()).device
+    val1, _ = evaluate_heads(model, train, val_rows, cfg.eval_batch_size, device, cfg.bf16)
+    best = int(np.argmax(val1))
+    chosen = specs[best]
+    log.info("linear: chose %s (val top-1 %.2f)", chosen, val1[best])
+    if cfg.refit:
+        model, best = train_heads(train, np.arange(len(train)), [chosen], num_classes, cfg), 0
+    test_rows = np.arange(len(test))
+    top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device, cfg.bf16)
+    extra = {
+        "chosen_head": {**chosen.as_dict(), "val_top1": float(val1.max())},
+        "heads": [{**s.as_dict(), "val_top1": float(v)} for s, v in zip(specs, val1)],
+        "refit": cfg.refit,
+        "num_train": len(fit_rows),
+        "num_val": len(val_rows),
+    }
+    return _test_metrics(top1[best], top5[best], num_classes), extra
+
+
+def linear_probe_paper(
+    train: FeatureSet, test: FeatureSet, cfg: LinearPaperConfig
+) -> tuple[dict[str, float], dict]:
+    """Protocol ``linear-paper``: max over heads and epochs of the test top-1 (reference).
+
+    All heads train on all training features; every ``eval_every`` epochs (and after the
+    last) every head is evaluated on ``test``. ``top5`` is the top-5 of the (head, epoch)
+    with the best top-1.
+    """
+    _check_config(cfg)
+    if cfg.eval_every < 1:
+        raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
+    check_variants(train, cfg.features)
+    check_variants(test, cfg.features)
+    specs, num_classes = head_specs(cfg), _num_classes(train, test)
+    test_rows = np.arange(len(test))
+    best = {"top1": -1.0}
+    per_head = np.full(len(specs), -1.0)
+
+    def on_epoch(epoch: int, model: LinearHeads) -> None:
+        if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
+            return
+        device = next(model.parameters()).device
+        top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device, cfg.bf16)
+        np.maximum(per_head, top1, out=per_head)
+        h = int(np.argmax(top1))
+        if top1[h] > best["top1"]:
+            best.update(top1=float(top1[h]), top5=float(top5[h]), head=h, epoch=epoch + 1)
+
+    train_heads(train, np.arange(len(train)), specs, num_classes, cfg, on_epoch)
+    extra = {
+        "chosen_head": {**specs[best["head"]].as_dict(), "epoch": best["epoch"]},
+        "heads": [{**s.as_dict(), "best_test_top1": float(v)} for s, v in zip(specs, per_head)],
+        "selection": "max over heads and epochs on the test set (reference protocol)",
+    }
+    return _test_metrics(best["top1"], best["top5"], num_classes), extra
+
+
+@register_task("linear", LinearConfig, n_last_blocks=4)
+def linear(train: FeatureSet, test: FeatureSet, cfg: LinearConfig) -> TaskOutput:
+    """Linear probes, head chosen on a held-out split (ibot-protocols.md §2)."""
+    metrics, extra = linear_probe(train, test, cfg)
+    return TaskOutput(metrics=metrics, protocol="linear", extra=extra)
+
+
+@register_task("linear-paper", LinearPaperConfig, n_last_blocks=4)
+def linear_paper(train: FeatureSet, test: FeatureSet, cfg: LinearPaperConfig) -> TaskOutput:
+    """Linear probes, max over heads and epochs on test as the reference (ibot-protocols.md §2)."""
+    metrics, extra = linear_probe_paper(train, test, cfg)
+    return TaskOutput(metrics=metrics, protocol="linear-paper", extra=extra)

@@ -1,0 +1,134 @@
+"""Multinomial logistic regression on frozen features.
+
+ibot-protocols.md §2 "Logistic regression" (semi-supervised frozen protocol):
+L2-normalised final CLS, multinomial logistic regression with an L2 penalty
+(scikit-learn, lbfgs). Following DINOv2, the inverse regularisation strength C is chosen
+on a stratified hold-out of ``val_fraction`` of the training features, then the model is
+refit with that C on all training features and reported on the test set.
+
+C grid (default): 12 values 10^-6 .. 10^5, a one-per-decade version of DINOv2's 45-point
+grid 10^linspace(-6, 5, 45) (pass that grid via ``c_grid`` for the full sweep). The
+reference's lambdas {0.01, 0.1, 1} (cyanure's ``lambda/2 |w|^2 + mean loss``) correspond to
+C = 1 / (lambda * N) in scikit-learn's ``|w|^2 / 2 + C * sum loss``. The sweep runs in
+ascending C with warm starts (the optimum is unique, so only speed changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from ibot_bench.data.subsets import stratified_split
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.features import FeatureSet
+from ibot_bench.tasks import TaskOutput, register_task
+
+log = logging.getLogger(__name__)
+
+DEFAULT_C_GRID = [10.0**p for p in range(-6, 6)]
+
+
+@dataclass
+class LogregConfig:
+    """Settings of the logistic-regression task (ibot-protocols.md §2)."""
+
+    c_grid: list[float] = field(default_factory=lambda: list(DEFAULT_C_GRID))
+    val_fraction: float = 0.1
+    max_iter: int = 1000
+    tol: float = 1e-4
+    seed: int = 0
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UserError("features contain NaN or inf; the encoder produced invalid outputs")
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def topk_accuracy(proba: np.ndarray, classes: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Percent of ``labels`` among the ``k`` most probable of ``classes`` (ties: lowest column).
+
+    A label the model never saw in training (not in ``classes``) counts as a miss.
+    """
+    top = classes[np.argsort(-proba, axis=1, kind="stable")[:, :k]]
+    return 100.0 * float(np.mean((top == np.asarray(labels)[:, None]).any(1)))
+
+
+def _fit(clf: LogisticRegression, x: np.ndarray, y: np.ndarray) -> bool:
+    """Fit ``clf``; returns False when lbfgs stopped at max_iter without converging."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(x, y)
+    return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def _check(cfg: LogregConfig, labels: np.ndarray) -> None:
+    if not cfg.c_grid or any(c <= 0 for c in cfg.c_grid):
+        raise ConfigError(f"c_grid must be a non-empty list of positive numbers: {cfg.c_grid}")
+    if len(np.unique(labels)) < 2:
+        raise UserError("logistic regression needs training images of at least 2 classes")
+
+
+def select_c(
+    x: np.ndarray, y: np.ndarray, cfg: LogregConfig
+) -> tuple[float, dict[float, float], bool]:
+    """Best C of ``cfg.c_grid`` by top-1 on a stratified hold-out (ties: the smallest C).
+
+    Returns ``(best_c, {C: val_top1}, all_converged)``.
+    """
+    fit_rows, val_rows = stratified_split(y, cfg.val_fraction, cfg.seed)
+    x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
+    clf = LogisticRegression(max_iter=cfg.max_iter, tol=cfg.tol, warm_start=True)
+    scores: dict[float, float] = {}
+    converged = True
+    for c in sorted(cfg.c_grid):
+        clf.set_params(C=c)
+        converged &= _fit(clf, x_fit, y_fit)
+        scores[c] = 100.0 * float(np.mean(clf.predict(x_val) == y_val))
+        log.debug("logreg C=%g val top-1 %.2f", c, scores[c])
+    best = max(scores, key=lambda c: (scores[c], -c))
+    return best, scores, converged
+
+
+def logreg_eval(
+    train: FeatureSet, test: FeatureSet, cfg: LogregConfig
+) -> tuple[dict[str, float], dict]:
+    """Logistic-regression core (ibot-protocols.md §2): ``(metrics, extra)``; reused by ``semi``.
+
+    Metrics: ``top1`` and, with at least 5 classes, ``top5`` (percent). Extra: ``best_C``,
+    the validation top-1 of every C, and whether lbfgs converged everywhere.
+    """
+    y = np.asarray(train.labels, dtype=np.int64)
+    _check(cfg, y)
+    x, x_test = _normalize(train.cls), _normalize(test.cls)
+    best_c, scores, converged = select_c(x, y, cfg)
+    clf = LogisticRegression(C=best_c, max_iter=cfg.max_iter, tol=cfg.tol)
+    converged &= _fit(clf, x, y)
+    if not converged:
+        log.warning("logreg: lbfgs hit max_iter=%d for some C; raise max_iter", cfg.max_iter)
+    log.info("logreg: best C %g (val top-1 %.2f)", best_c, scores[best_c])
+
+    proba = clf.predict_proba(x_test)
+    metrics = {"top1": topk_accuracy(proba, clf.classes_, test.labels, 1)}
+    num_classes = max(test.num_classes, train.num_classes)
+    if num_classes >= 5:
+        metrics["top5"] = topk_accuracy(proba, clf.classes_, test.labels, 5)
+    extra = {
+        "best_C": best_c,
+        "val_top1": {f"{c:g}": v for c, v in scores.items()},
+        "converged": converged,
+    }
+    return metrics, extra
+
+
+@register_task("logreg", LogregConfig)
+def logreg(train: FeatureSet, test: FeatureSet, cfg: LogregConfig) -> TaskOutput:
+    """Logistic regression on L2-normalised CLS, C chosen on a hold-out (ibot-protocols.md §2)."""
+    metrics, extra = logreg_eval(train, test, cfg)
+    return TaskOutput(metrics=metrics, protocol="logreg", extra=extra)

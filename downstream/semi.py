@@ -1,0 +1,119 @@
+"""Semi-supervised evaluation on frozen features: 1% / 10% of the training labels.
+
+ibot-protocols.md §2 "Semi-supervised": the frozen protocols (kNN, linear probe,
+logistic regression) are trained on a label subset of the training split and tested on
+the full test split. The subset is the SimCLRv2 image list given by ``split_file``
+(``1percent.txt`` / ``10percent.txt``) or, without one, a deterministic per-class draw of
+``fraction`` of every class (:func:`ibot_bench.data.subsets.per_class_fraction`).
+
+Protocol name: ``semi-{100*fraction:g}pct`` (``semi-1pct``, ``semi-10pct``); the fine-tuning
+variant of the paper is a different task. Metrics are each method's metrics prefixed by
+the method: ``knn_top1``, ``linear_top1``, ``logreg_top1``, ...
+
+Reuse rule: this module imports the plain algorithm cores of the other frozen tasks
+(``knn_eval``, ``linear_probe``, ``logreg_eval``), never their registered task functions or
+the task registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from downstream.knn import KnnConfig, knn_eval
+from downstream.linear import LinearConfig, linear_probe
+from downstream.logreg import LogregConfig, logreg_eval
+from ibot_bench.data.subsets import per_class_fraction, read_split_file
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.features import FeatureSet
+from ibot_bench.tasks import TaskOutput, register_task
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, Callable[[FeatureSet, FeatureSet, object], tuple[dict, dict]]] = {
+    "knn": knn_eval,
+    "linear": linear_probe,
+    "logreg": logreg_eval,
+}
+SPLIT_FILE_TOLERANCE = 1.25  # a split file may select fraction / 1.25 .. fraction * 1.25
+
+
+@dataclass
+class SemiConfig:
+    """Settings of the frozen semi-supervised task (ibot-protocols.md §2 "Semi-supervised").
+
+    ``seed`` drives the per-class draw and overrides the seed of every method's config.
+    """
+
+    fraction: float = 0.01
+    split_file: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["knn", "linear", "logreg"])
+    seed: int = 0
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    logreg: LogregConfig = field(default_factory=LogregConfig)
+
+
+def protocol_name(fraction: float) -> str:
+    """``semi-1pct`` for 0.01, ``semi-10pct`` for 0.1, ``semi-0.5pct`` for 0.005."""
+    return f"semi-{round(100 * fraction, 6):g}pct"
+
+
+def label_subset(train: FeatureSet, cfg: SemiConfig) -> tuple[np.ndarray, str]:
+    """Rows of ``train`` whose labels are used, and a description of where they came from."""
+    if not 0 < cfg.fraction <= 1:
+        raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
+    if not cfg.split_file:
+        rows = per_class_fraction(train.labels, cfg.fraction, cfg.seed, train.class_names)
+        return rows, f"per-class fraction {cfg.fraction:g}, seed {cfg.seed}"
+    names = train.meta.get("sample_names")
+    if names is None:
+        raise UserError(
+            "split_file needs the training samples' file names (FeatureSet.meta['sample_names'])"
+        )
+    rows = read_split_file(cfg.split_file, names)
+    realised = len(rows) / len(train)
+    if not cfg.fraction / SPLIT_FILE_TOLERANCE <= realised <= cfg.fraction * SPLIT_FILE_TOLERANCE:
+        raise ConfigError(
+            f"split file {cfg.split_file!r} selects {100 * realised:.3g}% of the training set but "
+            f"fraction is {cfg.fraction:g}; set fraction to match (it names the protocol)"
+        )
+    return rows, f"split file {cfg.split_file}"
+
+
+def _method_config(cfg: SemiConfig, method: str) -> object:
+    """The method's own config, with the semi seed where the method takes one."""
+    sub = getattr(cfg, method)
+    return dataclasses.replace(sub, seed=cfg.seed) if hasattr(sub, "seed") else sub
+
+
+def semi_eval(
+    train: FeatureSet, test: FeatureSet, cfg: SemiConfig
+) -> tuple[dict[str, float], dict]:
+    """Run ``cfg.methods`` on the label subset of ``train``; test on all of ``test``."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if not cfg.methods or unknown:
+        raise ConfigError(
+            f"methods must be a non-empty subset of {list(METHODS)}, got {cfg.methods}"
+        )
+    rows, source = label_subset(train, cfg)
+    subset = train.subset(rows)
+    log.info("semi: %d of %d training images (%s)", len(rows), len(train), source)
+    metrics: dict[str, float] = {}
+    extra: dict = {"subset_size": len(rows), "train_size": len(train), "subset_source": source}
+    for method in dict.fromkeys(cfg.methods):
+        m_metrics, m_extra = METHODS[method](subset, test, _method_config(cfg, method))
+        metrics.update({f"{method}_{name}": value for name, value in m_metrics.items()})
+        extra[method] = m_extra
+    return metrics, extra
+
+
+@register_task("semi", SemiConfig, n_last_blocks=4)
+def semi(train: FeatureSet, test: FeatureSet, cfg: SemiConfig) -> TaskOutput:
+    """Frozen kNN / linear / log. regression on 1% or 10% of labels (ibot-protocols.md §2)."""
+    metrics, extra = semi_eval(train, test, cfg)
+    return TaskOutput(metrics=metrics, protocol=protocol_name(cfg.fraction), extra=extra)

@@ -1,0 +1,213 @@
+"""The ``ibot-bench`` command line: thin argparse front-ends over library functions.
+
+User errors (:class:`~ibot_bench.errors.UserError`) print one message and exit with
+status 2; nothing else is caught, so real bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ibot_bench.errors import UserError
+
+EXAMPLES = {
+    "list": "ibot-bench list",
+    "data": "ibot-bench data synth ./synth --classes 10 --size 64",
+    "features": "ibot-bench features --encoder random:vit_tiny_patch8 --data synthetic:shapes --split val",
+    "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]",
+    "version": "ibot-bench version",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ibot-bench",
+        description="Evaluate pretrained vision encoders (kNN, linear, ...) and pretrain iBOT.",
+        epilog="Example: " + EXAMPLES["features"],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"Example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    add("list", "list registered encoder schemes, datasets, tasks and suites")
+    add("version", "print the version of ibot-bench and its main dependencies")
+
+    data = add("data", "dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = data_sub.add_parser(
+        "synth",
+        help="write the synthetic shapes dataset (ImageFolder, COCO and ADE20K layouts) to OUT",
+        epilog="Example:\n  " + EXAMPLES["data"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    synth.add_argument("out", help="output folder (must not exist or be empty)")
+    synth.add_argument("--classes", type=int, default=10, help="number of shape classes (<= 12)")
+    synth.add_argument("--size", type=int, default=64, help="image size in pixels")
+    synth.add_argument("--train", type=int, default=100, help="training images per class")
+    synth.add_argument("--val", type=int, default=25, help="validation images per class")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
+
+    feats = add("features", "extract and cache frozen features; print shape, speed, cache path")
+    _add_encoder_data(feats)
+    feats.add_argument("--split", default="train", choices=["train", "val"])
+    feats.add_argument("--img-size", type=int, default=None, help="crop size (default: dataset's)")
+    feats.add_argument("--batch-size", type=int, default=64)
+    feats.add_argument("--workers", type=int, default=-1, help="data-loading workers (-1: auto)")
+    feats.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    feats.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    feats.add_argument("--channels-last", action="store_true")
+    feats.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
+    feats.add_argument("--refresh", action="store_true", help="recompute even if cached")
+    feats.add_argument(
+        "--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)"
+    )
+
+    ev = add("eval", "run one evaluation task and write its result record")
+    ev.add_argument("task", help="task name (see `ibot-bench list`)")
+    _add_encoder_data(ev)
+    ev.add_argument("--config", default=None, help="task config YAML (e.g. configs/tasks/knn.yaml)")
+    ev.add_argument("--output", default="results/eval", help="folder for records/ and configs/")
+    ev.add_argument("--refresh", action="store_true", help="recompute cached features")
+    ev.add_argument("--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value config overrides, e.g. features.img_size=64 seeds=[0,1,2]",
+    )
+    return parser
+
+
+def _add_encoder_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoder", required=True, help="random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH"
+    )
+    p.add_argument("--data", required=True, help="imagefolder:ROOT | synthetic:shapes | digits")
+    p.add_argument(
+        "--allow-partial", action="store_true", help="load checkpoints with missing keys"
+    )
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from ibot_bench.data import DATASETS
+    from ibot_bench.encoders import ENCODERS
+    from ibot_bench.tasks import discover_tasks
+
+    tasks = discover_tasks()
+    for title, registry in (
+        ("encoder schemes", ENCODERS),
+        ("datasets", DATASETS),
+        ("tasks", tasks),
+    ):
+        print(f"{title}:")
+        for name in registry:
+            print(f"  {name:14s} {registry.help(name)}")
+    print("suites:\n  (none registered yet)")
+
+
+def _cmd_version(args: argparse.Namespace) -> None:
+    from ibot_bench.records import software_versions
+
+    for name, version in software_versions().items():
+        print(f"{name:12s} {version}")
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from ibot_bench.data.synthetic import write_synthetic
+
+    meta = write_synthetic(
+        args.out,
+        num_classes=args.classes,
+        train_per_class=args.train,
+        val_per_class=args.val,
+        image_size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}: {len(meta['classes'])} classes, {args.size}px")
+    for layout, spec in (("imagenet", "imagefolder"), ("coco", "coco"), ("ade20k", "ade20k")):
+        print(f"  {spec}:{args.out}/{layout}")
+
+
+def _cmd_features(args: argparse.Namespace) -> None:
+    from ibot_bench.features import FeatureConfig, extract_features
+
+    cfg = FeatureConfig(
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        precision=args.precision,
+        device=args.device,
+        channels_last=args.channels_last,
+        skip_corrupt=args.skip_corrupt,
+    )
+    feats = extract_features(
+        args.encoder,
+        args.data,
+        args.split,
+        cfg,
+        cache_dir=args.cache_dir,
+        refresh=args.refresh,
+        allow_partial=args.allow_partial,
+    )
+    meta = feats.meta
+    print(f"images      {len(feats)} ({feats.num_classes} classes, split {args.split})")
+    print(f"cls         {tuple(feats.cls.shape)}")
+    print(f"patch_mean  {tuple(feats.patch_mean.shape)}")
+    print(f"cls_last_n  {tuple(feats.cls_last_n.shape)}")
+    speed = "cached" if meta["cache_hit"] else f"{meta['images_per_s']:.1f} img/s"
+    print(f"throughput  {speed}")
+    print(f"cache       {meta['cache_path']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from ibot_bench.evaluate import run_eval
+
+    record = run_eval(
+        args.task,
+        args.encoder,
+        args.data,
+        config_path=args.config,
+        overrides=args.overrides,
+        output_dir=args.output,
+        refresh_features=args.refresh,
+        cache_dir=args.cache_dir,
+    )
+    print(f"{record.task} [{record.protocol}] {args.encoder} on {args.data}")
+    for name, value in record.metrics.items():
+        print(f"  {name:16s} {value:.4f}")
+
+
+COMMANDS = {
+    "list": _cmd_list,
+    "version": _cmd_version,
+    "data": _cmd_data,
+    "features": _cmd_features,
+    "eval": _cmd_eval,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"ibot-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ibot-bench: interrupted; finished results and caches are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Dataset specs -> dataset splits (DESIGN.md, "Dataset spec").
+
+    imagefolder:ROOT            ImageNet layout ROOT/{train,val}/<class>/<image>
+    synthetic:shapes[?k=v&...]  the built-in shapes set (classes, size, train, val, seed),
+                                generated once into the cache, then read as an ImageFolder
+    digits                      scikit-learn's 8x8 handwritten digits, fixed 80/20 split
+    coco:ROOT                   COCO 2017 layout (dense tasks)
+    ade20k:ROOT                 ADEChallengeData2016 layout (dense tasks)
+
+Classification specs take label-subset options for the semi-supervised protocols, applied
+to the train split: ``?fraction=0.01&subset_seed=0`` (per class) or ``?split_file=PATH``
+(SimCLR ``1percent.txt`` format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from ibot_bench.data.classification import ClassificationSplit, EvalTransform, scan_image_folder
+from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
+from ibot_bench.errors import DatasetError, UserError
+from ibot_bench.registry import Registry
+
+__all__ = [
+    "DATASETS",
+    "ClassificationSplit",
+    "EvalTransform",
+    "cache_root",
+    "load_split",
+    "parse_spec",
+]
+
+SplitLoader = Callable[[str, dict, str, str], ClassificationSplit]
+DATASETS: Registry[SplitLoader] = Registry("dataset")
+SPLITS = ("train", "val")
+
+
+def cache_root() -> Path:
+    """Where features and generated data live: $IBOT_BENCH_CACHE or ~/.cache/ibot-bench."""
+    return Path(os.environ.get("IBOT_BENCH_CACHE", Path.home() / ".cache" / "ibot-bench"))
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``scheme:body?k=v&...`` -> (scheme, body, options)."""
+    head, _, query = spec.partition("?")
+    scheme, _, body = head.partition(":")
+    return scheme, body, dict(parse_qsl(query, keep_blank_values=True))
+
+
+def _known_options(options: dict, allowed: set[str], spec: str) -> None:
+    unknown = set(options) - allowed - {"fraction", "subset_seed", "split_file"}
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {sorted(unknown)} in dataset spec {spec!r}; "
+            f"allowed: {sorted(allowed | {'fraction', 'subset_seed', 'split_file'})}"
+        )
+
+
+@DATASETS.register(
+    "imagefolder", help="imagefolder:ROOT  ImageNet layout ROOT/{train,val}/<class>/*"
+)
+def _imagefolder(body: str, options: dict, split: str, spec: str) -> ClassificationSplit:
+    _known_options(options, {"size"}, spec)
+    if not body:
+        raise UserError("imagefolder needs a folder: imagefolder:ROOT")
+    size = int(options.get("size", 224))
+    return scan_image_folder(Path(body).expanduser() / split, spec, split, size)
+
+
+@DATASETS.register(
+    "synthetic", help="synthetic:shapes[?classes=10&size=64&train=100&val=25&seed=0]  built-in"
+)
+def _synthetic(body: str, options: dict, split: str, spec: str) -> ClassificationSplit:
+    from ibot_bench.data.synthetic import write_synthetic
+
+    if body not in ("", "shapes"):
+        raise UserError(f"unknown synthetic dataset {body!r} in {spec!r}; use synthetic:shapes")
+    keys = {"classes": 10, "size": 64, "train": 100, "val": 25, "seed": 0}
+    _known_options(options, set(keys), spec)
+    try:
+        params = {k: int(options.get(k, v)) for k, v in keys.items()}
+    except ValueError as exc:
+        raise UserError(f"synthetic options must be integers ({spec!r}): {exc}") from None
+    tag = "_".join(f"{k}{v}" for k, v in params.items())
+    out = cache_root() / "synthetic" / f"shapes_{tag}"
+    if not (out / "synthetic.json").is_file():
+        write_synthetic(
+            out,
+            num_classes=params["classes"],
+            train_per_class=params["train"],
+            val_per_class=params["val"],
+            image_size=params["size"],
+            seed=params["seed"],
+            overwrite=out.exists(),
+        )
+    return scan_image_folder(out / "imagenet" / split, spec, split, params["size"])
+
+
+@DATASETS.register("digits", help="digits  scikit-learn's 8x8 handwritten digits (80/20 split)")
+def _digits(body: str, options: dict, split: str, spec: str) -> ClassificationSplit:
+    from sklearn.datasets import load_digits
+
+    _known_options(options, {"size"}, spec)
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # values are 0..16
+    labels = digits.target.astype(np.int64)
+    train_rows, val_rows = stratified_split(labels, 0.2, seed=0)
+    rows = train_rows if split == "train" else val_rows
+    return ClassificationSplit(
+        spec=spec,
+        split=split,
+        class_names=[str(d) for d in range(10)],
+        labels=labels[rows],
+        arrays=images[rows],
+        default_img_size=int(options.get("size", 32)),
+    )
+
+
+def _dense_only(name: str) -> SplitLoader:
+    def loader(body: str, options: dict, split: str, spec: str) -> ClassificationSplit:
+        raise UserError(
+            f"{name}: datasets are for the dense tasks (detection/segmentation), not for "
+            f"classification features; use imagefolder:, synthetic: or digits ({spec!r})"
+        )
+
+    return loader
+
+
+DATASETS.add("coco", _dense_only("coco"), "coco:ROOT  COCO 2017 layout (dense tasks)")
+DATASETS.add("ade20k", _dense_only("ade20k"), "ade20k:ROOT  ADEChallengeData2016 layout (dense)")
+
+
+def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSplit:
+    if "split_file" in options:
+        rows = read_split_file(options["split_file"], data.sample_names)
+        digest = hashlib.sha256(Path(options["split_file"]).read_bytes()).hexdigest()[:8]
+        return data.subset(rows, f"split_file={Path(options['split_file']).name}:{digest}")
+    if "fraction" in options:
+        fraction, seed = float(options["fraction"]), int(options.get("subset_seed", 0))
+        rows = per_class_fraction(data.labels, fraction, seed, data.class_names)
+        return data.subset(rows, f"fraction={fraction}:seed={seed}")
+    return data
+
+
+def load_split(spec: str, split: str = "train") -> ClassificationSplit:
+    """The ``split`` ("train" or "val") of the classification dataset named by ``spec``.
+
+    Label-subset options in the spec apply to the train split only (the semi-supervised
+    protocols evaluate on the full val split).
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    scheme, body, options = parse_spec(spec)
+    if scheme not in DATASETS and Path(spec).is_dir():
+        raise UserError(f"dataset spec {spec!r} has no scheme; did you mean imagefolder:{spec}?")
+    try:
+        loader = DATASETS.get(scheme)
+    except KeyError as exc:
+        raise UserError(f"{exc} (in dataset spec {spec!r})") from None
+    data = loader(body, options, split, spec)
+    if len(data) == 0:
+        raise DatasetError(f"dataset {spec!r} split {split!r} is empty")
+    return _apply_subset(data, options) if split == "train" else data

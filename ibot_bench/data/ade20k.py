@@ -1,0 +1,115 @@
+"""ADE20K (ADEChallengeData2016 layout) reader: ``images/<split>/*.jpg`` + ``annotations/<split>/*.png``.
+
+Masks are single-channel uint8: 0 = other/unlabelled (ignored after mmseg's
+``reduce_zero_label``), 1..K = classes. Class names come from ``ROOT/classes.txt`` (one name
+per line, line k names mask value k), which the synthetic generator writes; real ADE20K has
+no such file, so its 150 classes get numbered names ``class_001``..``class_150``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ibot_bench.errors import DatasetError
+
+SPLITS = ("training", "validation")
+ADE20K_NUM_CLASSES = 150
+_HINT = (
+    "Point it at ADEChallengeData2016 (holding images/ and annotations/), or write a "
+    "synthetic one with ibot_bench.data.synthetic.write_synthetic(OUT) and use OUT/ade20k."
+)
+
+
+def _stems(folder: Path, suffix: str) -> dict[str, Path]:
+    return {p.stem: p for p in folder.iterdir() if p.suffix.lower() == suffix}
+
+
+def _list_preview(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+class ADE20KDataset:
+    """Image / label-mask pairs of one ADE20K split, sorted by file name."""
+
+    def __init__(self, root: str | Path, split: str = "training") -> None:
+        if split not in SPLITS:
+            raise DatasetError(f"ADE20K split {split!r} is unknown; use one of {SPLITS}.")
+        self.root, self.split = Path(root), split
+        self.image_dir = self.root / "images" / split
+        self.mask_dir = self.root / "annotations" / split
+        if not self.root.is_dir():
+            raise DatasetError(f"ADE20K root {self.root} does not exist. {_HINT}")
+        for folder in (self.image_dir, self.mask_dir):
+            if not folder.is_dir():
+                raise DatasetError(f"ADE20K folder {folder} is missing. {_HINT}")
+        images, masks = _stems(self.image_dir, ".jpg"), _stems(self.mask_dir, ".png")
+        no_mask, no_image = sorted(images.keys() - masks), sorted(masks.keys() - images)
+        if no_mask or no_image:
+            parts = []
+            if no_mask:
+                parts.append(f"images without a mask in {self.mask_dir}: {_list_preview(no_mask)}")
+            if no_image:
+                parts.append(
+                    f"masks without an image in {self.image_dir}: {_list_preview(no_image)}"
+                )
+            raise DatasetError(
+                f"ADE20K {split}: unpaired files ({'; '.join(parts)}); restore or remove them."
+            )
+        if not images:
+            raise DatasetError(f"ADE20K folder {self.image_dir} holds no .jpg images. {_HINT}")
+        stems = sorted(images)
+        self.pairs: list[tuple[Path, Path]] = [(images[s], masks[s]) for s in stems]
+        self.class_names: list[str] = self._read_class_names()
+        self._fingerprint: str | None = None
+
+    def _read_class_names(self) -> list[str]:
+        path = self.root / "classes.txt"
+        if not path.is_file():
+            return [f"class_{k:03d}" for k in range(1, ADE20K_NUM_CLASSES + 1)]
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not names:
+            raise DatasetError(f"{path} is empty; list one class name per line or delete it.")
+        return names
+
+    @property
+    def num_classes(self) -> int:
+        """Classes 1..K (value 0, unlabelled, is not counted)."""
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """The RGB image and its (H, W) uint8 label mask."""
+        image_path, mask_path = self.pairs[index]
+        try:
+            with Image.open(image_path) as im:
+                image = im.convert("RGB")
+            with Image.open(mask_path) as m:
+                mode, mask = m.mode, np.array(m)
+        except OSError as exc:
+            raise DatasetError(
+                f"ADE20K pair {image_path} / {mask_path} cannot be read ({exc}); replace it."
+            ) from exc
+        if mode not in ("L", "P") or mask.shape != (image.height, image.width):
+            raise DatasetError(
+                f"ADE20K mask {mask_path} must be a single-channel uint8 PNG of the image's size "
+                f"{image.width}x{image.height}; it is mode {mode} with shape {mask.shape}."
+            )
+        return image, mask.astype(np.uint8, copy=False)
+
+    def fingerprint(self) -> str:
+        """sha256 over the split, class names and each file's relative name and size."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"ade20k:{self.split}\n".encode())
+            h.update(("\n".join(self.class_names) + "\n").encode())
+            for image_path, mask_path in self.pairs:
+                for p in (image_path, mask_path):
+                    rel = p.relative_to(self.root).as_posix()
+                    h.update(f"{rel}\t{p.stat().st_size}\n".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint

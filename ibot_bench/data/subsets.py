@@ -1,0 +1,144 @@
+"""Label subsets and hold-out splits of a training set.
+
+- :func:`per_class_fraction`: the semi-supervised 1% / 10% label subsets drawn per class
+  (ibot-protocols.md §2 "Semi-supervised").
+- :func:`read_split_file`: SimCLRv2's ``1percent.txt`` / ``10percent.txt`` image lists.
+- :func:`stratified_split`: the held-out validation split on which the linear probe and
+  logistic regression choose their hyperparameters (DINOv2's protocol, ibot-protocols.md §2).
+
+All three are deterministic functions of their inputs (and ``seed``) and return sorted
+int64 row indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path, PurePath
+
+import numpy as np
+
+from ibot_bench.errors import ConfigError, UserError
+
+
+def _class_name(c: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= c < len(class_names):
+        return f"{class_names[c]!r} (index {c})"
+    return f"index {c}"
+
+
+def _check_fraction(name: str, fraction: float, allow_one: bool) -> None:
+    upper_ok = fraction <= 1.0 if allow_one else fraction < 1.0
+    if not (fraction > 0.0 and upper_ok):
+        bound = "(0, 1]" if allow_one else "(0, 1)"
+        raise ConfigError(f"{name} must be in {bound}, got {fraction}")
+
+
+def _rows_by_class(labels: np.ndarray) -> dict[int, np.ndarray]:
+    labels = np.asarray(labels).reshape(-1)
+    order = np.argsort(labels, kind="stable")
+    classes, starts = np.unique(labels[order], return_index=True)
+    groups = np.split(order, starts[1:])
+    return {int(c): g for c, g in zip(classes, groups)}
+
+
+def per_class_fraction(
+    labels: np.ndarray,
+    fraction: float,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Indices of ``round(fraction * n_c)`` random images of every class ``c``.
+
+    The semi-supervised label subset (ibot-protocols.md §2 "Semi-supervised") for datasets
+    without an official split file. Deterministic for a given ``labels`` and ``seed``.
+    Every class present in ``labels`` keeps at least one image: a fraction that would leave
+    a class with none raises :class:`UserError` naming the class (use a larger fraction or
+    a split file). Rounding is half-up.
+    """
+    _check_fraction("fraction", fraction, allow_one=True)
+    groups = _rows_by_class(labels)
+    if not groups:
+        raise UserError("cannot take a label subset of an empty dataset")
+    counts = {c: int(np.floor(fraction * len(rows) + 0.5)) for c, rows in groups.items()}
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        named = ", ".join(
+            f"{_class_name(c, class_names)} with {len(groups[c])} images" for c in empty[:5]
+        )
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise UserError(
+            f"fraction {fraction} leaves {len(empty)} class(es) with no image: {named}{more}; "
+            "use a larger fraction or a split file"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(rows)[: counts[c]] for c, rows in groups.items()]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray:
+    """Rows of ``sample_names`` listed in a SimCLR-format split file.
+
+    The file has one image file name per line (``n01440764_10026.JPEG``), as in SimCLRv2's
+    ``1percent.txt`` / ``10percent.txt`` (ibot-protocols.md §2 "Semi-supervised"). Names are
+    matched against the file-name part of ``sample_names`` (which may be relative paths).
+    Blank lines and ``#`` comments are skipped; repeated lines count once. Unknown names, or
+    names that match several samples, raise :class:`UserError` listing a few.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read split file {str(path)!r}: {exc.strerror or exc}") from exc
+    wanted = list(dict.fromkeys(s.strip() for s in lines if s.strip() and not s.startswith("#")))
+    if not wanted:
+        raise UserError(f"split file {str(path)!r} lists no image")
+
+    index: dict[str, int] = {}
+    repeated: set[str] = set()
+    for row, name in enumerate(sample_names):
+        base = PurePath(str(name)).name
+        if base in index:
+            repeated.add(base)
+        index[base] = row
+
+    unknown = [w for w in wanted if w not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise UserError(
+            f"split file {str(path)!r}: {len(unknown)} of {len(wanted)} names are not in the "
+            f"dataset ({len(sample_names)} samples), e.g. {shown}"
+        )
+    ambiguous = [w for w in wanted if w in repeated]
+    if ambiguous:
+        raise UserError(
+            f"split file {str(path)!r}: names match several samples: {', '.join(ambiguous[:5])}"
+        )
+    return np.sort(np.array([index[w] for w in wanted], dtype=np.int64))
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified ``(train_rows, val_rows)`` hold-out split.
+
+    Each class ``c`` gives ``round(val_fraction * n_c)`` images to validation, but always
+    keeps at least one for training (so a class with a single image stays in train only).
+    Used to choose the linear probe's head and logistic regression's C on training data,
+    never on the test set (DINOv2's protocol, ibot-protocols.md §2). Raises
+    :class:`UserError` when no image at all is left for validation.
+    """
+    _check_fraction("val_fraction", val_fraction, allow_one=False)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for rows in _rows_by_class(labels).values():
+        n_val = min(int(np.floor(val_fraction * len(rows) + 0.5)), len(rows) - 1)
+        perm = rng.permutation(rows)
+        val.append(perm[:n_val])
+        train.append(perm[n_val:])
+    val_rows = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
+    if len(val_rows) == 0:
+        raise UserError(
+            f"val_fraction {val_fraction} leaves no validation image "
+            f"({len(np.asarray(labels))} training images); use a larger val_fraction"
+        )
+    return np.sort(np.concatenate(train)).astype(np.int64), val_rows

@@ -1,0 +1,346 @@
+"""Safe checkpoint reading, layout normalisation and checked loading.
+
+Reading never runs pickled code: ``torch.load(weights_only=True)`` with a small
+allow-list (what official iBOT/DINO files need), or safetensors. Loading never
+silently skips weights: a key mismatch is a :class:`CheckpointError` listing what
+differs (protocols §1.8: the reference loads with ``strict=False`` and a wrong
+key gives random features, a top complaint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pickle
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ibot_bench.errors import CheckpointError
+
+_NP_CORE = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+
+
+def _safe_globals() -> list:
+    """Globals official checkpoints pickle besides tensors: ``args`` and numpy values in it."""
+    dtype_classes = {type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGUSO"}
+    allowed: list = [argparse.Namespace, np.dtype, np.ndarray, *sorted(dtype_classes, key=str)]
+    for name in ("scalar", "_reconstruct"):
+        fn = getattr(_NP_CORE, name)
+        allowed += [fn, (fn, f"numpy.core.multiarray.{name}")]  # numpy 1.x pickles
+    return allowed
+
+
+# ---------------------------------------------------------------- file hashing
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed; cached per (path, size, mtime) for the process."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(chunk_size):
+                h.update(chunk)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def fingerprint(spec: str, path: str | Path | None = None) -> str:
+    """Encoder fingerprint: sha256 of the weights file's hash and the spec (spec alone if none)."""
+    file_hash = file_sha256(path) if path is not None else ""
+    return hashlib.sha256(f"{file_hash}\n{spec}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- reading
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"  # u64 header length, then JSON
+
+
+def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # legacy (non-zip) format: parse torch's message instead
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    allowed = {
+        g
+        if isinstance(g, str)
+        else (g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}")
+        for g in _safe_globals()
+    }
+    return [n for n in names if n not in allowed] or names
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The object stored in a weights file (safetensors or torch), without running pickled code."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}. Check the path in the encoder spec.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the weights file inside it.")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"cannot read safetensors file {path} ({exc}); it is truncated or corrupt. "
+                "Re-download or re-save it."
+            ) from exc
+    with path.open("rb") as f:
+        is_zip = f.read(2) == b"PK"
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
+            raise _corrupt(path, exc) from exc
+        names = ", ".join(_unsafe_globals(path, exc)) or "unknown"
+        raise CheckpointError(
+            f"{path} contains pickled Python objects that are not plain weights ({names}); "
+            "ibot-bench never runs pickled code. Re-save only the state dict, in an environment "
+            "you trust: `sd = torch.load(path, weights_only=False)['state_dict']` (or the "
+            "'teacher'/'model' entry), then `torch.save(sd, 'weights.pth')` or save it as "
+            "safetensors."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise _corrupt(path, exc) from exc
+
+
+def _corrupt(path: Path, exc: Exception) -> CheckpointError:
+    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return CheckpointError(
+        f"cannot read checkpoint {path}: {msg}. The file is probably truncated or corrupt "
+        "(an interrupted copy or download?), or not a PyTorch/safetensors file. "
+        "Re-download or re-save it."
+    )
+
+
+# ---------------------------------------------------------------- layouts
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+_PREFIXES = ("module.", "backbone.")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = list(obj)[:8]
+        return f"a dict with keys {keys}{' ...' if len(obj) > 8 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def select_state_dict(
+    obj: Any, which: str | None = None, *, path: str | Path = ""
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensor dict for one network of a checkpoint, and a label of where it was found.
+
+    Accepts full iBOT/DINO checkpoints (``student``/``teacher``; ``which`` picks one,
+    default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers and flat dicts.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path} holds {_describe(obj)}, not a state dict. Save `model.state_dict()` "
+            "(a dict of name -> tensor) instead."
+        )
+    where = []
+    if "teacher" in obj or "student" in obj:
+        pick = which or "teacher"
+        if pick not in obj:
+            other = "student" if pick == "teacher" else "teacher"
+            raise CheckpointError(
+                f"{path} has no '{pick}' weights (top-level keys: {list(obj)[:8]}); "
+                f"ask for ':{other}' at the end of the encoder spec."
+            )
+        obj, where = obj[pick], [pick]
+    elif which == "student":
+        raise CheckpointError(
+            f"{path} holds a single network ({_describe(obj)}), not a full training checkpoint "
+            "with student and teacher; drop ':student' from the spec."
+        )
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            break
+        obj, where = obj[key], [*where, key]
+    tensors = (
+        {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if isinstance(obj, Mapping)
+        else {}
+    )
+    if not tensors or len(tensors) < len(obj) / 2:
+        raise CheckpointError(
+            f"{path} holds {_describe(obj)}, not a state dict. Expected a full iBOT/DINO "
+            "checkpoint (student/teacher), {'state_dict': ...}, {'model': ...} or a flat dict "
+            "of tensors."
+        )
+    return {str(k): v for k, v in tensors.items()}, "/".join(where) or "flat"
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP's ``module.`` and the wrapper's ``backbone.`` prefixes (in any combination)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def split_head(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, list[str]]:
+    """Split prefix-stripped keys into (backbone, projection head or None, ignored keys).
+
+    When ``head.mlp.*`` or ``head.last_layer*`` keys exist, all ``head.*`` keys form
+    the iBOT/DINO projection head; otherwise ``head.*`` stays (a timm classifier or
+    head norm). The student's ``masked_embed`` is ignored: it is not part of the
+    backbone's forward pass on unmasked images.
+    """
+    is_proj = any(k.startswith(("head.mlp.", "head.last_layer")) for k in state)
+    backbone, head, ignored = {}, {}, []
+    for key, value in state.items():
+        if is_proj and key.startswith("head."):
+            head[key[len("head.") :]] = value
+        elif key == "masked_embed":
+            ignored.append(key)
+        else:
+            backbone[key] = value
+    return backbone, (normalise_head(head) if head else None), ignored
+
+
+def drop_classifier(
+    state: Mapping[str, torch.Tensor], names: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove classifier weights (``names`` like ``head``, ``fc``): encoders have no classifier."""
+    kept, dropped = {}, []
+    for key, value in state.items():
+        if any(key.startswith(f"{n}.") for n in names):
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The effective weight ``g * v / ||v||`` of ``nn.utils.weight_norm`` (dim 0)."""
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+    return g * v / norm
+
+
+def normalise_head(head: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Head keys with weight-norm folded into ``last_layer*.weight``; a shared ``last_layer2``
+    (``shared_head=True`` saves the same module twice) is dropped."""
+    out = dict(head)
+    for layer in ("last_layer", "last_layer2"):
+        for g_key, v_key in (
+            (f"{layer}.weight_g", f"{layer}.weight_v"),
+            (
+                f"{layer}.parametrizations.weight.original0",
+                f"{layer}.parametrizations.weight.original1",
+            ),
+        ):
+            if g_key in out and v_key in out:
+                out[f"{layer}.weight"] = fold_weight_norm(out.pop(g_key), out.pop(v_key))
+    if "last_layer2.weight" in out and torch.equal(
+        out["last_layer2.weight"], out.get("last_layer.weight", torch.empty(0))
+    ):
+        del out["last_layer2.weight"]  # shared_head: the same module saved twice
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- checked loading
+@dataclass
+class KeyReport:
+    """How a state dict's keys compare with a model's."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint (..) vs model (..)"
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 10) -> str:
+        parts = []
+        for name, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape mismatch", self.mismatched),
+        ):
+            if keys:
+                more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+                parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
+        return "; ".join(parts) or "all keys match"
+
+
+def compare_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyReport:
+    expected = model.state_dict()
+    report = KeyReport(
+        missing=[k for k in expected if k not in state],
+        unexpected=[k for k in state if k not in expected],
+    )
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            report.mismatched.append(
+                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+            )
+    return report
+
+
+def load_checked(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    allow_partial: bool,
+    source: str,
+    fix: str = "",
+) -> KeyReport:
+    """Load ``state`` into ``model``; any key difference is an error unless ``allow_partial``."""
+    report = compare_keys(model, state)
+    if not report.ok:
+        if not allow_partial:
+            raise CheckpointError(
+                f"weights in {source} do not match the model: {report.summary()}. "
+                f"{fix + ' ' if fix else ''}To load the matching weights anyway and leave the "
+                "rest randomly initialised, pass allow_partial=True (--allow-partial)."
+            )
+        print(f"[ibot-bench] partial load of {source}: {report.summary()}", file=sys.stderr)
+    bad = {m.split(":")[0] for m in report.mismatched}
+    model.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
+    return report
+
+
+def checkpoint_args(obj: Any) -> dict[str, Any]:
+    """The training ``args`` of a full checkpoint as a dict ({} if absent)."""
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}

@@ -1,0 +1,181 @@
+"""One loader per encoder-spec scheme, registered in :data:`ENCODERS`.
+
+A loader takes the spec's body (what follows ``SCHEME:``) and returns an
+:class:`Encoder` with its :class:`EncoderInfo`; ``load_encoder`` puts it in eval mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from ibot_bench.encoders.base import Encoder, EncoderInfo
+from ibot_bench.encoders.checkpoint import (
+    checkpoint_args,
+    drop_classifier,
+    fingerprint,
+    load_checked,
+    read_checkpoint,
+    select_state_dict,
+    split_head,
+    strip_prefixes,
+)
+from ibot_bench.encoders.timm_encoder import (
+    check_model_name,
+    create_timm_model,
+    find_cached_weights,
+    pretrained_tags,
+    wrap_timm_model,
+)
+from ibot_bench.encoders.vit import ViTEncoder, build_vit, infer_vit_config, parse_vit_arch
+from ibot_bench.errors import CheckpointError, UserError
+from ibot_bench.registry import Registry
+
+
+class EncoderLoader(Protocol):
+    def __call__(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder: ...
+
+
+ENCODERS: Registry[EncoderLoader] = Registry("encoder scheme")
+
+
+@ENCODERS.register("random", help="random:ARCH  randomly initialised iBOT ViT (seed 0)")
+def load_random(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+    """``random:vit_small[_patchP]``: an iBOT ViT with deterministic (seed 0) random weights."""
+    cfg = parse_vit_arch(body)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_vit(cfg)
+    return ViTEncoder(model, EncoderInfo(spec, cfg.name, fingerprint(spec), ""))
+
+
+def _split_which(scheme: str, body: str) -> tuple[Path, str | None]:
+    path, sep, last = body.rpartition(":")
+    if not (sep and last in ("teacher", "student")):
+        path, last = body, None
+    if not path:
+        raise UserError(f"the spec needs a path: {scheme}:PATH[:teacher|student]")
+    return Path(path).expanduser(), last
+
+
+def _load_ssl_vit(scheme: str, body: str, spec: str, allow_partial: bool) -> Encoder:
+    """Shared by ``ibot:`` and ``dino:``: a ViT whose shape is read off the weights."""
+    path, which = _split_which(scheme, body)
+    obj = read_checkpoint(path)
+    state, where = select_state_dict(obj, which, path=path)
+    backbone, head_state, ignored = split_head(strip_prefixes(state))
+    backbone, dropped = drop_classifier(backbone, ("head",))
+    cfg = infer_vit_config(backbone, checkpoint_args(obj))
+    model = build_vit(cfg)
+    report = load_checked(
+        model,
+        backbone,
+        allow_partial=allow_partial,
+        source=f"{path} [{where}]",
+        fix=f"Is it an iBOT/DINO ViT checkpoint? For other models use timm:NAME:{path}.",
+    )
+    extra = {
+        "network": where,
+        "img_size": cfg.img_size,
+        "ignored_keys": ignored + dropped,
+        "has_head": head_state is not None,
+        "partial": not report.ok,
+    }
+    info = EncoderInfo(spec, cfg.name, fingerprint(spec, path), str(path), extra)
+    return ViTEncoder(model, info, head_state)
+
+
+@ENCODERS.register(
+    "ibot", help="ibot:PATH[:teacher|student]  iBOT checkpoint (any official layout)"
+)
+def load_ibot(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+    """``ibot:PATH[:teacher|student]`` (teacher by default)."""
+    return _load_ssl_vit("ibot", body, spec, allow_partial)
+
+
+@ENCODERS.register(
+    "dino", help="dino:PATH[:teacher|student]  DINO checkpoint (any official layout)"
+)
+def load_dino(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+    """``dino:PATH[:teacher|student]`` (teacher by default)."""
+    return _load_ssl_vit("dino", body, spec, allow_partial)
+
+
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _fit_pos_embed(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Resize a checkpoint's ViT ``pos_embed`` to the model's grid (bicubic); True if resized."""
+    pos, target = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if not isinstance(target, torch.Tensor) or pos is None or pos.shape == target.shape:
+        return False
+    if pos.dim() != 3 or pos.shape[-1] != target.shape[-1]:
+        return False  # reported as a shape mismatch
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    state["pos_embed"] = resample_abs_pos_embed(
+        pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+    )
+    return True
+
+
+def _load_timm_pretrained_offline(name: str) -> tuple[nn.Module, Path]:
+    path = find_cached_weights(name)
+    if path is None:
+        tags = pretrained_tags(name)
+        tag_hint = f" Known pretrained tags: {', '.join(tags[:5])}." if tags and "." in name else ""
+        raise CheckpointError(
+            f"pretrained weights for timm model {name!r} could not be found offline (nothing in "
+            "the Hugging Face or torch hub cache) and ibot-bench does not download them. Pass "
+            f"the weights file: timm:{name}:/path/to/weights.{tag_hint}"
+        )
+    state, _ = select_state_dict(read_checkpoint(path), path=path)
+    kwargs = {"pretrained": True, "num_classes": 0}
+    kwargs["pretrained_cfg_overlay"] = {"state_dict": state, "source": ""}
+    try:
+        try:
+            model = timm.create_model(name, dynamic_img_size=True, **kwargs)
+        except TypeError:
+            model = timm.create_model(name, **kwargs)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"cached weights {path} do not fit {name!r}: {exc}") from exc
+    return model, path
+
+
+@ENCODERS.register("timm", help="timm:NAME[:PATH]  any timm model, weights from PATH or cache")
+def load_timm(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+    """``timm:NAME[:PATH]``: weights from PATH, else from the local cache (never the network)."""
+    name, _, path_str = body.partition(":")
+    check_model_name(name)
+    if not path_str:
+        model, path = _load_timm_pretrained_offline(name)
+        info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), {"pretrained": True})
+        return wrap_timm_model(model, info)
+    path = Path(path_str).expanduser()
+    obj = read_checkpoint(path)
+    state, where = select_state_dict(obj, path=path)
+    model = create_timm_model(name)
+    backbone, head_state, ignored = split_head(strip_prefixes(state))
+    backbone, dropped = drop_classifier(backbone, _classifier_names(model))
+    resized = _fit_pos_embed(model, backbone)
+    report = load_checked(
+        model,
+        backbone,
+        allow_partial=allow_partial,
+        source=f"{path} [{where}]",
+        fix=f"Are these weights of a {name!r}? Check the model name in the spec.",
+    )
+    extra = {
+        "network": where,
+        "ignored_keys": ignored + dropped,
+        "pos_embed_resized": resized,
+        "partial": not report.ok,
+    }
+    info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
+    return wrap_timm_model(model, info, head_state)

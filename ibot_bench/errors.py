@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message (no traceback) and exits non-zero."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, config, path). The message names the fix."""
+
+
+class ConfigError(UserError):
+    """Unknown key, wrong type or missing value in a config."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, unsafe or does not match the model."""
+
+
+class DatasetError(UserError):
+    """A dataset root that is missing or empty, or an unreadable image."""

@@ -1,0 +1,109 @@
+"""Run one registered task on one encoder and dataset, and write its result record(s).
+
+The frozen-feature path: features of the train and val splits come from the cached
+engine, the task function gets them, and one record is written per run (with several
+``seeds`` the metrics are reported as mean and std, plus each seed's value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ibot_bench.config import load_config, save_config, to_dict
+from ibot_bench.features import FeatureConfig, extract_features, resolve_device
+from ibot_bench.records import ResultRecord, mean_std
+from ibot_bench.tasks import TaskDef, discover_tasks
+
+
+def eval_schema(task: TaskDef) -> type:
+    """The task's config dataclass plus the runner's keys ``features`` and ``seeds``."""
+    extra = [
+        ("features", FeatureConfig, dataclasses.field(default_factory=FeatureConfig)),
+        ("seeds", list[int], dataclasses.field(default_factory=lambda: [0])),
+    ]
+    return dataclasses.make_dataclass(
+        f"{task.config_cls.__name__}Eval", extra, bases=(task.config_cls,)
+    )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_eval(
+    task_name: str,
+    encoder_spec: str,
+    data_spec: str,
+    *,
+    config_path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    output_dir: str | Path = "results/eval",
+    refresh_features: bool = False,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> ResultRecord:
+    """Evaluate ``encoder_spec`` on ``data_spec`` with task ``task_name``; returns the record."""
+    task = discover_tasks().get(task_name)
+    cfg = load_config(eval_schema(task), config_path, overrides)
+    if not task.frozen:
+        raise NotImplementedError(f"task {task_name!r} trains the encoder; not wired here yet")
+    feat_cfg = FeatureConfig(**to_dict(cfg.features))
+    if "n_last_blocks" in task.needs:
+        feat_cfg.n_last_blocks = task.needs["n_last_blocks"]
+    started = time.perf_counter()
+    kwargs = {"cfg": feat_cfg, "cache_dir": cache_dir, "refresh": refresh_features, "log": log}
+    train = extract_features(encoder_spec, data_spec, "train", **kwargs)
+    test = extract_features(encoder_spec, data_spec, "val", **kwargs)
+    task_fields = {f.name for f in dataclasses.fields(task.config_cls)}
+    plain = to_dict(cfg)
+    outputs = []
+    for seed in cfg.seeds:
+        task_cfg = OmegaConf.structured(
+            task.config_cls(**{k: v for k, v in plain.items() if k in task_fields})
+        )
+        if "seed" in task_fields:
+            task_cfg.seed = seed
+        torch.manual_seed(seed)
+        outputs.append(task.fn(train, test, task_cfg))
+    metrics = dict(outputs[0].metrics)
+    if len(outputs) > 1:
+        for name in outputs[0].metrics:
+            values = [o.metrics[name] for o in outputs]
+            metrics[name], metrics[f"{name}_std"] = mean_std(values)
+            metrics.update({f"{name}_seed{s}": v for s, v in zip(cfg.seeds, values)})
+    record = ResultRecord(
+        task=task_name,
+        protocol=outputs[0].protocol,
+        encoder={
+            "spec": encoder_spec,
+            "fingerprint": train.meta["encoder"]["fingerprint"],
+            "arch": train.meta["encoder"]["arch"],
+        },
+        dataset={
+            "spec": data_spec,
+            "fingerprint": train.meta["key"]["dataset"],
+            "test_fingerprint": test.meta["key"]["dataset"],
+            "split": "train->val",
+            "num_train": len(train),
+            "num_test": len(test),
+        },
+        metrics=metrics,
+        config={**plain, "features_key": train.meta["key"]},
+        seed=int(cfg.seeds[0]),
+        device=device_name(resolve_device(feat_cfg.device)),
+        wall_time_s=time.perf_counter() - started,
+        details={"per_seed": [o.extra for o in outputs]} if len(outputs) > 1 else outputs[0].extra,
+    )
+    path = record.write(output_dir)
+    save_config(cfg, Path(output_dir) / "configs", f"{record.key()}.yaml")
+    log(f"record: {path}")
+    return record

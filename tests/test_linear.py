@@ -1,0 +1,97 @@
+"""Linear probes (downstream/linear.py; ibot-protocols.md §2 linear probe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from downstream.linear import (
+    DINOV2_BASE_LRS,
+    PAPER_BASE_LRS,
+    LinearConfig,
+    LinearPaperConfig,
+    head_specs,
+    linear,
+    linear_paper,
+)
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.features import FeatureSet
+from ibot_bench.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+MEANS = np.random.default_rng(42).standard_normal((6, 16)) * 1.5
+
+
+def blobs(n: int, seed: int, last_blocks: int = 4) -> FeatureSet:
+    """6 Gaussian classes; the class signal is in cls, in the last block of cls_last_n and
+    (weaker) in patch_mean."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 6
+    cls = (MEANS[y] + rng.standard_normal((n, 16))).astype(np.float32)
+    older = rng.standard_normal((n, 16 * (last_blocks - 1))).astype(np.float32)
+    patch = (0.5 * MEANS[y] + rng.standard_normal((n, 16))).astype(np.float32)
+    names = [f"class{i}" for i in range(6)]
+    return FeatureSet(cls, patch, np.concatenate([older, cls], 1), y.astype(np.int64), names)
+
+
+TRAIN, TEST = blobs(480, seed=0), blobs(240, seed=1)
+FAST = {"epochs": 6, "batch_size": 64, "base_lrs": [0.01, 0.1, 1.0]}
+
+
+def test_linear_selects_on_validation_and_reports_test():
+    out = linear(TRAIN, TEST, LinearConfig(**FAST))
+    assert out.protocol == "linear"
+    assert set(out.metrics) == {"top1", "top5"}
+    assert out.metrics["top1"] > 85
+    heads = out.extra["heads"]
+    assert len(heads) == 9 and {h["feature"] for h in heads} == {"cls", "cls_last4", "cls_patch"}
+    chosen = out.extra["chosen_head"]
+    assert chosen["val_top1"] == max(h["val_top1"] for h in heads)
+    assert chosen["lr"] == pytest.approx(chosen["base_lr"] * 64 / 256)
+    assert out.extra["num_val"] == 48 and out.extra["num_train"] == 432
+    again = linear(TRAIN, TEST, LinearConfig(**FAST))
+    assert again.metrics == out.metrics and again.extra == out.extra  # seeded
+
+
+def test_linear_refit_and_bf16_run():
+    out = linear(TRAIN, TEST, LinearConfig(**FAST, refit=True, bf16=True, features=["cls"]))
+    assert out.extra["refit"] is True and out.metrics["top1"] > 80
+
+
+def test_linear_paper_is_max_over_heads_and_epochs_on_test():
+    out = linear_paper(TRAIN, TEST, LinearPaperConfig(**FAST, eval_every=2))
+    assert out.protocol == "linear-paper"
+    best = max(h["best_test_top1"] for h in out.extra["heads"])
+    assert out.metrics["top1"] == best > 85
+    assert out.extra["chosen_head"]["epoch"] in (2, 4, 6)
+
+
+def test_default_grids_scale_with_batch_size():
+    assert len(DINOV2_BASE_LRS) == 13 and DINOV2_BASE_LRS[0] == 1e-5 and DINOV2_BASE_LRS[-1] == 0.1
+    assert len(PAPER_BASE_LRS) == 45 and PAPER_BASE_LRS[0] == 1e-4 and PAPER_BASE_LRS[-1] == 9.0
+    specs = head_specs(LinearConfig(batch_size=512))
+    assert len(specs) == 39
+    assert all(s.lr == pytest.approx(s.base_lr * 2) for s in specs)
+
+
+def test_missing_feature_variant_is_a_clear_error():
+    two_blocks = blobs(60, seed=2, last_blocks=2)
+    with pytest.raises(UserError, match="n_last_blocks=4"):
+        linear(two_blocks, two_blocks, LinearConfig(**FAST))
+    out = linear(two_blocks, two_blocks, LinearConfig(**{**FAST, "epochs": 1}, features=["cls"]))
+    assert out.extra["chosen_head"]["feature"] == "cls"
+    with pytest.raises(ConfigError, match="unknown feature"):
+        linear(TRAIN, TEST, LinearConfig(**FAST, features=["avgpool"]))
+
+
+def test_registered_with_needs_and_yaml_matches_defaults():
+    for name, cls, yaml in [
+        ("linear", LinearConfig, "linear.yaml"),
+        ("linear-paper", LinearPaperConfig, "linear_paper.yaml"),
+    ]:
+        task = TASKS.get(name)
+        assert task.config_cls is cls and task.needs == {"n_last_blocks": 4}
+        assert OmegaConf.load(ROOT / "configs/tasks" / yaml) == OmegaConf.structured(cls)

@@ -1,0 +1,142 @@
+"""Logistic regression, label subsets and the frozen semi-supervised task.
+
+downstream/logreg.py, downstream/semi.py, ibot_bench/data/subsets.py
+(ibot-protocols.md §2 logistic regression, semi-supervised).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from sklearn.linear_model import LogisticRegression
+
+from downstream.knn import KnnConfig
+from downstream.linear import LinearConfig
+from downstream.logreg import LogregConfig, logreg
+from downstream.semi import SemiConfig, protocol_name, semi
+from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.features import FeatureSet
+from ibot_bench.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def blobs(n: int, seed: int, num_classes: int = 6, dim: int = 16) -> FeatureSet:
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(7).standard_normal((num_classes, dim)) * 1.5
+    y = np.arange(n) % num_classes
+    cls = (means[y] + rng.standard_normal((n, dim))).astype(np.float32)
+    names = [f"n{i:08d}" for i in range(num_classes)]
+    meta = {"sample_names": [f"train/{names[c]}/{names[c]}_{i}.JPEG" for i, c in enumerate(y)]}
+    return FeatureSet(cls, cls, np.tile(cls, 4), y.astype(np.int64), names, meta)
+
+
+TRAIN, TEST = blobs(600, seed=0), blobs(240, seed=1)
+C_GRID = [0.01, 1.0, 100.0]
+
+
+# --- logistic regression ---------------------------------------------------------------
+
+
+def test_logreg_chooses_c_on_holdout_then_refits_on_all_train():
+    out = logreg(TRAIN, TEST, LogregConfig(c_grid=C_GRID))
+    assert out.protocol == "logreg" and set(out.metrics) == {"top1", "top5"}
+    assert out.metrics["top1"] > 85
+    best = out.extra["best_C"]
+    assert best in C_GRID and set(out.extra["val_top1"]) == {"0.01", "1", "100"}
+    x = TRAIN.cls / np.linalg.norm(TRAIN.cls, axis=1, keepdims=True)
+    x_test = TEST.cls / np.linalg.norm(TEST.cls, axis=1, keepdims=True)
+    ref = LogisticRegression(C=best, max_iter=1000).fit(x, TRAIN.labels)
+    assert out.metrics["top1"] == pytest.approx(100 * np.mean(ref.predict(x_test) == TEST.labels))
+
+
+def test_logreg_no_top5_below_five_classes():
+    train, test = blobs(90, seed=0, num_classes=3), blobs(30, seed=1, num_classes=3)
+    out = logreg(train, test, LogregConfig(c_grid=[1.0]))
+    assert set(out.metrics) == {"top1"}
+
+
+# --- subsets ---------------------------------------------------------------------------
+
+
+def test_per_class_fraction_is_deterministic_and_per_class():
+    labels = np.repeat(np.arange(4), [10, 20, 30, 15])
+    rows = per_class_fraction(labels, 0.1, seed=3)
+    assert np.array_equal(rows, per_class_fraction(labels, 0.1, seed=3))
+    assert not np.array_equal(rows, per_class_fraction(labels, 0.1, seed=4))
+    assert np.bincount(labels[rows]).tolist() == [1, 2, 3, 2]  # round half up: 1.5 -> 2
+    with pytest.raises(UserError, match="2 class.*'cat' \\(index 0\\) with 10 images, 'fox'"):
+        per_class_fraction(labels, 0.03, seed=0, class_names=["cat", "dog", "emu", "fox"])
+    with pytest.raises(ConfigError):
+        per_class_fraction(labels, 0.0)
+
+
+def test_read_split_file_matches_file_names(tmp_path):
+    names = ["train/n01/n01_7.JPEG", "train/n01/n01_8.JPEG", "train/n02/n02_1.JPEG"]
+    split = tmp_path / "1percent.txt"
+    split.write_text("n02_1.JPEG\nn01_7.JPEG\n\n")
+    assert read_split_file(split, names).tolist() == [0, 2]
+    split.write_text("n01_7.JPEG\nn09_1.JPEG\nn09_2.JPEG\n")
+    with pytest.raises(UserError, match="2 of 3 names.*n09_1.JPEG, n09_2.JPEG"):
+        read_split_file(split, names)
+    with pytest.raises(UserError, match="cannot read"):
+        read_split_file(tmp_path / "missing.txt", names)
+
+
+def test_stratified_split_is_disjoint_and_keeps_singletons_in_train():
+    labels = np.array([0] * 20 + [1] * 10 + [2])
+    fit, val = stratified_split(labels, 0.1, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([fit, val])), np.arange(len(labels)))
+    assert np.bincount(labels[val], minlength=3).tolist() == [2, 1, 0]
+    assert np.array_equal(val, stratified_split(labels, 0.1, seed=0)[1])
+
+
+# --- semi ------------------------------------------------------------------------------
+
+
+def small_semi(**kw) -> SemiConfig:
+    return SemiConfig(
+        knn=KnnConfig(ks=[1, 5]),
+        linear=LinearConfig(epochs=5, batch_size=16, base_lrs=[0.1, 1.0], features=["cls"]),
+        logreg=LogregConfig(c_grid=C_GRID),
+        **kw,
+    )
+
+
+def test_semi_runs_every_method_on_the_subset():
+    out = semi(TRAIN, TEST, small_semi(fraction=0.1))
+    assert out.protocol == "semi-10pct"
+    assert out.extra["subset_size"] == 60
+    for method in ("knn", "linear", "logreg"):
+        assert out.metrics[f"{method}_top1"] > 70, method
+        assert f"{method}_top5" in out.metrics
+    assert "knn_top1_k5" in out.metrics and "knn_best_k" in out.metrics
+    assert out.extra["linear"]["chosen_head"]["feature"] == "cls"
+
+
+def test_semi_split_file_and_errors(tmp_path):
+    split = tmp_path / "10percent.txt"
+    split.write_text("\n".join(Path(n).name for n in TRAIN.meta["sample_names"][::10]))
+    out = semi(TRAIN, TEST, small_semi(fraction=0.1, split_file=str(split), methods=["knn"]))
+    assert set(out.metrics) >= {"knn_top1", "knn_top5"} and "linear_top1" not in out.metrics
+    assert out.extra["subset_size"] == 60
+    with pytest.raises(ConfigError, match="fraction"):
+        semi(TRAIN, TEST, small_semi(fraction=0.01, split_file=str(split), methods=["knn"]))
+    with pytest.raises(ConfigError, match="methods"):
+        semi(TRAIN, TEST, small_semi(methods=["finetune"]))
+
+
+def test_protocol_names():
+    assert protocol_name(0.01) == "semi-1pct" and protocol_name(0.1) == "semi-10pct"
+    assert protocol_name(0.005) == "semi-0.5pct"
+
+
+def test_registered_and_yaml_matches_defaults():
+    for name, cls in [("logreg", LogregConfig), ("semi", SemiConfig)]:
+        assert TASKS.get(name).config_cls is cls
+        yaml_cfg = OmegaConf.load(ROOT / f"configs/tasks/{name}.yaml")
+        assert yaml_cfg == OmegaConf.structured(cls)
