@@ -27,13 +27,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from ibot_bench.errors import ConfigError, UserError
-from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TaskOutput, register_task
+
+if TYPE_CHECKING:  # annotations only: the kNN core needs numpy and faiss, not torch
+    from ibot_bench.features import FeatureSet
 
 log = logging.getLogger(__name__)
 

@@ -154,16 +154,20 @@ def _load_cached(path: Path, meta: dict) -> FeatureSet:
     )
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write the cache folder atomically: build it under a temp name, then rename."""
+def _make_temp_dir(path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    except PermissionError as exc:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
         raise UserError(
-            f"feature cache folder {path.parent} is not writable. Set IBOT_BENCH_CACHE "
-            "or --cache-dir to a writable folder."
+            f"feature cache folder {path.parent} is not writable ({exc.strerror}). Set "
+            "IBOT_BENCH_CACHE or --cache-dir to a writable folder."
         ) from exc
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write the cache folder atomically: build it under a temp name, then rename."""
+    tmp = _make_temp_dir(path)
     try:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr)
@@ -221,6 +225,8 @@ def extract_features(
 
     init_distributed()
     rank, world_size = world()
+    if rank == 0:  # fail before the expensive part, not after it
+        shutil.rmtree(_make_temp_dir(path))
     if encoder is None:
         encoder = load_encoder(encoder_spec, allow_partial=allow_partial)
     encoder = encoder.to(device).eval()

@@ -20,9 +20,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except PermissionError as exc:
+    except OSError as exc:
         raise UserError(
-            f"cannot write to {path.parent}: permission denied. "
+            f"cannot write to {path.parent} ({exc.strerror}). "
             "Choose a writable folder (e.g. --output or IBOT_BENCH_CACHE)."
         ) from exc
     os.close(fd)

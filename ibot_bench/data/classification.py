@@ -1,7 +1,7 @@
 """Image-classification splits (ImageFolder folders, in-memory arrays) read lean and fast.
 
-Images are decoded with torchvision's libjpeg-turbo/libpng decoders straight into uint8
-tensors and resized/cropped as uint8; normalisation happens later once per batch, so
+Images are decoded by Pillow (libjpeg-turbo) straight into uint8 tensors (no draft-mode
+shortcut, so pixels match the reference's PIL pipeline) and resized/cropped as uint8; normalisation happens later once per batch, so
 worker processes ship 4x less data and no per-image float work is done.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from ibot_bench.errors import DatasetError
 
@@ -99,9 +99,10 @@ class ClassificationSplit:
             return arr.unsqueeze(0).expand(3, -1, -1) if arr.dim() == 2 else arr.permute(2, 0, 1)
         path = self.paths[i]
         try:
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            return decode_image(data, mode=ImageReadMode.RGB)
-        except Exception as exc:  # torchvision raises RuntimeError for corrupt data
+            with Image.open(path) as img:
+                arr = np.array(img.convert("RGB"))  # writable copy for torch
+            return torch.from_numpy(arr).permute(2, 0, 1)
+        except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError for bad data
             raise DatasetError(
                 f"cannot read image {path}: {exc}. Remove or replace the file, or pass "
                 "--skip-corrupt to skip unreadable images."

@@ -1,0 +1,37 @@
+"""Shared fixtures: a private cache per test session and tiny on-the-fly datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test run gets its own feature/synthetic cache (never the user's ~/.cache)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IBOT_BENCH_CACHE", str(tmp_path_factory.mktemp("ibot-bench-cache")))
+    yield
+    mp.undo()
+
+
+def make_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: int = 32) -> Path:
+    """ROOT/{train,val}/<class>/<i>.jpg with class-dependent colours (learnable, tiny)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.full((size, size, 3), 40 + 80 * c, dtype=np.uint8)
+                noise = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(base + noise).save(folder / f"{split}_{c}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "tiny")

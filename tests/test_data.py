@@ -1,0 +1,104 @@
+"""Dataset specs, ImageFolder scanning, subsets and the errors users hit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ibot_bench.data import load_split, parse_spec
+from ibot_bench.data.classification import EvalTransform, normalize_batch
+from ibot_bench.errors import DatasetError, UserError
+
+
+def test_imagefolder_reads_classes_sorted(tiny_imagefolder):
+    data = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    assert data.class_names == ["class_0", "class_1", "class_2"]
+    assert len(data) == 12 and data.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    img = data.read(0)
+    assert img.dtype.__str__() == "torch.uint8" and tuple(img.shape) == (3, 32, 32)
+    assert data.sample_names[0] == "class_0/train_0_0.jpg"
+
+
+def test_fingerprint_changes_with_files(tiny_imagefolder):
+    spec = f"imagefolder:{tiny_imagefolder}"
+    before = load_split(spec, "train").fingerprint()
+    assert before == load_split(spec, "train").fingerprint()
+    assert before != load_split(spec, "val").fingerprint()
+    (tiny_imagefolder / "train" / "class_0" / "train_0_0.jpg").write_bytes(b"x" * 10)
+    assert load_split(spec, "train").fingerprint() != before
+
+
+def test_missing_root_names_folder(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_split(f"imagefolder:{tmp_path / 'nope'}", "train")
+
+
+def test_empty_root_and_empty_class_folder(tmp_path, tiny_imagefolder):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        load_split(f"imagefolder:{tmp_path / 'empty'}", "train")
+    (tiny_imagefolder / "train" / "class_9").mkdir()
+    with pytest.raises(DatasetError, match="class_9 has no images"):
+        load_split(f"imagefolder:{tiny_imagefolder}", "train")
+
+
+def test_corrupt_image_error_names_file(tiny_imagefolder):
+    bad = tiny_imagefolder / "train" / "class_1" / "train_1_2.jpg"
+    bad.write_bytes(bad.read_bytes()[:50])
+    data = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    with pytest.raises(DatasetError, match="train_1_2.jpg"):
+        data.read(6)
+
+
+def test_digits_fixed_split():
+    train, val = load_split("digits", "train"), load_split("digits", "val")
+    assert len(train) + len(val) == 1797 and abs(len(val) - 360) <= 5
+    assert train.fingerprint() == load_split("digits", "train").fingerprint()
+    assert tuple(train.read(0).shape) == (3, 8, 8)
+
+
+def test_subset_options_apply_to_train_only(tiny_imagefolder):
+    spec = f"imagefolder:{tiny_imagefolder}?fraction=0.5&subset_seed=1"
+    sub = load_split(spec, "train")
+    assert len(sub) == 6 and np.bincount(sub.labels).tolist() == [2, 2, 2]
+    assert sub.fingerprint() != load_split(f"imagefolder:{tiny_imagefolder}", "train").fingerprint()
+    assert len(load_split(spec, "val")) == 12
+    names = load_split(f"imagefolder:{tiny_imagefolder}", "train").sample_names
+    split_file = tiny_imagefolder / "1percent.txt"
+    split_file.write_text("\n".join(n.split("/")[-1] for n in names[:3]) + "\n")
+    assert len(load_split(f"imagefolder:{tiny_imagefolder}?split_file={split_file}", "train")) == 3
+
+
+def test_spec_errors(tmp_path):
+    assert parse_spec("synthetic:shapes?size=32") == ("synthetic", "shapes", {"size": "32"})
+    with pytest.raises(UserError, match="unknown dataset 'imagefoldr'.*imagefolder"):
+        load_split("imagefoldr:/x", "train")
+    with pytest.raises(UserError, match="unknown option"):
+        load_split("synthetic:shapes?sizes=3", "train")
+    with pytest.raises(UserError, match="did you mean imagefolder"):
+        load_split(str(tmp_path), "train")
+    with pytest.raises(UserError, match="dense tasks"):
+        load_split("coco:/data/coco", "train")
+
+
+def test_synthetic_spec_generates_once(tmp_path):
+    data = load_split("synthetic:shapes?classes=3&size=32&train=2&val=1", "train")
+    assert len(data) == 6 and data.default_img_size == 32
+    meta = Path(data.root).parents[1] / "synthetic.json"
+    stamp = meta.stat().st_mtime_ns
+    again = load_split("synthetic:shapes?classes=3&size=32&train=2&val=1", "val")
+    assert len(again) == 3 and meta.stat().st_mtime_ns == stamp  # read back, not regenerated
+
+
+def test_eval_transform_and_normalize():
+    import torch
+
+    t = EvalTransform.for_size(224)
+    assert (t.crop, t.resize) == (224, 256)
+    img = torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8)
+    out = t(img)
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 224, 224)
+    x = normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([2.2489, 2.4286, 2.6400]), atol=1e-3)

@@ -1,0 +1,108 @@
+"""The cached feature engine: correctness against the raw model, cache behaviour, errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import ibot_bench.features as features_mod
+from ibot_bench.data import load_split
+from ibot_bench.data.classification import EvalTransform, normalize_batch
+from ibot_bench.encoders import load_encoder
+from ibot_bench.errors import DatasetError, UserError
+from ibot_bench.features import FeatureConfig, extract_features
+
+ENC = "random:vit_tiny_patch8"
+CFG = FeatureConfig(img_size=32, batch_size=5, num_workers=0, precision="fp32")
+
+
+def test_features_equal_direct_model_forward(tiny_imagefolder, tmp_path):
+    spec = f"imagefolder:{tiny_imagefolder}"
+    feats = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    data = load_split(spec, "val")
+    t = EvalTransform.for_size(32)
+    batch = normalize_batch(torch.stack([t(data.read(i)) for i in range(len(data))]))
+    with torch.inference_mode():
+        ref = load_encoder(ENC).forward_features(batch, n_last_blocks=4)
+    assert feats.cls.shape == (12, 192) and feats.cls_last_n.shape == (12, 4 * 192)
+    np.testing.assert_allclose(feats.cls, ref["cls"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats.patch_mean, ref["patch_mean"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats.cls_last_n, ref["cls_last_n"].numpy(), atol=1e-5)
+    assert feats.labels.tolist() == data.labels.tolist()
+    assert feats.meta["sample_names"] == data.sample_names
+
+
+def test_cache_hit_skips_model_and_refresh_recomputes(tiny_imagefolder, tmp_path, monkeypatch):
+    spec = f"imagefolder:{tiny_imagefolder}"
+    first = extract_features(ENC, spec, "train", CFG, cache_dir=tmp_path, progress=False)
+    assert not first.meta["cache_hit"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("model loaded on a cache hit")
+
+    monkeypatch.setattr(features_mod, "load_encoder", no_model)
+    hit = extract_features(ENC, spec, "train", CFG, cache_dir=tmp_path, progress=False)
+    assert hit.meta["cache_hit"] and hit.meta["cache_path"] == first.meta["cache_path"]
+    np.testing.assert_array_equal(hit.cls, first.cls)
+    with pytest.raises(AssertionError, match="model loaded"):
+        extract_features(ENC, spec, "train", CFG, cache_dir=tmp_path, refresh=True, progress=False)
+    monkeypatch.undo()
+    # other settings -> other key; no temp folders left behind
+    other = FeatureConfig(img_size=24, batch_size=5, num_workers=0, precision="fp32")
+    assert (
+        extract_features(ENC, spec, "train", other, cache_dir=tmp_path, progress=False).meta[
+            "cache_path"
+        ]
+        != first.meta["cache_path"]
+    )
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_changed_dataset_is_never_stale(tiny_imagefolder, tmp_path):
+    spec = f"imagefolder:{tiny_imagefolder}"
+    first = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    img = tiny_imagefolder / "val" / "class_0" / "val_0_0.jpg"
+    img.write_bytes((tiny_imagefolder / "val" / "class_2" / "val_2_0.jpg").read_bytes())
+    second = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    assert not second.meta["cache_hit"]
+    assert not np.allclose(first.cls[0], second.cls[0])
+
+
+def test_corrupt_image_fails_or_is_skipped(tiny_imagefolder, tmp_path):
+    bad = tiny_imagefolder / "val" / "class_1" / "val_1_3.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    spec = f"imagefolder:{tiny_imagefolder}"
+    with pytest.raises(DatasetError, match="val_1_3.jpg.*--skip-corrupt"):
+        extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    skip = FeatureConfig(**{**CFG.__dict__, "skip_corrupt": True})
+    feats = extract_features(ENC, spec, "val", skip, cache_dir=tmp_path, progress=False)
+    assert len(feats) == 11 and feats.meta["skipped"] == ["class_1/val_1_3.jpg"]
+    assert "class_1/val_1_3.jpg" not in feats.meta["sample_names"]
+
+
+def test_unwritable_cache_dir(tiny_imagefolder, tmp_path):
+    if os.geteuid() == 0:
+        locked = tmp_path / "file"
+        locked.write_text("a file, not a folder")  # root ignores permissions; use a file
+        target = locked / "cache"
+    else:
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        target = locked / "cache"
+    spec = f"imagefolder:{tiny_imagefolder}"
+    with pytest.raises(UserError, match="not writable"):
+        extract_features(ENC, spec, "val", CFG, cache_dir=target, progress=False)
+
+
+def test_precision_choice_is_explicit():
+    cpu = torch.device("cpu")
+    assert features_mod.resolve_precision(cpu, "fp32") == "fp32"
+    assert features_mod.resolve_precision(cpu, "auto") in ("bf16", "fp32")
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        features_mod.resolve_precision(cpu, "fp16")
+    with pytest.raises(UserError, match="unknown"):
+        features_mod.resolve_precision(cpu, "int8")
