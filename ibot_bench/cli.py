@@ -7,6 +7,7 @@ status 2; nothing else is caught, so real bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -197,7 +198,16 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after options (argparse stops at the first)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if args.command != "eval" or len(overrides) != len(extra):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    else:
+        args.overrides = args.overrides + overrides
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         COMMANDS[args.command](args)
     except UserError as exc:

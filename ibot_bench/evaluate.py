@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config, to_dict
+from ibot_bench.distributed import is_main
 from ibot_bench.features import FeatureConfig, extract_features, resolve_device
 from ibot_bench.records import ResultRecord, mean_std
 from ibot_bench.tasks import TaskDef, discover_tasks
@@ -103,7 +104,8 @@ def run_eval(
         wall_time_s=time.perf_counter() - started,
         details={"per_seed": [o.extra for o in outputs]} if len(outputs) > 1 else outputs[0].extra,
     )
-    path = record.write(output_dir)
-    save_config(cfg, Path(output_dir) / "configs", f"{record.key()}.yaml")
-    log(f"record: {path}")
+    if is_main():  # under torchrun every rank computed the same record; one writes it
+        path = record.write(output_dir)
+        save_config(cfg, Path(output_dir) / "configs", f"{record.key()}.yaml")
+        log(f"record: {path}")
     return record

