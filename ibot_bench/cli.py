@@ -182,6 +182,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         output_dir=args.output,
         refresh_features=args.refresh,
         cache_dir=args.cache_dir,
+        allow_partial=args.allow_partial,
     )
     print(f"{record.task} [{record.protocol}] {args.encoder} on {args.data}")
     for name, value in record.metrics.items():

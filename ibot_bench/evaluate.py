@@ -1,8 +1,8 @@
-"""Run one registered task on one encoder and dataset, and write its result record(s).
+"""Run one registered task on one encoder and dataset, and write its result record.
 
-The frozen-feature path: features of the train and val splits come from the cached
-engine, the task function gets them, and one record is written per run (with several
-``seeds`` the metrics are reported as mean and std, plus each seed's value).
+Frozen tasks get the train and val features from the cached engine; training tasks get
+a :class:`~ibot_bench.tasks.TaskContext`. One record is written per run (with several
+``seeds`` the metrics are the mean, with ``<metric>_std`` and each seed's value).
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import torch
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config, to_dict
+from ibot_bench.data import load_split
 from ibot_bench.distributed import is_main
+from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.features import FeatureConfig, extract_features, resolve_device
-from ibot_bench.records import ResultRecord, mean_std
-from ibot_bench.tasks import TaskDef, discover_tasks
+from ibot_bench.records import ResultRecord, config_hash, mean_std
+from ibot_bench.tasks import TaskContext, TaskDef, discover_tasks
 
 
 def eval_schema(task: TaskDef) -> type:
@@ -50,22 +52,33 @@ def run_eval(
     output_dir: str | Path = "results/eval",
     refresh_features: bool = False,
     cache_dir: str | Path | None = None,
+    allow_partial: bool = False,
     log: Callable[[str], None] = print,
 ) -> ResultRecord:
     """Evaluate ``encoder_spec`` on ``data_spec`` with task ``task_name``; returns the record."""
     task = discover_tasks().get(task_name)
     cfg = load_config(eval_schema(task), config_path, overrides)
-    if not task.frozen:
-        raise NotImplementedError(f"task {task_name!r} trains the encoder; not wired here yet")
     feat_cfg = FeatureConfig(**to_dict(cfg.features))
     if "n_last_blocks" in task.needs:
         feat_cfg.n_last_blocks = task.needs["n_last_blocks"]
     started = time.perf_counter()
-    kwargs = {"cfg": feat_cfg, "cache_dir": cache_dir, "refresh": refresh_features, "log": log}
-    train = extract_features(encoder_spec, data_spec, "train", **kwargs)
-    test = extract_features(encoder_spec, data_spec, "val", **kwargs)
     task_fields = {f.name for f in dataclasses.fields(task.config_cls)}
     plain = to_dict(cfg)
+
+    if task.frozen:
+        kwargs = {"cfg": feat_cfg, "cache_dir": cache_dir, "refresh": refresh_features, "log": log}
+        train = extract_features(encoder_spec, data_spec, "train", **kwargs)
+        test = extract_features(encoder_spec, data_spec, "val", **kwargs)
+        enc_fp, arch = train.meta["encoder"]["fingerprint"], train.meta["encoder"]["arch"]
+        data_fps = (train.meta["key"]["dataset"], test.meta["key"]["dataset"])
+        sizes = (len(train), len(test))
+        plain["features_key"] = train.meta["key"]
+    else:
+        enc_fp, arch = encoder_fingerprint(encoder_spec), ""
+        train_split, test_split = load_split(data_spec, "train"), load_split(data_spec, "val")
+        data_fps = (train_split.fingerprint(), test_split.fingerprint())
+        sizes = (len(train_split), len(test_split))
+
     outputs = []
     for seed in cfg.seeds:
         task_cfg = OmegaConf.structured(
@@ -74,7 +87,13 @@ def run_eval(
         if "seed" in task_fields:
             task_cfg.seed = seed
         torch.manual_seed(seed)
-        outputs.append(task.fn(train, test, task_cfg))
+        if task.frozen:
+            outputs.append(task.fn(train, test, task_cfg))
+        else:
+            work = Path(output_dir) / "work" / f"{task_name}__{enc_fp[:12]}__{data_fps[0][:12]}"
+            work = work.with_name(f"{work.name}__{config_hash(plain)}__seed{seed}")
+            ctx = TaskContext(encoder_spec, data_spec, work, allow_partial, log)
+            outputs.append(task.fn(ctx, task_cfg))
     metrics = dict(outputs[0].metrics)
     if len(outputs) > 1:
         for name in outputs[0].metrics:
@@ -84,21 +103,17 @@ def run_eval(
     record = ResultRecord(
         task=task_name,
         protocol=outputs[0].protocol,
-        encoder={
-            "spec": encoder_spec,
-            "fingerprint": train.meta["encoder"]["fingerprint"],
-            "arch": train.meta["encoder"]["arch"],
-        },
+        encoder={"spec": encoder_spec, "fingerprint": enc_fp, "arch": arch},
         dataset={
             "spec": data_spec,
-            "fingerprint": train.meta["key"]["dataset"],
-            "test_fingerprint": test.meta["key"]["dataset"],
+            "fingerprint": data_fps[0],
+            "test_fingerprint": data_fps[1],
             "split": "train->val",
-            "num_train": len(train),
-            "num_test": len(test),
+            "num_train": sizes[0],
+            "num_test": sizes[1],
         },
         metrics=metrics,
-        config={**plain, "features_key": train.meta["key"]},
+        config=plain,
         seed=int(cfg.seeds[0]),
         device=device_name(resolve_device(feat_cfg.device)),
         wall_time_s=time.perf_counter() - started,

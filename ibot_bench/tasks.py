@@ -2,7 +2,9 @@
 
 A frozen-feature task is a plain function ``fn(train, test, cfg) -> TaskOutput``
 taking two :class:`~ibot_bench.features.FeatureSet` objects (the engine extracts and
-caches them) and the task's config dataclass. The CLI and the suite runner find
+caches them) and the task's config dataclass. A training task (``frozen=False``:
+fine-tuning, dense tasks) is ``fn(ctx, cfg) -> TaskOutput`` with a :class:`TaskContext`
+naming the encoder, the dataset and a work folder for its checkpoints. The CLI and the suite runner find
 tasks by name through :data:`TASKS`; no task imports another.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ibot_bench.registry import Registry
@@ -22,6 +25,17 @@ class TaskOutput:
     metrics: dict[str, float]
     protocol: str
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. chosen head, per-k table
+
+
+@dataclass
+class TaskContext:
+    """What a training task gets besides its config."""
+
+    encoder_spec: str
+    data_spec: str
+    work_dir: Path  # per (encoder, task, dataset, config): checkpoints for exact resume
+    allow_partial: bool = False
+    log: Callable[[str], None] = print
 
 
 @dataclass
