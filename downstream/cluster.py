@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
 
-from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.encoders import build_head, load_encoder
+from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TaskOutput, register_task
 
@@ -135,3 +137,33 @@ def cluster(train: FeatureSet, test: FeatureSet, cfg: ClusterConfig) -> TaskOutp
     )
     extra = {"k": k, "faiss_device": "gpu" if gpu else "cpu", "num_images": len(pred)}
     return TaskOutput(clustering_metrics(pred, test.labels), PROTOCOL_KMEANS, extra)
+
+
+@dataclass
+class ClusterHeadConfig:
+    """Settings of the ``cluster-head`` protocol (nothing to tune: the head decides)."""
+
+    batch_size: int = 4096  # CLS features pushed through the head at once
+
+
+@register_task("cluster-head", ClusterHeadConfig)
+def cluster_head(train: FeatureSet, test: FeatureSet, cfg: ClusterHeadConfig) -> TaskOutput:
+    """The paper's clustering: argmax of the teacher head's CLS output (ibot-protocols.md §2).
+
+    Needs an encoder whose checkpoint carries the iBOT/DINO projection head; for others
+    the protocol is not applicable (use the ``cluster`` task, k-means, instead).
+    """
+    spec = test.meta.get("encoder_spec", "")
+    head_state = load_encoder(spec).head_state if spec else None
+    if head_state is None:
+        raise NotApplicableError(
+            f"cluster-head needs a projection head, and encoder {spec!r} has none; "
+            "use the cluster task (k-means) for this encoder"
+        )
+    head = build_head(head_state).eval()
+    feats = torch.from_numpy(np.ascontiguousarray(test.cls, dtype=np.float32))
+    with torch.inference_mode():
+        pred = torch.cat([head(chunk).argmax(-1) for chunk in feats.split(cfg.batch_size)])
+    pred = pred.numpy().astype(np.int64)
+    extra = {"out_dim": int(head.last_layer.out_features), "clusters_used": int(len(set(pred)))}
+    return TaskOutput(cluster_head_metrics(pred, test.labels), PROTOCOL_HEAD, extra)

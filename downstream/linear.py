@@ -59,7 +59,7 @@ class LinearBaseConfig:
     epochs: int = 100
     batch_size: int = 1024
     base_lrs: list[float] = field(default_factory=lambda: list(DINOV2_BASE_LRS))
-    features: list[str] = field(default_factory=lambda: list(FEATURE_VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(FEATURE_VARIANTS))
     momentum: float = 0.9
     weight_decay: float = 0.0
     bf16: bool = False  # bfloat16 autocast for the heads' forward pass
@@ -133,7 +133,7 @@ class LinearHeads(nn.Module):
 def check_variants(fs: FeatureSet, features: list[str]) -> dict[str, int]:
     """Dimension of every requested feature variant of ``fs``; clear errors when one is missing."""
     if not features:
-        raise ConfigError(f"features must name at least one of {', '.join(FEATURE_VARIANTS)}")
+        raise ConfigError(f"variants must name at least one of {', '.join(FEATURE_VARIANTS)}")
     unknown = [f for f in features if f not in FEATURE_VARIANTS]
     if unknown:
         raise ConfigError(f"unknown feature variant(s) {unknown}; known: {list(FEATURE_VARIANTS)}")
@@ -145,12 +145,12 @@ def check_variants(fs: FeatureSet, features: list[str]) -> dict[str, int]:
         raise UserError(
             f"feature variant 'cls_last4' needs the CLS of the last 4 blocks (4 x {d} = {4 * d} "
             f"columns in cls_last_n), got shape {fs.cls_last_n.shape}; extract features with "
-            "n_last_blocks=4 or drop 'cls_last4' from features"
+            "n_last_blocks=4 or drop 'cls_last4' from variants"
         )
     if "cls_patch" in features and (fs.patch_mean.ndim != 2 or fs.patch_mean.shape[1] != d):
         raise UserError(
             f"feature variant 'cls_patch' needs patch_mean of shape (N, {d}), "
-            f"got {fs.patch_mean.shape}; drop 'cls_patch' from features"
+            f"got {fs.patch_mean.shape}; drop 'cls_patch' from variants"
         )
     return {f: dims[f] for f in features}
 
@@ -178,7 +178,7 @@ def head_specs(cfg: LinearBaseConfig) -> list[HeadSpec]:
     if not cfg.base_lrs or any(lr <= 0 for lr in cfg.base_lrs):
         raise ConfigError(f"base_lrs must be a non-empty list of positive numbers: {cfg.base_lrs}")
     scale = cfg.batch_size / 256.0
-    features = list(dict.fromkeys(cfg.features))
+    features = list(dict.fromkeys(cfg.variants))
     return [HeadSpec(f, float(lr), float(lr) * scale) for f in features for lr in cfg.base_lrs]
 
 
@@ -293,8 +293,8 @@ def linear_probe(
     Reused by ``semi`` as a plain function.
     """
     _check_config(cfg)
-    check_variants(train, cfg.features)
-    check_variants(test, cfg.features)
+    check_variants(train, cfg.variants)
+    check_variants(test, cfg.variants)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     fit_rows, val_rows = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
     model = train_heads(train, fit_rows, specs, num_classes, cfg)
@@ -329,8 +329,8 @@ def linear_probe_paper(
     _check_config(cfg)
     if cfg.eval_every < 1:
         raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
-    check_variants(train, cfg.features)
-    check_variants(test, cfg.features)
+    check_variants(train, cfg.variants)
+    check_variants(test, cfg.variants)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     test_rows = np.arange(len(test))
     best = {"top1": -1.0}

@@ -15,3 +15,7 @@ class CheckpointError(UserError):
 
 class DatasetError(UserError):
     """A dataset root that is missing or empty, or an unreadable image."""
+
+
+class NotApplicableError(UserError):
+    """The protocol does not apply to this encoder (e.g. no projection head): reported, not run."""

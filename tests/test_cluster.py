@@ -91,3 +91,34 @@ def test_registered_and_yaml_matches_defaults():
     assert TASKS.get("cluster").config_cls is ClusterConfig
     yaml_cfg = OmegaConf.load(ROOT / "configs/tasks/cluster.yaml")
     assert yaml_cfg == OmegaConf.structured(ClusterConfig)
+
+
+def test_cluster_head_task_uses_the_checkpoint_head(tmp_path, tiny_imagefolder):
+    import torch
+
+    from ibot_bench.encoders import ProjectionHead, load_encoder
+    from ibot_bench.errors import NotApplicableError
+    from ibot_bench.features import FeatureConfig, extract_features
+    from ibot_bench.tasks import discover_tasks
+
+    backbone = load_encoder("random:vit_tiny_patch8").model.state_dict()
+    torch.manual_seed(0)
+    head = ProjectionHead([192, 64, 32], out_dim=3)
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
+    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"teacher": state, "student": state}, ckpt)
+
+    cfg = FeatureConfig(img_size=32, num_workers=0, precision="fp32")
+    data = f"imagefolder:{tiny_imagefolder}"
+    feats = extract_features(f"ibot:{ckpt}", data, "val", cfg, progress=False)
+    task = discover_tasks().get("cluster-head")
+    out = task.fn(feats, feats, task.config_cls())
+    with torch.inference_mode():
+        expected = head(torch.from_numpy(np.asarray(feats.cls))).argmax(-1).numpy()
+    assert out.protocol == "cluster-head"
+    assert out.metrics == cluster_head_metrics(expected, feats.labels)
+
+    plain = extract_features("random:vit_tiny_patch8", data, "val", cfg, progress=False)
+    with pytest.raises(NotApplicableError, match="no.*head|has none"):
+        task.fn(plain, plain, task.config_cls())

@@ -57,7 +57,7 @@ def test_linear_selects_on_validation_and_reports_test():
 
 
 def test_linear_refit_and_bf16_run():
-    out = linear(TRAIN, TEST, LinearConfig(**FAST, refit=True, bf16=True, features=["cls"]))
+    out = linear(TRAIN, TEST, LinearConfig(**FAST, refit=True, bf16=True, variants=["cls"]))
     assert out.extra["refit"] is True and out.metrics["top1"] > 80
 
 
@@ -81,10 +81,10 @@ def test_missing_feature_variant_is_a_clear_error():
     two_blocks = blobs(60, seed=2, last_blocks=2)
     with pytest.raises(UserError, match="n_last_blocks=4"):
         linear(two_blocks, two_blocks, LinearConfig(**FAST))
-    out = linear(two_blocks, two_blocks, LinearConfig(**{**FAST, "epochs": 1}, features=["cls"]))
+    out = linear(two_blocks, two_blocks, LinearConfig(**{**FAST, "epochs": 1}, variants=["cls"]))
     assert out.extra["chosen_head"]["feature"] == "cls"
     with pytest.raises(ConfigError, match="unknown feature"):
-        linear(TRAIN, TEST, LinearConfig(**FAST, features=["avgpool"]))
+        linear(TRAIN, TEST, LinearConfig(**FAST, variants=["avgpool"]))
 
 
 def test_registered_with_needs_and_yaml_matches_defaults():

@@ -101,7 +101,7 @@ def test_stratified_split_is_disjoint_and_keeps_singletons_in_train():
 def small_semi(**kw) -> SemiConfig:
     return SemiConfig(
         knn=KnnConfig(ks=[1, 5]),
-        linear=LinearConfig(epochs=5, batch_size=16, base_lrs=[0.1, 1.0], features=["cls"]),
+        linear=LinearConfig(epochs=5, batch_size=16, base_lrs=[0.1, 1.0], variants=["cls"]),
         logreg=LogregConfig(c_grid=C_GRID),
         **kw,
     )
