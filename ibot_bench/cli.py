@@ -208,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     else:
         args.overrides = args.overrides + overrides
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for ours in ("ibot_bench", "downstream", "pretrain"):  # our progress notes, not libraries'
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
         COMMANDS[args.command](args)
     except UserError as exc:
