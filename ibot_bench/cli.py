@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from ibot_bench.errors import UserError
+from ibot_bench.io import atomic_write_text
 
 EXAMPLES = {
     "list": "ibot-bench list",
@@ -19,6 +21,8 @@ EXAMPLES = {
     "features": "ibot-bench features --encoder random:vit_tiny_patch8 --data synthetic:shapes --split val",
     "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]",
     "version": "ibot-bench version",
+    "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small",
+    "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
 }
 
 
@@ -73,6 +77,21 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)"
     )
 
+    run = add("run", "run a suite of evaluations over encoders, resumable, with a leaderboard")
+    run.add_argument("--suite", default="quick", help="suite name (see `ibot-bench list`) or YAML")
+    run.add_argument("--encoder", action="append", default=[], help="encoder spec (repeatable)")
+    run.add_argument("--data-root", default=None, help="root of real datasets (suite `full`)")
+    run.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    run.add_argument("--output", default=None, help="results folder (default: results/<suite>)")
+    run.add_argument("--force", action="store_true", help="rerun evaluations already recorded")
+    run.add_argument("--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)")
+
+    rep = add("report", "merge result folders into one leaderboard (CSV, Markdown, heatmap)")
+    rep.add_argument("dirs", nargs="+", help="result folders holding records/")
+    rep.add_argument("--format", default="md", choices=["md", "csv", "html"], help="printed format")
+    rep.add_argument("--reference", action="store_true", help="add the paper's published rows")
+    rep.add_argument("--output", default=None, help="where to write files (default: first DIR)")
+
     ev = add("eval", "run one evaluation task and write its result record")
     ev.add_argument("task", help="task name (see `ibot-bench list`)")
     _add_encoder_data(ev)
@@ -112,7 +131,11 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(f"{title}:")
         for name in registry:
             print(f"  {name:14s} {registry.help(name)}")
-    print("suites:\n  (none registered yet)")
+    from ibot_bench.suites import SUITES
+
+    print("suites:")
+    for name in SUITES:
+        print(f"  {name:14s} {SUITES.help(name)}")
 
 
 def _cmd_version(args: argparse.Namespace) -> None:
@@ -189,7 +212,77 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"  {name:16s} {value:.4f}")
 
 
+def _print_board(table, title: str) -> None:
+    """The leaderboard on the terminal: one table per group, metrics as rows (fits narrow)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if table.empty:
+        console.print("no results to show")
+        return
+    for group in table.columns.get_level_values(0).unique():
+        part = table[group].dropna(how="all").T
+        t = Table(title=f"{title}: {group}")
+        t.add_column("protocol metric")
+        for encoder in part.columns:
+            t.add_column(encoder, justify="right")
+        for metric, row in part.iterrows():
+            t.add_row(metric, *("-" if v != v else f"{v:.2f}" for v in row))
+        console.print(t)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ibot_bench.leaderboard import write_reports
+    from ibot_bench.suites import load_suite, run_suite
+
+    overrides = [f"data_root={args.data_root}"] if args.data_root else []
+    suite = load_suite(args.suite, overrides)
+    encoders = args.encoder or list(suite.encoders)
+    if not encoders:
+        raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
+    output = args.output or f"results/{suite.name}"
+    tasks = args.tasks.split(",") if args.tasks else None
+    outcomes = run_suite(
+        suite, encoders, output, tasks=tasks, force=args.force, cache_dir=args.cache_dir
+    )
+    table, errors = write_reports([output], output)
+    for path, err in errors:
+        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    _print_board(table, suite.name)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    print(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; results in {output}/")
+    failed = [o for o in outcomes if o.status in ("failed", "missing data")]
+    for o in failed:
+        print(f"  {o.status}: {o.task} on {o.dataset} with {o.encoder}: {o.message}")
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from ibot_bench.leaderboard import to_markdown, write_reports
+
+    for d in args.dirs:
+        if not os.path.isdir(d):
+            raise UserError(f"results folder {d} does not exist")
+    output = args.output or args.dirs[0]
+    table, errors = write_reports(args.dirs, output, reference=args.reference)
+    for path, err in errors:
+        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    if args.format == "md":
+        print(to_markdown(table))
+    elif args.format == "csv":
+        print(table.to_csv())
+    else:
+        html = table.to_html(float_format="{:.2f}".format, na_rep="-")
+        atomic_write_text(os.path.join(output, "leaderboard.html"), html)
+        print(html)
+
+
 COMMANDS = {
+    "run": _cmd_run,
+    "report": _cmd_report,
     "list": _cmd_list,
     "version": _cmd_version,
     "data": _cmd_data,
@@ -212,14 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for ours in ("ibot_bench", "downstream", "pretrain"):  # our progress notes, not libraries'
         logging.getLogger(ours).setLevel(logging.INFO)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except UserError as exc:
         print(f"ibot-bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ibot-bench: interrupted; finished results and caches are kept", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

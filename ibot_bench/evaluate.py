@@ -12,6 +12,7 @@ import platform
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -31,8 +32,50 @@ def eval_schema(task: TaskDef) -> type:
         ("features", FeatureConfig, dataclasses.field(default_factory=FeatureConfig)),
         ("seeds", list[int], dataclasses.field(default_factory=lambda: [0])),
     ]
-    return dataclasses.make_dataclass(
-        f"{task.config_cls.__name__}Eval", extra, bases=(task.config_cls,)
+    name = f"{task.config_cls.__name__}Eval"
+    return dataclasses.make_dataclass(name, extra, bases=(task.config_cls,))
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """A resolved evaluation: what would run, and the key its record will carry."""
+
+    task: TaskDef
+    cfg: Any  # typed DictConfig of eval_schema(task)
+    config: dict[str, Any]  # plain resolved config; its hash is the protocol hash
+    encoder_spec: str
+    data_spec: str
+
+    @property
+    def protocol_hash(self) -> str:
+        return config_hash(self.config)
+
+    def resume_key(self) -> tuple[str, str, str, str]:
+        """(task, encoder fingerprint, train-set fingerprint, protocol hash), no model loaded."""
+        data_fp = load_split(self.data_spec, "train").fingerprint()
+        return (self.task.name, encoder_fingerprint(self.encoder_spec), data_fp, self.protocol_hash)
+
+
+def plan_eval(
+    task_name: str,
+    encoder_spec: str,
+    data_spec: str,
+    config_path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> EvalPlan:
+    """Resolve the task and its config (validated) without touching model or data."""
+    task = discover_tasks().get(task_name)
+    cfg = load_config(eval_schema(task), config_path, overrides)
+    return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec)
+
+
+def record_key(record: ResultRecord) -> tuple[str, str, str, str]:
+    """The resume key of a written record (see :meth:`EvalPlan.resume_key`)."""
+    return (
+        record.task,
+        record.encoder.get("fingerprint", ""),
+        record.dataset.get("fingerprint", ""),
+        record.protocol_hash,
     )
 
 
@@ -42,43 +85,40 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_eval(
-    task_name: str,
-    encoder_spec: str,
-    data_spec: str,
+def execute(
+    plan: EvalPlan,
     *,
-    config_path: str | Path | None = None,
-    overrides: Iterable[str] = (),
     output_dir: str | Path = "results/eval",
     refresh_features: bool = False,
     cache_dir: str | Path | None = None,
     allow_partial: bool = False,
+    dataset_group: str | None = None,
     log: Callable[[str], None] = print,
 ) -> ResultRecord:
-    """Evaluate ``encoder_spec`` on ``data_spec`` with task ``task_name``; returns the record."""
-    task = discover_tasks().get(task_name)
-    cfg = load_config(eval_schema(task), config_path, overrides)
+    """Run ``plan`` and write its record under ``output_dir/records`` (rank 0 only)."""
+    task, cfg, plain = plan.task, plan.cfg, plan.config
+    enc_spec, data_spec = plan.encoder_spec, plan.data_spec
     feat_cfg = FeatureConfig(**to_dict(cfg.features))
     if "n_last_blocks" in task.needs:
         feat_cfg.n_last_blocks = task.needs["n_last_blocks"]
     started = time.perf_counter()
-    task_fields = {f.name for f in dataclasses.fields(task.config_cls)}
-    plain = to_dict(cfg)
-
+    details: dict[str, Any] = {}
     if task.frozen:
         kwargs = {"cfg": feat_cfg, "cache_dir": cache_dir, "refresh": refresh_features, "log": log}
-        train = extract_features(encoder_spec, data_spec, "train", **kwargs)
-        test = extract_features(encoder_spec, data_spec, "val", **kwargs)
+        kwargs["allow_partial"] = allow_partial
+        train = extract_features(enc_spec, data_spec, "train", **kwargs)
+        test = extract_features(enc_spec, data_spec, "val", **kwargs)
         enc_fp, arch = train.meta["encoder"]["fingerprint"], train.meta["encoder"]["arch"]
         data_fps = (train.meta["key"]["dataset"], test.meta["key"]["dataset"])
         sizes = (len(train), len(test))
-        plain["features_key"] = train.meta["key"]
+        details["features"] = {"key": train.meta["key"], "skipped": train.meta["skipped"]}
     else:
-        enc_fp, arch = encoder_fingerprint(encoder_spec), ""
+        enc_fp, arch = encoder_fingerprint(enc_spec), ""
         train_split, test_split = load_split(data_spec, "train"), load_split(data_spec, "val")
         data_fps = (train_split.fingerprint(), test_split.fingerprint())
         sizes = (len(train_split), len(test_split))
 
+    task_fields = {f.name for f in dataclasses.fields(task.config_cls)}
     outputs = []
     for seed in cfg.seeds:
         task_cfg = OmegaConf.structured(
@@ -90,37 +130,60 @@ def run_eval(
         if task.frozen:
             outputs.append(task.fn(train, test, task_cfg))
         else:
-            work = Path(output_dir) / "work" / f"{task_name}__{enc_fp[:12]}__{data_fps[0][:12]}"
-            work = work.with_name(f"{work.name}__{config_hash(plain)}__seed{seed}")
-            ctx = TaskContext(encoder_spec, data_spec, work, allow_partial, log)
-            outputs.append(task.fn(ctx, task_cfg))
+            run_id = f"{task.name}__{enc_fp[:12]}__{data_fps[0][:12]}__{plan.protocol_hash}"
+            work = Path(output_dir) / "work" / f"{run_id}__seed{seed}"
+            outputs.append(
+                task.fn(TaskContext(enc_spec, data_spec, work, allow_partial, log), task_cfg)
+            )
+
     metrics = dict(outputs[0].metrics)
     if len(outputs) > 1:
         for name in outputs[0].metrics:
             values = [o.metrics[name] for o in outputs]
             metrics[name], metrics[f"{name}_std"] = mean_std(values)
             metrics.update({f"{name}_seed{s}": v for s, v in zip(cfg.seeds, values)})
+    details.update(
+        {"per_seed": [o.extra for o in outputs]} if len(outputs) > 1 else outputs[0].extra
+    )
+    dataset = {
+        "spec": data_spec,
+        "group": dataset_group or data_spec,
+        "fingerprint": data_fps[0],
+        "test_fingerprint": data_fps[1],
+        "split": "train->val",
+        "num_train": sizes[0],
+        "num_test": sizes[1],
+    }
     record = ResultRecord(
-        task=task_name,
+        task=task.name,
         protocol=outputs[0].protocol,
-        encoder={"spec": encoder_spec, "fingerprint": enc_fp, "arch": arch},
-        dataset={
-            "spec": data_spec,
-            "fingerprint": data_fps[0],
-            "test_fingerprint": data_fps[1],
-            "split": "train->val",
-            "num_train": sizes[0],
-            "num_test": sizes[1],
-        },
+        encoder={"spec": enc_spec, "fingerprint": enc_fp, "arch": arch},
+        dataset=dataset,
         metrics=metrics,
         config=plain,
+        details=details,
         seed=int(cfg.seeds[0]),
         device=device_name(resolve_device(feat_cfg.device)),
         wall_time_s=time.perf_counter() - started,
-        details={"per_seed": [o.extra for o in outputs]} if len(outputs) > 1 else outputs[0].extra,
     )
     if is_main():  # under torchrun every rank computed the same record; one writes it
         path = record.write(output_dir)
         save_config(cfg, Path(output_dir) / "configs", f"{record.key()}.yaml")
         log(f"record: {path}")
     return record
+
+
+def run_eval(
+    task_name: str,
+    encoder_spec: str,
+    data_spec: str,
+    *,
+    config_path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    **kwargs: Any,
+) -> ResultRecord:
+    """Evaluate ``encoder_spec`` on ``data_spec`` with task ``task_name``; returns the record.
+
+    Keyword arguments are those of :func:`execute` (output_dir, cache_dir, ...).
+    """
+    return execute(plan_eval(task_name, encoder_spec, data_spec, config_path, overrides), **kwargs)

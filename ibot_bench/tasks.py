@@ -10,6 +10,7 @@ tasks by name through :data:`TASKS`; no task imports another.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,5 +74,10 @@ def discover_tasks() -> Registry[TaskDef]:
     import downstream
 
     for mod in pkgutil.iter_modules(downstream.__path__):
-        importlib.import_module(f"downstream.{mod.name}")
+        try:
+            importlib.import_module(f"downstream.{mod.name}")
+        except ImportError as exc:  # one broken task module must not take the others down
+            logging.getLogger(__name__).warning(
+                "task module downstream.%s not loaded: %s", mod.name, exc
+            )
     return TASKS

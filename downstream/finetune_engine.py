@@ -1,0 +1,518 @@
+"""The training loop of the fine-tuning tasks: data, schedule, checkpoints, DDP, evaluation.
+
+Registers no task; :mod:`downstream.finetune` and :mod:`downstream.semi_finetune` build
+the model and its parameter groups and call :func:`fit`. Built from timm's pieces
+(``create_transform`` with RandAugment and random erasing, ``Mixup``, the soft-target /
+label-smoothing losses, ``create_optimizer_v2``, ``CosineLRScheduler`` stepped per
+update, ``ModelEmaV3``).
+
+Exact resume: the randomness of a run is a function of ``seed`` and the position in
+the run, never of how the run got there. The epoch's image order comes from
+``(seed, epoch)``; each image's augmentation from ``(seed, epoch, position)``, inside the
+data-loader worker; drop-path and mixup from ``(seed, epoch, step, rank)``, reseeded
+before every optimizer step. A checkpoint (model, optimizer, EMA, grad scaler, epoch,
+step, history) is written atomically to ``ctx.work_dir`` at every epoch end and every
+``checkpoint_every`` steps; an existing one is resumed, and a finished one returns its
+results without training. So an interrupted run continues to bit-identical parameters
+for the same world size, worker count and device (``tests/test_finetune.py``).
+
+``batch_size`` is the global batch per optimizer step: each of the ``W`` ranks takes
+``batch_size / W`` images per step in ``accum_steps`` micro-batches (DDP under torchrun,
+gradients synchronised on the last micro-batch only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision.transforms.v2.functional as TF
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from ibot_bench.data import ClassificationSplit
+from ibot_bench.data.classification import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    normalize_batch,
+)
+from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
+from ibot_bench.errors import CheckpointError, ConfigError, UserError
+from ibot_bench.features import autocast, resolve_device, resolve_precision
+from ibot_bench.io import atomic_write
+from ibot_bench.tasks import TaskContext
+
+CHECKPOINT = "checkpoint.pth"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integer parts (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_cpu(seed: int) -> Iterator[None]:
+    """Seed the CPU generators for one image's augmentation, restoring them afterwards."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """``(row, sample_seed)`` -> (augmented normalised float image, label)."""
+
+    def __init__(self, data: ClassificationSplit, transform) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        row, seed = item
+        with seeded_cpu(seed):
+            img = self.transform(TF.to_pil_image(self.data.read(row)))
+        return img, int(self.data.labels[row])
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Rows of a split -> (uint8 resized + centre-cropped image, label)."""
+
+    def __init__(self, data: ClassificationSplit, rows: range, transform: EvalTransform) -> None:
+        self.data, self.rows, self.transform = data, rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[i]
+        return self.transform(self.data.read(row)), int(self.data.labels[row])
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """(steps, batch_size) global batches of row indices; the incomplete batch is dropped."""
+    perm = np.random.default_rng(derive_seed(seed, epoch, 0xB47C)).permutation(n)
+    steps = n // batch_size
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+class MicroBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of ``[(row, sample_seed), ...]``, from step ``start`` on."""
+
+    def __init__(
+        self, order: np.ndarray, start: int, seed: int, epoch: int, world_size: int, accum: int
+    ) -> None:
+        self.order, self.start, self.seed, self.epoch = order, start, seed, epoch
+        self.rank = world()[0]
+        self.per_rank = order.shape[1] // world_size
+        self.micro = self.per_rank // accum
+
+    def __len__(self) -> int:
+        return (len(self.order) - self.start) * (self.per_rank // self.micro)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        width = self.order.shape[1]
+        for step in range(self.start, len(self.order)):
+            lo = self.rank * self.per_rank
+            for m in range(lo, lo + self.per_rank, self.micro):
+                yield [
+                    (int(self.order[step, p]), derive_seed(self.seed, self.epoch, step * width + p))
+                    for p in range(m, m + self.micro)
+                ]
+
+
+def train_transform(cfg, img_size: int):
+    """timm's ImageNet training transform: RandomResizedCrop, flip, RandAugment, erasing."""
+    return create_transform(
+        img_size,
+        is_training=True,
+        auto_augment=cfg.auto_augment or None,
+        interpolation=cfg.train_interpolation,
+        re_prob=cfg.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+
+
+def num_workers(requested: int, device: torch.device) -> int:
+    """-1: no worker processes on small CPU-only machines (they only steal the model's cores)."""
+    if requested >= 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = max(1, (cpus or 1) // world()[1])
+    return min(8, cpus) if device.type == "cuda" else (0 if cpus <= 4 else min(4, cpus // 4))
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cannot allocate" in text
+    )
+
+
+def largest_fitting_batch(
+    model: nn.Module, micro: int, img_size: int, device: torch.device, precision: str
+) -> int:
+    """Halve the micro-batch until a forward + backward fits; 0 if even 1 image does not."""
+    b = micro // 2
+    while b >= 1:
+        try:
+            x = torch.randn(b, 3, img_size, img_size, device=device)
+            with autocast(device, precision):
+                loss = model(x).float().logsumexp(-1).mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return b
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            b //= 2
+    return 0
+
+
+def oom_error(cfg, micro: int, fit: int, world_size: int, device: torch.device) -> UserError:
+    """The advice when a micro-batch of ``micro`` images ran out of memory."""
+    head = (
+        f"batch_size={cfg.batch_size} ran out of memory on {device} ({micro} images per "
+        f"micro-batch: {world_size} process(es), accum_steps={cfg.accum_steps})."
+    )
+    if fit == 0:
+        return UserError(f"{head} Even one image does not fit: use a smaller img_size or model.")
+    per_rank = cfg.batch_size // world_size
+    accum = next(a for a in range(cfg.accum_steps, per_rank + 1) if per_rank % a == 0 and per_rank // a <= fit)
+    return UserError(
+        f"{head} The largest micro-batch that fit was {fit} images: keep the recipe with "
+        f"gradient accumulation, accum_steps={accum} ({per_rank // accum} images per "
+        f"micro-batch), or set batch_size={fit * world_size * cfg.accum_steps} (changes the recipe)."
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val: ClassificationSplit,
+    transform: EvalTransform,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int,
+) -> dict[str, float]:
+    """Top-1 / top-5 (%) on ``val``, each rank on a contiguous shard, counts summed."""
+    was_training = model.training
+    model.eval()
+    rank, world_size = world()
+    rows = shard_range(len(val), rank, world_size)
+    loader = torch.utils.data.DataLoader(
+        EvalImages(val, rows, transform), batch_size=batch_size, num_workers=workers
+    )
+    k = min(5, len(val.class_names))
+    counts = torch.zeros(3, dtype=torch.float64)
+    for x, y in loader:
+        with autocast(device, precision):
+            logits = model(normalize_batch(x.to(device)))
+        top = logits.float().topk(k, dim=-1).indices.cpu()
+        hit = top == y[:, None]
+        counts += torch.tensor([hit[:, 0].sum().item(), hit.any(-1).sum().item(), len(y)])
+    if world_size > 1:
+        on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        counts = counts.to(on)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    model.train(was_training)
+    out = {"top1": 100.0 * counts[0].item() / counts[2].item()}
+    if k == 5:
+        out["top5"] = 100.0 * counts[1].item() / counts[2].item()
+    return out
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_batch(cfg, world_size: int, n_train: int) -> int:
+    """The micro-batch size; ConfigError when the global batch does not split evenly."""
+    if cfg.batch_size < 1 or cfg.accum_steps < 1:
+        raise ConfigError("batch_size and accum_steps must be >= 1")
+    per_step = world_size * cfg.accum_steps
+    if cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} must be divisible by processes x accum_steps = "
+            f"{world_size} x {cfg.accum_steps}; e.g. batch_size={per_step * max(1, cfg.batch_size // per_step)}"
+        )
+    if n_train < cfg.batch_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the training set ({n_train} images); "
+            f"use batch_size<={n_train}"
+        )
+    micro = cfg.batch_size // per_step
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and micro % 2:
+        raise ConfigError(
+            f"mixup/cutmix need an even micro-batch, got {micro} images (batch_size / "
+            "processes / accum_steps); change batch_size or set mixup=0 cutmix=0"
+        )
+    return micro
+
+
+def _summarise(history: list[dict], report: str, ema: bool) -> dict[str, float]:
+    evals = [h for h in history if "top1" in h]
+    if not evals:
+        return {}
+    last, best = evals[-1], max(evals, key=lambda h: h["top1"])
+    chosen = best if report == "best" else last
+    metrics = {k: chosen[k] for k in ("top1", "top5") if k in chosen}
+    for name, row in (("last", last), ("best", best)):
+        metrics.update({f"{name}_{k}": row[k] for k in ("top1", "top5") if k in row})
+    metrics["best_epoch"] = float(best["epoch"])
+    if ema:
+        ema_best = max(evals, key=lambda h: h["ema_top1"])
+        for name, row in (("last", last), ("best", ema_best)):
+            metrics.update({f"ema_{name}_{k}": row[f"ema_{k}"] for k in ("top1", "top5") if f"ema_{k}" in row})
+    return metrics
+
+
+def fit(
+    ctx: TaskContext,
+    model: nn.Module,
+    groups: Sequence[dict],
+    train: ClassificationSplit,
+    val: ClassificationSplit,
+    cfg,
+    epochs: int,
+) -> tuple[dict[str, float], dict]:
+    """Train ``model`` (param ``groups`` with ``lr_scale``) for ``epochs``; return metrics, extra.
+
+    ``cfg`` is a :class:`~downstream.finetune.FinetuneConfig` (or a subclass).
+    """
+    init_distributed()
+    rank, world_size = world()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = _device()
+    precision = resolve_precision(device, cfg.precision)
+    micro = check_batch(cfg, world_size, len(train))
+    steps_per_epoch = len(train) // cfg.batch_size
+    total_steps = epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if not 0 <= cfg.warmup_epochs < epochs:
+        raise ConfigError(
+            f"warmup_epochs={cfg.warmup_epochs} must be in [0, epochs={epochs}); e.g. "
+            f"warmup_epochs={max(0, min(cfg.warmup_epochs, epochs // 10))}"
+        )
+    img_size = cfg.img_size or train.default_img_size
+    patch = getattr(getattr(model, "backbone", None), "patch_embed", None)
+    if patch is not None:
+        p = patch.patch_size[0] if isinstance(patch.patch_size, (tuple, list)) else patch.patch_size
+        if img_size % p:
+            raise ConfigError(f"img_size={img_size} must be a multiple of the patch size {p}")
+    peak_lr = cfg.lr * cfg.batch_size / cfg.lr_batch_ref if cfg.lr_batch_ref > 0 else cfg.lr
+    log = ctx.log if is_main() else (lambda _msg: None)
+
+    model.to(device)
+    optimizer = create_optimizer_v2(list(groups), opt="adamw", lr=peak_lr, weight_decay=0.0)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            label_smoothing=cfg.smoothing,
+            num_classes=len(train.class_names),
+        )
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    meta = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": epochs}
+    state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
+    path = Path(ctx.work_dir) / CHECKPOINT
+    resumed_at = None
+    if path.is_file():
+        state = load_checkpoint(path, model, optimizer, ema, scaler, meta)
+        resumed_at = state["global_step"]
+        log(f"finetune: resuming {path} at epoch {state['epoch']} step {state['step']}")
+
+    def save(epoch: int, step: int) -> None:
+        if is_main():
+            obj = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.module.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict(),
+                "state": {**state, "epoch": epoch, "step": step},
+                "meta": meta,
+            }
+            atomic_write(path, lambda p: torch.save(obj, p))
+        barrier()
+
+    workers = num_workers(cfg.num_workers, device)
+    train_ds = TrainImages(train, train_transform(cfg, img_size))
+    eval_tf = EvalTransform(img_size, int(img_size / cfg.crop_pct), cfg.eval_interpolation)
+    net = model
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    log(
+        f"finetune: {len(train)} train / {len(val)} val images, {img_size}px, {epochs} epochs x "
+        f"{steps_per_epoch} steps, batch {cfg.batch_size} ({world_size} x {cfg.accum_steps} x "
+        f"{micro}), peak lr {peak_lr:.3g}, {device}, {precision}, {workers} loader workers"
+    )
+
+    for epoch in range(state["epoch"], epochs):
+        model.train()
+        order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
+        sampler = MicroBatches(order, state["step"], cfg.seed, epoch, world_size, cfg.accum_steps)
+        loader = torch.utils.data.DataLoader(
+            train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
+        )
+        batches = iter(loader)
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for step in range(state["step"], steps_per_epoch):
+            scheduler.step_update(state["global_step"])
+            seed_all(derive_seed(cfg.seed, epoch, step, rank, 0x57E9))
+            for a in range(cfg.accum_steps):
+                x, y = next(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                target = y
+                if mixup is not None:
+                    x, target = mixup(x, y)
+                sync = a == cfg.accum_steps - 1 or world_size == 1
+                try:
+                    with (contextlib.nullcontext() if sync else net.no_sync()):
+                        with autocast(device, precision):
+                            loss = criterion(net(x), target) / cfg.accum_steps
+                        scaler.scale(loss).backward()
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    del exc
+                    optimizer.zero_grad(set_to_none=True)
+                    fit_b = largest_fitting_batch(model, micro, img_size, device, precision)
+                    raise oom_error(cfg, micro, fit_b, world_size, device) from None
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"fine-tuning loss is {loss.item()} at epoch {epoch} step {step}; "
+                        "lower lr, set clip_grad, or use precision=fp32"
+                    )
+                loss_sum += loss.item()
+                seen += len(y)
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            if ema is not None:
+                ema.update(model, step=state["global_step"])
+            due = cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0
+            if due and step + 1 < steps_per_epoch:
+                save(epoch, step + 1)
+        elapsed = time.perf_counter() - started
+        row = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(1, steps_per_epoch - state["step"]),
+            "lr": optimizer.param_groups[-1]["lr"],
+            "train_images_per_s": seen * world_size / max(elapsed, 1e-9),
+        }
+        state["step"] = 0
+        if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == epochs:
+            evargs = (val, eval_tf, device, precision, cfg.eval_batch_size, workers)
+            row.update(evaluate(model, *evargs))
+            if ema is not None:
+                row.update({f"ema_{k}": v for k, v in evaluate(ema.module, *evargs).items()})
+        state["history"].append(row)
+        msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+        log(f"finetune: epoch {epoch + 1}/{epochs} {msg}")
+        save(epoch + 1, 0)
+
+    metrics = _summarise(state["history"], cfg.report, ema is not None)
+    extra = {
+        "history": state["history"],
+        "leaderboard_epoch": cfg.report,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "peak_lr": peak_lr,
+        "micro_batch": micro,
+        "world_size": world_size,
+        "img_size": img_size,
+        "device": str(device),
+        "precision": precision,
+        "train_size": len(train),
+        "val_size": len(val),
+        "resumed_at_step": resumed_at,
+        "checkpoint": str(path),
+        "param_groups": [
+            {k: g[k] for k in ("layer_id", "lr_scale", "weight_decay")} | {"n": len(g["params"])}
+            for g in groups
+        ],
+    }
+    return metrics, extra
+
+
+def load_checkpoint(path: Path, model, optimizer, ema, scaler, meta: dict) -> dict:
+    """Restore a fine-tuning checkpoint in place; returns its run state."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read the fine-tuning checkpoint {path}: {exc}. Delete it to start over."
+        ) from exc
+    if obj.get("meta") != meta:
+        raise CheckpointError(
+            f"the fine-tuning checkpoint {path} is from another schedule ({obj.get('meta')} vs "
+            f"{meta}); delete it (or its folder) to start over."
+        )
+    model.load_state_dict(obj["model"])
+    optimizer.load_state_dict(obj["optimizer"])
+    scaler.load_state_dict(obj["scaler"])
+    if ema is not None:
+        if obj.get("ema") is None:
+            raise CheckpointError(f"{path} has no EMA weights but ema=true; delete it to start over")
+        ema.module.load_state_dict(obj["ema"])
+    return obj["state"]

@@ -1,0 +1,144 @@
+"""Semi-supervised fine-tuning on 1% / 10% of the labels (ibot-protocols.md §2 "Semi-supervised").
+
+End-to-end fine-tuning on a label subset of the training split, tested on the full val
+split. The subset is the SimCLRv2 image list ``split_file`` or, without one, the same
+per-class draw the frozen ``semi`` task uses
+(:func:`ibot_bench.data.subsets.per_class_fraction`, seeded by ``subset_seed`` so that
+training ``seeds`` do not change the labels).
+
+- ``from_head=true`` (the paper's best 10% protocol): keep the first layer of the iBOT
+  projection head, ``Linear(D, 2048) + GELU``, loaded from the checkpoint's head, and add a
+  new ``Linear(2048, C)`` — the reference's ``--finetune_head_layer 1``. An encoder without
+  a head cannot run it: an error by default, or with ``if_no_head=skip`` a record that
+  says "not applicable" and has no metrics (never a silent switch to the other variant).
+- ``from_head=false``: a new ``Linear(D, C)`` on the CLS token.
+
+Recipe (the reference's DeiT-based script): AdamW, lr ``5e-6 x batch_size / 512``, wd 0.05,
+1000 epochs, 5 warm-up epochs, EMA 0.99996, drop-path 0.1, no layer decay, and DeiT's
+augmentation (RandAugment, mixup 0.8, cutmix 1.0, smoothing 0.1, erasing 0.25). Our
+schedule is per step with ``min_lr`` 1e-6 (DeiT's 1e-5 floor exceeds the peak lr at
+small batches); DeiT's repeated augmentation is not used.
+
+Protocols: ``semi-ft-head-{1,10}pct`` and ``semi-ft-{1,10}pct`` (plus ``-best`` with
+``report=best``); the frozen ``semi`` task's protocols are separate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from downstream.finetune import (
+    FinetuneConfig,
+    FinetuneModel,
+    param_groups,
+    resolve_recipe,
+    set_drop_path,
+)
+from downstream.finetune_engine import fit
+from ibot_bench.data import ClassificationSplit, load_split, parse_spec
+from ibot_bench.data.subsets import per_class_fraction, read_split_file
+from ibot_bench.encoders import Encoder, build_head, load_encoder
+from ibot_bench.errors import CheckpointError, ConfigError
+from ibot_bench.tasks import TaskContext, TaskOutput, register_task
+
+
+@dataclass
+class SemiFinetuneConfig(FinetuneConfig):
+    """Settings of ``semi-finetune``: the fine-tuning fields with the semi recipe's defaults."""
+
+    fraction: float = 0.1  # 0.01 or 0.1; names the protocol
+    split_file: str | None = None  # SimCLRv2 1percent.txt / 10percent.txt
+    subset_seed: int = 0
+    from_head: bool = True  # keep the projection head's first layer
+    if_no_head: str = "error"  # error | skip (record "not applicable") when from_head and no head
+    epochs: int | None = 1000
+    layer_decay: float | None = 1.0
+    drop_path: float | None = 0.1
+    lr: float = 5.0e-6
+    lr_batch_ref: int = 512
+    warmup_epochs: int = 5
+    head_init_scale: float = 1.0
+    eval_interpolation: str = "bicubic"
+    ema: bool = True
+    ema_decay: float = 0.99996
+
+
+def protocol_name(cfg: SemiFinetuneConfig) -> str:
+    """``semi-ft-head-10pct``, ``semi-ft-1pct``, ``...-best`` with report=best."""
+    head = "-head" if cfg.from_head else ""
+    best = "-best" if cfg.report == "best" else ""
+    return f"semi-ft{head}-{round(100 * cfg.fraction, 6):g}pct{best}"
+
+
+def label_subset(train: ClassificationSplit, cfg: SemiFinetuneConfig) -> ClassificationSplit:
+    """The labelled part of ``train``: a split file's images or ``fraction`` of each class."""
+    if not 0 < cfg.fraction <= 1:
+        raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
+    if cfg.split_file:
+        rows = read_split_file(cfg.split_file, train.sample_names)
+        return train.subset(rows, f"split_file={cfg.split_file}")
+    rows = per_class_fraction(train.labels, cfg.fraction, cfg.subset_seed, train.class_names)
+    return train.subset(rows, f"fraction={cfg.fraction:g}:seed={cfg.subset_seed}")
+
+
+def head_first_layer(encoder: Encoder) -> tuple[nn.Module, int]:
+    """The projection head's first Linear (+ GELU when more layers follow) and its width."""
+    if encoder.head_state is None:
+        raise CheckpointError(
+            f"{encoder.info.spec} has no iBOT/DINO projection head, so semi-finetune with "
+            "from_head=true is not applicable. Use a full iBOT checkpoint (with 'teacher' or "
+            "'student' head weights), run from_head=false, or set if_no_head=skip."
+        )
+    mlp = build_head(encoder.head_state).mlp
+    first = mlp[0]
+    layers = [first, nn.GELU()] if len(mlp) > 1 else [first]
+    return nn.Sequential(*layers), first.out_features
+
+
+def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[str, float], dict]:
+    _, _, options = parse_spec(ctx.data_spec)
+    if {"fraction", "split_file"} & set(options):
+        raise ConfigError(
+            f"semi-finetune draws its own label subset: remove fraction/split_file from the "
+            f"dataset spec {ctx.data_spec!r} and set them as task keys (fraction=0.01)"
+        )
+    if cfg.if_no_head not in ("error", "skip"):
+        raise ConfigError(f"if_no_head must be 'error' or 'skip', got {cfg.if_no_head!r}")
+    full = load_split(ctx.data_spec, "train")
+    train, val = label_subset(full, cfg), load_split(ctx.data_spec, "val")
+    encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
+    recipe = resolve_recipe(cfg, encoder)
+    proj, proj_dim = None, None
+    if cfg.from_head:
+        if encoder.head_state is None and cfg.if_no_head == "skip":
+            reason = f"{ctx.encoder_spec} has no projection head"
+            ctx.log(f"semi-finetune: not applicable ({reason})")
+            return {}, {"applicable": False, "reason": reason}
+        proj, proj_dim = head_first_layer(encoder)
+    backbone = encoder.model
+    set_drop_path(backbone, recipe.drop_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = FinetuneModel(
+            backbone, len(full.class_names), cfg.pool, proj, proj_dim, cfg.head_init_scale
+        )
+    groups = param_groups(model, cfg.weight_decay, recipe.layer_decay)
+    metrics, extra = fit(ctx, model, groups, train, val, cfg, recipe.epochs)
+    extra.update(
+        applicable=True,
+        recipe=recipe.__dict__,
+        subset=train.meta.get("subset"),
+        subset_size=len(train),
+        full_train_size=len(full),
+    )
+    return metrics, extra
+
+
+@register_task("semi-finetune", SemiFinetuneConfig, frozen=False)
+def semi_finetune(ctx: TaskContext, cfg: SemiFinetuneConfig) -> TaskOutput:
+    """End-to-end fine-tuning on 1% / 10% of labels, from the projection head or not (§2)."""
+    metrics, extra = semi_finetune_eval(ctx, cfg)
+    return TaskOutput(metrics=metrics, protocol=protocol_name(cfg), extra=extra)

@@ -1,0 +1,177 @@
+"""Suites: many (task, dataset, config) entries over several encoders, resumable.
+
+A suite is a YAML file in ``configs/suites/`` (or any path) validated against
+:class:`SuiteConfig`. The runner skips every evaluation whose record already exists
+(same task, encoder fingerprint, dataset fingerprint and protocol hash) before any model
+is loaded, keeps going when one fails, and finishes with the leaderboard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ibot_bench.config import load_config, save_config
+from ibot_bench.errors import ConfigError, NotApplicableError, UserError
+from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
+from ibot_bench.io import atomic_write_text
+from ibot_bench.records import read_records
+from ibot_bench.registry import Registry
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class SuiteDataset:
+    spec: str  # may use ${data_root}
+    group: str = ""  # comparability group for leaderboards (default: the spec)
+
+
+@dataclass
+class SuiteEntry:
+    task: str
+    dataset: str  # a key of SuiteConfig.datasets
+    config: str | None = None  # task YAML, relative to configs/ or absolute
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SuiteConfig:
+    name: str = "suite"
+    description: str = ""
+    data_root: str = "data"
+    encoders: list[str] = field(default_factory=list)  # used when --encoder is not given
+    pretrain: str | None = None  # pretrain config to make an encoder when none is given
+    datasets: dict[str, SuiteDataset] = field(default_factory=dict)
+    entries: list[SuiteEntry] = field(default_factory=list)
+
+
+SUITES: Registry[Path] = Registry("suite")
+for _path in sorted((CONFIG_ROOT / "suites").glob("*.yaml")):
+    SUITES.add(_path.stem, _path, OmegaConf.load(_path).get("description", ""))
+
+
+def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
+    """A registered suite name or a YAML path -> validated, interpolated config."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = SUITES.get(name_or_path)
+    cfg = load_config(SuiteConfig, path, overrides)
+    for entry in cfg.entries:
+        if entry.dataset not in cfg.datasets:
+            raise ConfigError(
+                f"suite {path.name}: entry {entry.task!r} names dataset {entry.dataset!r}, "
+                f"not one of {sorted(cfg.datasets)}"
+            )
+    return cfg
+
+
+def config_path(entry: SuiteEntry) -> Path | None:
+    if entry.config is None:
+        return None
+    path = Path(entry.config)
+    return path if path.is_absolute() or path.is_file() else CONFIG_ROOT / path
+
+
+def missing_data(spec: str) -> str | None:
+    """Why a dataset spec's files are absent (expected path), or None if it looks present."""
+    scheme, _, body = spec.partition(":")
+    body = body.partition("?")[0]
+    if scheme in ("imagefolder", "coco", "ade20k") and not Path(body).is_dir():
+        return f"{spec}: expected a {scheme} folder at {body}"
+    return None
+
+
+@dataclass
+class Outcome:
+    encoder: str
+    task: str
+    dataset: str
+    status: str  # done | skipped (exists) | failed | n/a | missing data
+    message: str = ""
+    seconds: float = 0.0
+
+
+def plan_suite(
+    cfg: SuiteConfig, encoders: Sequence[str], tasks: Sequence[str] | None = None
+) -> list[tuple[EvalPlan | None, SuiteEntry, str, str]]:
+    """(plan or None if invalid, entry, encoder, error) for every encoder x entry."""
+    known = sorted({e.task for e in cfg.entries})
+    unknown = sorted(set(tasks or ()) - set(known))
+    if unknown:
+        raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
+    plans = []
+    for encoder in encoders:
+        for entry in cfg.entries:
+            if tasks and entry.task not in tasks:
+                continue
+            spec = cfg.datasets[entry.dataset].spec
+            try:
+                plan = plan_eval(entry.task, encoder, spec, config_path(entry), entry.overrides)
+                plans.append((plan, entry, encoder, ""))
+            except UserError as exc:
+                plans.append((None, entry, encoder, str(exc)))
+    return plans
+
+
+def run_suite(
+    cfg: SuiteConfig,
+    encoders: Sequence[str],
+    output_dir: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    force: bool = False,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Outcome]:
+    """Run every (encoder, entry) not already recorded; one failure never stops the rest."""
+    output_dir = Path(output_dir)
+    save_config(cfg, output_dir, "suite.yaml")
+    done_keys = {record_key(r) for r in read_records(output_dir)[0]}
+    outcomes: list[Outcome] = []
+    planned = plan_suite(cfg, encoders, tasks)
+    for i, (plan, entry, encoder, error) in enumerate(planned, 1):
+        ds = cfg.datasets[entry.dataset]
+        outcome = Outcome(encoder, entry.task, entry.dataset, "failed", error)
+        prefix = f"[{i}/{len(planned)}] {entry.task} on {entry.dataset} with {encoder}"
+        start = time.perf_counter()
+        try:
+            if plan is None:
+                raise UserError(error)
+            if missing := missing_data(ds.spec):
+                outcome.status, outcome.message = "missing data", missing
+            elif not force and plan.resume_key() in done_keys:
+                outcome.status = "skipped (exists)"
+            else:
+                log(f"{prefix}: running")
+                record = execute(
+                    plan,
+                    output_dir=output_dir,
+                    cache_dir=cache_dir,
+                    dataset_group=ds.group,
+                    log=log,
+                )
+                done_keys.add(record_key(record))
+                outcome.status = "done"
+        except NotApplicableError as exc:
+            outcome.status, outcome.message = "n/a", str(exc)
+        except UserError as exc:
+            outcome.message = str(exc)
+        except Exception as exc:  # one broken evaluation must not lose the others
+            outcome.message = f"{type(exc).__name__}: {exc}"
+            (output_dir / "errors").mkdir(parents=True, exist_ok=True)
+            name = f"{entry.task}__{entry.dataset}__{i}.txt"
+            (output_dir / "errors" / name).write_text(traceback.format_exc())
+        outcome.seconds = time.perf_counter() - start
+        log(f"{prefix}: {outcome.status}{' - ' + outcome.message if outcome.message else ''}")
+        outcomes.append(outcome)
+    text = json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2)
+    atomic_write_text(output_dir / "outcomes.json", text)
+    return outcomes

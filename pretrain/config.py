@@ -1,0 +1,242 @@
+"""Typed schema of a pretraining run (``configs/pretrain/*.yaml`` + ``key=value`` overrides).
+
+Defaults are the iBOT reference defaults (ibot-protocols.md §1.3-§1.7); the README's
+ViT-S/16 command lives in ``configs/pretrain/vit_small_in1k.yaml``. :func:`validate`
+rejects inconsistent settings before anything is built or trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ibot_bench.encoders.vit import VIT_ARCHS, ViTConfig, parse_vit_arch
+from ibot_bench.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (§1.1). ``arch`` is a ViT name, or ``custom`` with embed_dim/depth/num_heads."""
+
+    arch: str = "vit_small"
+    patch_size: int = 16
+    embed_dim: int = 0  # custom only
+    depth: int = 0  # custom only
+    num_heads: int = 0  # custom only
+    drop_path: float = 0.1  # student only; the teacher has none (§1.1)
+
+
+@dataclass
+class HeadConfig:
+    """iBOT projection head (§1.3)."""
+
+    out_dim: int = 8192
+    patch_out_dim: int = 8192
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    shared_head: bool = True
+    shared_head_teacher: bool = True
+    norm_last_layer: bool = True
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop augmentation (§1.4). Size / probability lists hold one value or one per crop."""
+
+    global_number: int = 2
+    global_size: list[int] = field(default_factory=lambda: [224])
+    global_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
+    global_blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    global_solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    local_number: int = 0
+    local_size: list[int] = field(default_factory=lambda: [96])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_blur_p: list[float] = field(default_factory=lambda: [0.5])
+    local_solarize_p: list[float] = field(default_factory=lambda: [0.0])
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    grayscale_p: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+
+
+@dataclass
+class MaskConfig:
+    """Block-wise masking of the global crops (§1.5)."""
+
+    pred_ratio: list[float] = field(default_factory=lambda: [0.3])
+    pred_ratio_var: list[float] = field(default_factory=lambda: [0.0])
+    pred_shape: str = "block"  # block | rand
+    pred_aspect_ratio: list[float] = field(default_factory=lambda: [0.3, 1 / 0.3])
+    pred_start_epoch: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Loss, temperatures, centering (§1.6)."""
+
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    center_momentum2: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, schedules, EMA, clipping (§1.7). ``lr`` is per 256 images of global batch."""
+
+    epochs: int = 100
+    batch_size: int = 1024  # global, over all ranks
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    clip_grad: float = 3.0
+    freeze_last_layer: int = 1
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run."""
+
+    data: str = "synthetic:shapes"
+    output_dir: str = "results/pretrain"
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"
+    num_workers: int = -1  # -1: auto (0 on small CPU machines)
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    save_every_iters: int = 0  # checkpoint.pth every N iterations (0: only per epoch)
+    saveckp_freq: int = 0  # snapshot checkpointNNNN.pth every K epochs (0: none)
+    save_init: bool = True  # write checkpoint_init.pth (the random init) before training
+    log_every: int = 1
+    eval_clusters: bool = True  # per-epoch NMI/ARI/FMI of the teacher CLS argmax vs labels
+    tensorboard: bool = False
+    compile: bool = False
+    progress: bool = True
+    max_iters: int = 0  # stop (after a checkpoint) once this many iterations are done
+    time_limit_min: float = 0.0  # stop (after a checkpoint) after this many minutes
+
+
+def vit_config(model: ModelConfig, img_size: int) -> ViTConfig:
+    """The backbone shape; ``img_size`` (the first global crop size) sets the pos-embed grid."""
+    if model.arch == "custom":
+        if min(model.embed_dim, model.depth, model.num_heads) <= 0:
+            raise ConfigError(
+                "model.arch=custom needs model.embed_dim, model.depth and model.num_heads > 0"
+            )
+        if model.embed_dim % model.num_heads:
+            raise ConfigError(
+                f"model.embed_dim={model.embed_dim} is not divisible by "
+                f"model.num_heads={model.num_heads}"
+            )
+        return ViTConfig(
+            model.embed_dim, model.depth, model.num_heads, model.patch_size, img_size=img_size
+        )
+    if model.arch not in VIT_ARCHS:
+        raise ConfigError(
+            f"model.arch={model.arch!r} unknown; use one of {', '.join(VIT_ARCHS)} or custom"
+        )
+    base = parse_vit_arch(model.arch)
+    return ViTConfig(base.embed_dim, base.depth, base.num_heads, model.patch_size, img_size)
+
+
+def per_crop(values: list[Any], number: int, key: str) -> list[Any]:
+    """Expand a one-value list to ``number`` crops; a list of the wrong length is an error."""
+    values = list(values)
+    if len(values) == number or (len(values) == 1 and number > 0):
+        return values * number if len(values) == 1 else values
+    if number == 0:
+        return []
+    raise ConfigError(
+        f"crops.{key} has {len(values)} values for {number} crops: give one value for all "
+        f"crops or exactly {number} (e.g. crops.{key}=[{', '.join(map(str, values[:1] * number))}])"
+    )
+
+
+def _check_pair(values: list[float], key: str) -> None:
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise ConfigError(f"{key} must be [low, high] with 0 < low <= high, got {list(values)}")
+
+
+def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
+    """Every input error we can see before building anything (issue 3, "Bad input")."""
+    c, o, m = cfg.crops, cfg.optim, cfg.mask
+    if c.global_number < 1:
+        raise ConfigError("crops.global_number must be >= 1 (the teacher needs a global crop)")
+    if c.global_number + c.local_number < 2:
+        raise ConfigError(
+            "iBOT needs at least 2 views (CLS pairs of different views): raise "
+            "crops.global_number or crops.local_number"
+        )
+    sizes = per_crop(c.global_size, c.global_number, "global_size")
+    sizes += per_crop(c.local_size, c.local_number, "local_size")
+    for key, number in (
+        ("global_blur_p", c.global_number),
+        ("global_solarize_p", c.global_number),
+        ("local_blur_p", c.local_number),
+        ("local_solarize_p", c.local_number),
+    ):
+        per_crop(getattr(c, key), number, key)
+    for key in ("global_scale", "local_scale", "blur_sigma"):
+        _check_pair(getattr(c, key), f"crops.{key}")
+    patch = cfg.model.patch_size
+    for size in sizes:
+        if size <= 0 or size % patch:
+            raise ConfigError(
+                f"crop size {size} is not divisible by model.patch_size={patch}; choose crop "
+                f"sizes that are multiples of {patch}"
+            )
+    vit_config(cfg.model, sizes[0])
+    if o.batch_size <= 0 or o.batch_size % world_size:
+        raise ConfigError(
+            f"optim.batch_size={o.batch_size} (global) is not divisible by the world size "
+            f"{world_size}; use a multiple of {world_size}"
+        )
+    if o.epochs <= 0:
+        raise ConfigError("optim.epochs must be >= 1")
+    if len(m.pred_ratio) != len(m.pred_ratio_var) or not m.pred_ratio:
+        raise ConfigError(
+            "mask.pred_ratio and mask.pred_ratio_var must be lists of the same length"
+        )
+    for r, v in zip(m.pred_ratio, m.pred_ratio_var):
+        if not (0 <= v <= r and r + v < 1):
+            raise ConfigError(
+                f"mask ratio {r} +- {v} is invalid: need 0 <= var <= ratio and ratio + var < 1"
+            )
+    if m.pred_shape not in ("block", "rand"):
+        raise ConfigError(f"mask.pred_shape={m.pred_shape!r}: use block or rand")
+    _check_pair(m.pred_aspect_ratio, "mask.pred_aspect_ratio")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"precision={cfg.precision!r}: use auto, bf16, fp16 or fp32")
+    if cfg.head.out_dim <= 0 or cfg.head.patch_out_dim <= 0:
+        raise ConfigError("head.out_dim and head.patch_out_dim must be > 0")
+    if cfg.head.shared_head and cfg.head.out_dim != cfg.head.patch_out_dim:
+        raise ConfigError(
+            "head.shared_head=true uses one last layer for CLS and patches, so head.out_dim "
+            f"({cfg.head.out_dim}) must equal head.patch_out_dim ({cfg.head.patch_out_dim})"
+        )
+
+
+def crop_sizes(cfg: PretrainConfig) -> tuple[list[int], list[int]]:
+    """(global sizes, local sizes), one per crop."""
+    c = cfg.crops
+    return (
+        per_crop(c.global_size, c.global_number, "global_size"),
+        per_crop(c.local_size, c.local_number, "local_size"),
+    )

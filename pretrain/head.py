@@ -1,0 +1,86 @@
+"""The trainable iBOT projection head (ibot-protocols.md §1.3).
+
+Extends :class:`ibot_bench.encoders.head.ProjectionHead` (MLP -> L2-norm -> last layer)
+with weight-normalised last layers whose parameters carry the official checkpoint names
+``last_layer.weight_g`` / ``last_layer.weight_v`` (and ``last_layer2.*``), so the
+foundation's ``ibot:`` loader and the reference scripts read our checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ibot_bench.encoders.head import ProjectionHead
+
+
+class WeightNormLinear(nn.Module):
+    """``Linear(bias=False)`` with weight = g * v / ||v|| per output row.
+
+    Hand-written rather than ``torch.nn.utils.weight_norm`` (deprecated) or its
+    parametrization (which renames the parameters): the state-dict keys must stay
+    ``weight_g`` (out, 1) and ``weight_v`` (out, in) as in official iBOT checkpoints.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default init
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class IbotHead(ProjectionHead):
+    """3-layer MLP (D -> hidden -> hidden -> bottleneck, GELU), L2-normalised bottleneck,
+    weight-normed ``last_layer`` (CLS, ``out_dim``) and ``last_layer2`` (patches,
+    ``patch_out_dim``); ``shared=True`` makes them one module, saved under both names (§5).
+    ``norm_last_layer=True`` freezes ``weight_g`` at 1."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        patch_out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        shared: bool = True,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__([in_dim, hidden_dim, hidden_dim, bottleneck_dim], out_dim)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer2 = (
+            self.last_layer if shared else WeightNormLinear(bottleneck_dim, patch_out_dim)
+        )
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad_(False)
+            self.last_layer2.weight_g.requires_grad_(False)
+
+    def forward_tokens(
+        self, cls: torch.Tensor, patches: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(CLS logits, patch logits) of (..., D) CLS features and (..., D) patch tokens; the
+        MLP runs once over both when the last layer is shared."""
+        if patches is None:
+            return self.last_layer(self.embed(cls)), None
+        if self.last_layer2 is self.last_layer:
+            flat = torch.cat([cls.reshape(-1, cls.shape[-1]), patches.reshape(-1, cls.shape[-1])])
+            out = self.last_layer(self.embed(flat))
+            n = cls.numel() // cls.shape[-1]
+            return (
+                out[:n].reshape(*cls.shape[:-1], -1),
+                out[n:].reshape(*patches.shape[:-1], -1),
+            )
+        return self.last_layer(self.embed(cls)), self.last_layer2(self.embed(patches))

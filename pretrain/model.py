@@ -1,0 +1,195 @@
+"""Masked ViT backbone and the student / teacher networks (ibot-protocols.md §1.1-§1.3).
+
+The backbone is timm's ViT (via :class:`IbotVisionTransformer`: patch embed, blocks, norm,
+DINO's pos-embed interpolation) plus the student's ``masked_embed`` token. Networks talk to
+the backbone only through :class:`MaskableBackbone`, so a Swin can be added behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ibot_bench.encoders.vit import IbotVisionTransformer, ViTConfig
+from pretrain.head import IbotHead
+
+
+class MaskableBackbone(Protocol):
+    """What the iBOT networks need from a backbone."""
+
+    embed_dim: int
+
+    def forward_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
+class MaskedVisionTransformer(IbotVisionTransformer):
+    """iBOT ViT with BEiT-style masking (§1.2): masked patch embeddings are replaced by the
+    learnable, zero-initialised ``masked_embed`` right after the patch conv, *before* the
+    CLS token and position embeddings are added; the student sees the full sequence."""
+
+    def __init__(self, *args: Any, masked_embed: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.masked_embed = (
+            nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_embed else None
+        )
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm tokens (B, 1 + N, D); ``mask`` is bool (B, H/p, W/p), True = masked."""
+        x = self.patch_embed(x)  # (B, H, W, D): dynamic_img_size keeps the grid
+        if mask is not None:
+            if self.masked_embed is None:
+                raise RuntimeError("this backbone has no masked_embed (a teacher?)")
+            x = torch.where(mask.unsqueeze(-1), self.masked_embed.to(x.dtype), x)
+        x = self._pos_embed(x)
+        x = self.norm_pre(self.patch_drop(x))
+        x = self.blocks(x)
+        return self.norm(x)
+
+
+def build_backbone(
+    cfg: ViTConfig, drop_path: float = 0.0, masked_embed: bool = True
+) -> MaskedVisionTransformer:
+    """Same shape arguments as :func:`ibot_bench.encoders.vit.build_vit`; drop-path rises
+    linearly 0 -> ``drop_path`` over depth (§1.1, timm's rule)."""
+    return MaskedVisionTransformer(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+        drop_path_rate=drop_path,
+        masked_embed=masked_embed,
+    )
+
+
+def size_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive crops with the same size: each run is one forward."""
+    groups, start = [], 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+@dataclass
+class StudentOutput:
+    cls: list[torch.Tensor]  # per view (B, out_dim), global views first
+    patch: list[torch.Tensor]  # per global view, logits of its masked tokens (M_v, patch_out_dim)
+
+
+@dataclass
+class TeacherOutput:
+    cls: list[torch.Tensor]  # per global view (B, out_dim)
+    patch: list[torch.Tensor]  # per global view (B, N, patch_out_dim)
+
+
+class IbotStudent(nn.Module):
+    """Backbone + head over all crops in one call (one DDP forward per step).
+
+    Global crops are masked and give CLS logits plus patch logits of the masked tokens
+    (the only ones the MIM loss reads); local crops are unmasked and only their CLS goes
+    through the head (the reference projects every local token and discards them, §6)."""
+
+    def __init__(self, backbone: MaskedVisionTransformer, head: IbotHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(
+        self,
+        global_crops: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        local_crops: list[torch.Tensor],
+    ) -> StudentOutput:
+        cls_out: list[torch.Tensor] = []
+        patch_out: list[torch.Tensor] = []
+        for start, end in size_groups(global_crops):
+            x = torch.cat(global_crops[start:end])
+            m = torch.cat(masks[start:end])
+            tokens = self.backbone.forward_tokens(x, m)
+            flat_mask = m.flatten(1)
+            cls, patch = self.head.forward_tokens(tokens[:, 0], tokens[:, 1:][flat_mask])
+            cls_out += list(cls.chunk(end - start))
+            counts = flat_mask.sum(1).view(end - start, -1).sum(1).tolist()
+            patch_out += list(patch.split(counts))
+        for start, end in size_groups(local_crops):
+            tokens = self.backbone.forward_tokens(torch.cat(local_crops[start:end]))
+            cls, _ = self.head.forward_tokens(tokens[:, 0], None)
+            cls_out += list(cls.chunk(end - start))
+        return StudentOutput(cls_out, patch_out)
+
+
+class IbotTeacher(nn.Module):
+    """Backbone (no ``masked_embed``, no drop-path) + head on the unmasked global crops."""
+
+    def __init__(self, backbone: MaskedVisionTransformer, head: IbotHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, global_crops: list[torch.Tensor]) -> TeacherOutput:
+        cls_out: list[torch.Tensor] = []
+        patch_out: list[torch.Tensor] = []
+        for start, end in size_groups(global_crops):
+            tokens = self.backbone.forward_tokens(torch.cat(global_crops[start:end]))
+            cls, patch = self.head.forward_tokens(tokens[:, 0], tokens[:, 1:])
+            cls_out += list(cls.chunk(end - start))
+            patch_out += list(patch.chunk(end - start))
+        return TeacherOutput(cls_out, patch_out)
+
+
+def build_networks(
+    vit: ViTConfig,
+    *,
+    drop_path: float,
+    out_dim: int,
+    patch_out_dim: int,
+    hidden_dim: int = 2048,
+    bottleneck_dim: int = 256,
+    shared_head: bool = True,
+    shared_head_teacher: bool = True,
+    norm_last_layer: bool = True,
+) -> tuple[IbotStudent, IbotTeacher]:
+    """Student and teacher with identical starting weights on their common parameters
+    (the teacher is loaded from the student, §1.3); the teacher never gets gradients."""
+    head = partial(
+        IbotHead,
+        vit.embed_dim,
+        out_dim,
+        patch_out_dim,
+        hidden_dim,
+        bottleneck_dim,
+        norm_last_layer=norm_last_layer,
+    )
+    student = IbotStudent(build_backbone(vit, drop_path, True), head(shared=shared_head))
+    teacher = IbotTeacher(build_backbone(vit, 0.0, False), head(shared=shared_head_teacher))
+    teacher.load_state_dict(
+        {k: v for k, v in student.state_dict().items() if k in teacher.state_dict()},
+        strict=False,
+    )
+    if not shared_head_teacher and shared_head:  # separate teacher patch layer starts equal
+        teacher.head.last_layer2.load_state_dict(student.head.last_layer.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def common_parameters(
+    student: nn.Module, teacher: nn.Module
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters whose names exist in both networks (EMA pairs, §1.3), in matching order."""
+    teacher_params = dict(teacher.named_parameters())
+    pairs = [(p, teacher_params[n]) for n, p in student.named_parameters() if n in teacher_params]
+    return [s for s, _ in pairs], [t for _, t in pairs]
