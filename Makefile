@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-ENCODER ?= random:vit_tiny_patch8
-DATA ?= synthetic:shapes
-OUT ?= results/quickstart
+SUITE ?= quick
+ENCODER ?=
 
 .PHONY: install run test lint clean
 
@@ -18,12 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job: the `quick` suite on built-in data, leaderboard in results/quick/
 run: $(STAMP)
-	$(BIN)/ibot-bench list
-	$(BIN)/ibot-bench features --encoder $(ENCODER) --data $(DATA) --split val
-	$(BIN)/ibot-bench eval knn --encoder $(ENCODER) --data $(DATA) --output $(OUT)
-	$(BIN)/ibot-bench eval linear --encoder $(ENCODER) --data $(DATA) --output $(OUT)
-	$(BIN)/ibot-bench eval cluster --encoder $(ENCODER) --data $(DATA) --output $(OUT)
+	$(BIN)/ibot-bench run --suite $(SUITE) $(foreach e,$(ENCODER),--encoder $(e))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -245,7 +245,11 @@ class FinetuneModel(nn.Module):
 
 
 def protocol_name(base: str, cfg: FinetuneConfig) -> str:
-    return base + ("-avgpool" if cfg.pool == "mean" else "") + ("-best" if cfg.report == "best" else "")
+    return (
+        base
+        + ("-avgpool" if cfg.pool == "mean" else "")
+        + ("-best" if cfg.report == "best" else "")
+    )
 
 
 def finetune_eval(ctx: TaskContext, cfg: FinetuneConfig) -> tuple[dict[str, float], dict]:

@@ -211,7 +211,11 @@ def oom_error(cfg, micro: int, fit: int, world_size: int, device: torch.device) 
     if fit == 0:
         return UserError(f"{head} Even one image does not fit: use a smaller img_size or model.")
     per_rank = cfg.batch_size // world_size
-    accum = next(a for a in range(cfg.accum_steps, per_rank + 1) if per_rank % a == 0 and per_rank // a <= fit)
+    accum = next(
+        a
+        for a in range(cfg.accum_steps, per_rank + 1)
+        if per_rank % a == 0 and per_rank // a <= fit
+    )
     return UserError(
         f"{head} The largest micro-batch that fit was {fit} images: keep the recipe with "
         f"gradient accumulation, accum_steps={accum} ({per_rank // accum} images per "
@@ -298,7 +302,9 @@ def _summarise(history: list[dict], report: str, ema: bool) -> dict[str, float]:
     if ema:
         ema_best = max(evals, key=lambda h: h["ema_top1"])
         for name, row in (("last", last), ("best", ema_best)):
-            metrics.update({f"ema_{name}_{k}": row[f"ema_{k}"] for k in ("top1", "top5") if f"ema_{k}" in row})
+            metrics.update(
+                {f"ema_{name}_{k}": row[f"ema_{k}"] for k in ("top1", "top5") if f"ema_{k}" in row}
+            )
     return metrics
 
 
@@ -406,7 +412,7 @@ def fit(
     for epoch in range(state["epoch"], epochs):
         model.train()
         order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
-        sampler = MicroBatches(order, state["step"], cfg.seed, epoch, world_size, cfg.accum_steps)
+        sampler = MicroBatches(order, 0, cfg.seed, epoch, world_size, cfg.accum_steps)
         loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
         )
@@ -423,7 +429,7 @@ def fit(
                     x, target = mixup(x, y)
                 sync = a == cfg.accum_steps - 1 or world_size == 1
                 try:
-                    with (contextlib.nullcontext() if sync else net.no_sync()):
+                    with contextlib.nullcontext() if sync else net.no_sync():
                         with autocast(device, precision):
                             loss = criterion(net(x), target) / cfg.accum_steps
                         scaler.scale(loss).backward()
@@ -513,6 +519,8 @@ def load_checkpoint(path: Path, model, optimizer, ema, scaler, meta: dict) -> di
     scaler.load_state_dict(obj["scaler"])
     if ema is not None:
         if obj.get("ema") is None:
-            raise CheckpointError(f"{path} has no EMA weights but ema=true; delete it to start over")
+            raise CheckpointError(
+                f"{path} has no EMA weights but ema=true; delete it to start over"
+            )
         ema.module.load_state_dict(obj["ema"])
     return obj["state"]

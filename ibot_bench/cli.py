@@ -23,6 +23,7 @@ EXAMPLES = {
     "version": "ibot-bench version",
     "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small",
     "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
+    "pretrain": "ibot-bench pretrain --config configs/pretrain/quick.yaml output_dir=out/quick",
 }
 
 
@@ -103,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         help="key=value config overrides, e.g. features.img_size=64 seeds=[0,1,2]",
+    )
+
+    pre = add("pretrain", "pretrain iBOT (single process, or DDP under torchrun)")
+    pre.add_argument("--config", required=True, help="run config YAML (configs/pretrain/*.yaml)")
+    pre.add_argument(
+        "--resume", default=None, help="checkpoint to resume (default: OUTPUT/checkpoint.pth)"
+    )
+    pre.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10 output_dir=out"
     )
     return parser
 
@@ -280,6 +290,20 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(html)
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from ibot_bench.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.train import pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    summary = pretrain(cfg, resume=args.resume)
+    state = "stopped early" if summary["stopped_early"] else "done"
+    print(f"pretrain {state}: {summary['epochs_done']} epoch(s) in {summary['wall_s']:.0f}s")
+    out = summary["output_dir"]
+    print(f"  checkpoint  {out}/checkpoint.pth")
+    print(f"  evaluate    ibot-bench eval knn --encoder ibot:{out}/checkpoint.pth --data ...")
+
+
 COMMANDS = {
     "run": _cmd_run,
     "report": _cmd_report,
@@ -288,6 +312,7 @@ COMMANDS = {
     "data": _cmd_data,
     "features": _cmd_features,
     "eval": _cmd_eval,
+    "pretrain": _cmd_pretrain,
 }
 
 
@@ -296,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options (argparse stops at the first)
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
-    if args.command != "eval" or len(overrides) != len(extra):
+    if args.command not in ("eval", "pretrain") or len(overrides) != len(extra):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     else:

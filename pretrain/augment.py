@@ -103,7 +103,9 @@ class MaskedMultiCrop(Dataset):
         rng = random.Random(s)
         n_global = len(self.augment.global_views)
         masks = [
-            self.masks(rng, (v.shape[-2] // self.patch_size, v.shape[-1] // self.patch_size), self.epoch)
+            self.masks(
+                rng, (v.shape[-2] // self.patch_size, v.shape[-1] // self.patch_size), self.epoch
+            )
             for v in views[:n_global]
         ]
         return views, masks, int(self.data.labels[index])

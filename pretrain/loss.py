@@ -99,6 +99,4 @@ class IbotLoss(nn.Module):
         n = len(cls) * world_size
         cls_center, patch_center = sums[: cls.shape[1]] / n, sums[cls.shape[1] :] / n
         self.center.mul_(self.center_momentum).add_(cls_center, alpha=1 - self.center_momentum)
-        self.center2.mul_(self.center_momentum2).add_(
-            patch_center, alpha=1 - self.center_momentum2
-        )
+        self.center2.mul_(self.center_momentum2).add_(patch_center, alpha=1 - self.center_momentum2)

@@ -21,6 +21,25 @@ def sample_ratio(rng: random.Random, ratios: Sequence[float], variances: Sequenc
     return drawn[0] if len(drawn) == 1 else rng.choice(drawn)
 
 
+def draw_block(
+    rng: random.Random,
+    height: int,
+    width: int,
+    remaining: float,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> tuple[int, int, int, int] | None:
+    """One candidate rectangle (top, left, h, w): area ~ U((min(H, W) // 3)^2, remaining),
+    aspect exp(U(ln a0, ln a1)), sides rounded; None unless strictly smaller than the grid."""
+    low = (min(height, width) // 3) ** 2
+    area = rng.uniform(low, remaining)
+    ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
+    h = int(round(math.sqrt(area * ratio)))
+    w = int(round(math.sqrt(area / ratio)))
+    if not (w < width and h < height):
+        return None
+    return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+
+
 def block_mask(
     rng: random.Random,
     height: int,
@@ -32,26 +51,19 @@ def block_mask(
     """BEiT/iBOT block masking on an ``height x width`` grid with ``target`` = ratio * H * W.
 
     While fewer than ``target`` cells are masked, up to ``attempts`` rectangles are tried
-    with area ~ U((min(H, W) // 3)^2, remaining), aspect exp(U(ln a0, ln a1)), side lengths
-    rounded; a rectangle must be strictly smaller than the grid and may add only between 1
-    and ``remaining`` new cells. The loop stops when a round of attempts adds nothing, so
-    the count never exceeds ``target`` and may fall short of it (§1.5, §5).
+    (:func:`draw_block`); a rectangle may add only between 1 and ``remaining`` new cells.
+    The loop stops when a round of attempts adds nothing, so the count never exceeds
+    ``target`` and may fall short of it (§1.5, §5).
     """
     mask = torch.zeros(height, width, dtype=torch.bool)
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-    low = (min(height, width) // 3) ** 2
     count = 0
     while count < target:
         remaining = target - count
         delta = 0
         for _ in range(attempts):
-            area = rng.uniform(low, remaining)
-            ratio = math.exp(rng.uniform(log_lo, log_hi))
-            h = int(round(math.sqrt(area * ratio)))
-            w = int(round(math.sqrt(area / ratio)))
-            if w < width and h < height:
-                top = rng.randint(0, height - h)
-                left = rng.randint(0, width - w)
+            block = draw_block(rng, height, width, remaining, aspect)
+            if block is not None:
+                top, left, h, w = block
                 window = mask[top : top + h, left : left + w]
                 new = h * w - int(window.sum())
                 if 0 < new <= remaining:

@@ -23,9 +23,7 @@ class MaskableBackbone(Protocol):
 
     embed_dim: int
 
-    def forward_tokens(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class MaskedVisionTransformer(IbotVisionTransformer):
@@ -35,9 +33,7 @@ class MaskedVisionTransformer(IbotVisionTransformer):
 
     def __init__(self, *args: Any, masked_embed: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.masked_embed = (
-            nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_embed else None
-        )
+        self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_embed else None
 
     def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm tokens (B, 1 + N, D); ``mask`` is bool (B, H/p, W/p), True = masked."""

@@ -175,9 +175,7 @@ class Trainer:
         self.ema_student, self.ema_teacher = common_parameters(self.student, self.teacher)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.student)
-        self.scaler = (
-            torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         lc = cfg.loss
         self.loss = IbotLoss(
             h.out_dim,
@@ -190,9 +188,7 @@ class Trainer:
         ).to(self.device)
 
         o, n = cfg.optim, self.iters_per_epoch
-        self.lr = cosine_schedule(
-            o.lr * o.batch_size / 256, o.min_lr, o.epochs, n, o.warmup_epochs
-        )
+        self.lr = cosine_schedule(o.lr * o.batch_size / 256, o.min_lr, o.epochs, n, o.warmup_epochs)
         self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
         self.momentum = cosine_schedule(o.momentum_teacher, o.momentum_teacher_end, o.epochs, n)
         self.teacher_temp = teacher_temp_schedule(
@@ -216,7 +212,10 @@ class Trainer:
             self.data,
             MultiCropAugmentation(cfg.crops),
             MaskGenerator(
-                m.pred_ratio, m.pred_ratio_var, m.pred_shape, m.pred_aspect_ratio,
+                m.pred_ratio,
+                m.pred_ratio_var,
+                m.pred_shape,
+                m.pred_aspect_ratio,
                 m.pred_start_epoch,
             ),  # fmt: skip
             self.vit.patch_size,
@@ -415,9 +414,9 @@ class Trainer:
                         and time.perf_counter() - start > cfg.time_limit_min * 60
                     )
                     stopped = bool(cfg.max_iters and done >= cfg.max_iters) or over_time
-                    if stopped or (cfg.save_every_iters and done % cfg.save_every_iters == 0):
-                        if self.state.epoch_iter < self.iters_per_epoch:
-                            self.save()
+                    periodic = cfg.save_every_iters and done % cfg.save_every_iters == 0
+                    if (stopped or periodic) and self.state.epoch_iter < self.iters_per_epoch:
+                        self.save()  # epoch ends are saved below
                     if stopped:
                         break
                 bar.close()
@@ -453,4 +452,3 @@ class Trainer:
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
     """Build a :class:`Trainer` and run it."""
     return Trainer(cfg, resume).fit()
-

@@ -6,6 +6,7 @@ A loader takes the spec's body (what follows ``SCHEME:``) and returns an
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -127,13 +128,17 @@ def _fit_pos_embed(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
 
 def _load_timm_pretrained_offline(name: str) -> tuple[nn.Module, Path]:
     path = find_cached_weights(name)
+    if path is None and os.environ.get("IBOT_BENCH_DOWNLOAD") == "1":
+        timm.create_model(name, pretrained=True)  # the user opted in: fill timm's cache once
+        path = find_cached_weights(name)
     if path is None:
         tags = pretrained_tags(name)
         tag_hint = f" Known pretrained tags: {', '.join(tags[:5])}." if tags and "." in name else ""
         raise CheckpointError(
             f"pretrained weights for timm model {name!r} could not be found offline (nothing in "
-            "the Hugging Face or torch hub cache) and ibot-bench does not download them. Pass "
-            f"the weights file: timm:{name}:/path/to/weights.{tag_hint}"
+            "the Hugging Face or torch hub cache) and ibot-bench does not download by default. Pass "
+            f"the weights file: timm:{name}:/path/to/weights, or set IBOT_BENCH_DOWNLOAD=1 to let "
+            f"timm download them into its cache once.{tag_hint}"
         )
     state, _ = select_state_dict(read_checkpoint(path), path=path)
     kwargs = {"pretrained": True, "num_classes": 0}

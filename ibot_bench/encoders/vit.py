@@ -168,6 +168,8 @@ def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any])
                 f"width {dim}; the file is inconsistent. Re-save it or fix args.arch."
             )
         heads = table_heads
+    elif int(args.get("num_heads", 0) or 0) > 0:  # custom widths (ibot-bench pretrain saves it)
+        heads = int(args["num_heads"])
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     return ViTConfig(
         embed_dim=dim,

@@ -1,0 +1,120 @@
+"""End-to-end pretraining on seconds-long runs: checkpoints, exact resume, NaN stop, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ibot_bench.cli import main
+from ibot_bench.config import load_config
+from ibot_bench.encoders import load_encoder
+from ibot_bench.errors import CheckpointError, ConfigError, DatasetError
+from pretrain.config import PretrainConfig, validate
+from pretrain.loss import IbotLoss
+from pretrain.train import Trainer, TrainingDiverged
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "smoke.yaml"
+
+
+def smoke(out: Path, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, SMOKE, [f"output_dir={out}", "threads=1", *overrides])
+
+
+def test_cli_run_writes_official_layout_readable_by_ibot_loader(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(SMOKE), f"output_dir={out}", "optim.epochs=1"]) == 0
+    assert "checkpoint" in capsys.readouterr().out
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"} <= set(ck)
+    assert ck["epoch"] == 1
+    assert "module.backbone.masked_embed" in ck["student"]
+    assert "backbone.masked_embed" not in ck["teacher"]
+    for key in ("head.mlp.4.weight", "head.last_layer.weight_g", "head.last_layer2.weight_v"):
+        assert key in ck["teacher"] and f"module.{key}" in ck["student"]
+    assert len(ck["student"]) == len(ck["teacher"]) + 1  # §5: masked_embed only in student
+    assert set(ck["ibot_loss"]) == {"center", "center2"}
+
+    teacher = load_encoder(f"ibot:{out}/checkpoint.pth")
+    assert teacher.head_state is not None and teacher.model.blocks[0].attn.num_heads == 2
+    w = ck["teacher"]["backbone.blocks.1.attn.qkv.weight"]
+    assert torch.equal(teacher.model.blocks[1].attn.qkv.weight, w)
+    student = load_encoder(f"ibot:{out}/checkpoint.pth:student")
+    assert student.info.extra["ignored_keys"] == ["masked_embed"]
+    exported = load_encoder(f"ibot:{out}/teacher_backbone.safetensors")
+    assert torch.equal(exported.model.blocks[1].attn.qkv.weight, w)
+    assert (out / "checkpoint_init.pth").is_file() and (out / "config.yaml").is_file()
+
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["type"] == "train"]
+    assert len(train) == 2
+    for key in ("loss", "cls", "mim", "lr", "wd", "momentum", "teacher_temp", "img_per_s"):
+        assert key in train[0]
+    epoch = [r for r in lines if r["type"] == "epoch"][0]
+    assert {"nmi", "ari", "fmi", "agreement"} <= set(epoch)
+
+
+def _params(out: Path) -> dict[str, torch.Tensor]:
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    flat = {f"s.{k}": v for k, v in ck["student"].items()}
+    flat |= {f"t.{k}": v for k, v in ck["teacher"].items()}
+    flat |= {f"c.{k}": v for k, v in ck["ibot_loss"].items()}
+    for i, state in ck["optimizer"]["state"].items():
+        flat |= {f"o.{i}.{k}": v for k, v in state.items()}
+    return flat
+
+
+def test_resume_after_hard_stop_gives_identical_parameters(tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(smoke(straight, "optim.epochs=2")).fit()  # 4 iterations
+    resumed = tmp_path / "resumed"
+    summary = Trainer(smoke(resumed, "optim.epochs=2", "max_iters=3")).fit()
+    assert summary["stopped_early"] and summary["epoch_iter"] == 1  # mid-epoch stop
+    Trainer(smoke(resumed, "optim.epochs=2")).fit()  # auto-resume from checkpoint.pth
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    original, calls = IbotLoss.forward, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        parts = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(IbotLoss, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="intact"):
+        Trainer(smoke(out)).fit()
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ck["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["student"].values())
+
+
+def test_bad_input_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="global_size has 3 values for 2 crops"):
+        validate(smoke(tmp_path, "crops.global_size=[32,32,32]"))
+    with pytest.raises(ConfigError, match="not divisible by model.patch_size"):
+        validate(smoke(tmp_path, "crops.local_size=[12]"))
+    with pytest.raises(ConfigError, match="world size 3"):
+        validate(smoke(tmp_path), world_size=3)
+    with pytest.raises(DatasetError, match="fewer than one batch"):
+        Trainer(smoke(tmp_path, "optim.batch_size=64"))
+    empty = tmp_path / "empty" / "train" / "a"
+    empty.mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images"):
+        Trainer(smoke(tmp_path, f"data=imagefolder:{tmp_path / 'empty'}"))
+
+
+def test_refuses_to_resume_into_another_architecture(tmp_path):
+    out = tmp_path / "arch"
+    Trainer(smoke(out, "optim.epochs=1")).fit()
+    with pytest.raises(CheckpointError, match="embed_dim: checkpoint 32 vs config 64"):
+        Trainer(smoke(out, "model.embed_dim=64"))
