@@ -412,7 +412,7 @@ def fit(
     for epoch in range(state["epoch"], epochs):
         model.train()
         order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
-        sampler = MicroBatches(order, 0, cfg.seed, epoch, world_size, cfg.accum_steps)
+        sampler = MicroBatches(order, state["step"], cfg.seed, epoch, world_size, cfg.accum_steps)
         loader = torch.utils.data.DataLoader(
             train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
         )
@@ -428,6 +428,7 @@ def fit(
                 if mixup is not None:
                     x, target = mixup(x, y)
                 sync = a == cfg.accum_steps - 1 or world_size == 1
+                out_of_memory = False
                 try:
                     with contextlib.nullcontext() if sync else net.no_sync():
                         with autocast(device, precision):
@@ -436,10 +437,14 @@ def fit(
                 except Exception as exc:
                     if not is_oom(exc):
                         raise
-                    del exc
+                    out_of_memory = True  # probe outside the handler: its traceback holds memory
+                if out_of_memory:
+                    x = target = loss = None
                     optimizer.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     fit_b = largest_fitting_batch(model, micro, img_size, device, precision)
-                    raise oom_error(cfg, micro, fit_b, world_size, device) from None
+                    raise oom_error(cfg, micro, fit_b, world_size, device)
                 if not torch.isfinite(loss):
                     raise UserError(
                         f"fine-tuning loss is {loss.item()} at epoch {epoch} step {step}; "

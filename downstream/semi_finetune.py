@@ -9,8 +9,8 @@ training ``seeds`` do not change the labels).
 - ``from_head=true`` (the paper's best 10% protocol): keep the first layer of the iBOT
   projection head, ``Linear(D, 2048) + GELU``, loaded from the checkpoint's head, and add a
   new ``Linear(2048, C)`` — the reference's ``--finetune_head_layer 1``. An encoder without
-  a head cannot run it: an error by default, or with ``if_no_head=skip`` a record that
-  says "not applicable" and has no metrics (never a silent switch to the other variant).
+  a head cannot run it: :class:`~ibot_bench.errors.NotApplicableError` (the suite runner
+  reports ``n/a``), never a silent switch to the other variant.
 - ``from_head=false``: a new ``Linear(D, C)`` on the CLS token.
 
 Recipe (the reference's DeiT-based script): AdamW, lr ``5e-6 x batch_size / 512``, wd 0.05,
@@ -41,7 +41,7 @@ from downstream.finetune_engine import fit
 from ibot_bench.data import ClassificationSplit, load_split, parse_spec
 from ibot_bench.data.subsets import per_class_fraction, read_split_file
 from ibot_bench.encoders import Encoder, build_head, load_encoder
-from ibot_bench.errors import CheckpointError, ConfigError
+from ibot_bench.errors import ConfigError, NotApplicableError
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 
@@ -52,8 +52,7 @@ class SemiFinetuneConfig(FinetuneConfig):
     fraction: float = 0.1  # 0.01 or 0.1; names the protocol
     split_file: str | None = None  # SimCLRv2 1percent.txt / 10percent.txt
     subset_seed: int = 0
-    from_head: bool = True  # keep the projection head's first layer
-    if_no_head: str = "error"  # error | skip (record "not applicable") when from_head and no head
+    from_head: bool = True  # keep the projection head's first layer (needs an iBOT/DINO head)
     epochs: int | None = 1000
     layer_decay: float | None = 1.0
     drop_path: float | None = 0.1
@@ -79,6 +78,13 @@ def label_subset(train: ClassificationSplit, cfg: SemiFinetuneConfig) -> Classif
         raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
     if cfg.split_file:
         rows = read_split_file(cfg.split_file, train.sample_names)
+        realised = len(rows) / len(train)
+        if not cfg.fraction / 1.25 <= realised <= cfg.fraction * 1.25:
+            raise ConfigError(
+                f"split file {cfg.split_file!r} selects {100 * realised:.3g}% of the training "
+                f"set but fraction is {cfg.fraction:g}; set fraction to match (it names the "
+                "protocol)"
+            )
         return train.subset(rows, f"split_file={cfg.split_file}")
     rows = per_class_fraction(train.labels, cfg.fraction, cfg.subset_seed, train.class_names)
     return train.subset(rows, f"fraction={cfg.fraction:g}:seed={cfg.subset_seed}")
@@ -87,10 +93,10 @@ def label_subset(train: ClassificationSplit, cfg: SemiFinetuneConfig) -> Classif
 def head_first_layer(encoder: Encoder) -> tuple[nn.Module, int]:
     """The projection head's first Linear (+ GELU when more layers follow) and its width."""
     if encoder.head_state is None:
-        raise CheckpointError(
+        raise NotApplicableError(
             f"{encoder.info.spec} has no iBOT/DINO projection head, so semi-finetune with "
-            "from_head=true is not applicable. Use a full iBOT checkpoint (with 'teacher' or "
-            "'student' head weights), run from_head=false, or set if_no_head=skip."
+            "from_head=true is not applicable: use a full iBOT checkpoint (with the 'teacher' "
+            "or 'student' head weights), or from_head=false for the variant without the head."
         )
     mlp = build_head(encoder.head_state).mlp
     first = mlp[0]
@@ -105,18 +111,12 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
             f"semi-finetune draws its own label subset: remove fraction/split_file from the "
             f"dataset spec {ctx.data_spec!r} and set them as task keys (fraction=0.01)"
         )
-    if cfg.if_no_head not in ("error", "skip"):
-        raise ConfigError(f"if_no_head must be 'error' or 'skip', got {cfg.if_no_head!r}")
     full = load_split(ctx.data_spec, "train")
     train, val = label_subset(full, cfg), load_split(ctx.data_spec, "val")
     encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
     recipe = resolve_recipe(cfg, encoder)
     proj, proj_dim = None, None
     if cfg.from_head:
-        if encoder.head_state is None and cfg.if_no_head == "skip":
-            reason = f"{ctx.encoder_spec} has no projection head"
-            ctx.log(f"semi-finetune: not applicable ({reason})")
-            return {}, {"applicable": False, "reason": reason}
         proj, proj_dim = head_first_layer(encoder)
     backbone = encoder.model
     set_drop_path(backbone, recipe.drop_path)
@@ -128,7 +128,6 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
     groups = param_groups(model, cfg.weight_decay, recipe.layer_decay)
     metrics, extra = fit(ctx, model, groups, train, val, cfg, recipe.epochs)
     extra.update(
-        applicable=True,
         recipe=recipe.__dict__,
         subset=train.meta.get("subset"),
         subset_size=len(train),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,16 +29,14 @@ from downstream.semi_finetune import protocol_name as semi_protocol
 from ibot_bench.config import load_config
 from ibot_bench.encoders import load_encoder
 from ibot_bench.encoders.vit import ViTConfig, build_vit
-from ibot_bench.errors import CheckpointError, ConfigError, UserError
+from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.evaluate import eval_schema, run_eval
 from ibot_bench.tasks import TaskContext, discover_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM, HIDDEN = 64, 24
 # tiny but complete: 2 epochs x 3 steps of 8 images, every regulariser of the recipe on
-TINY = dict(
-    epochs=2, warmup_epochs=1, batch_size=8, eval_batch_size=32, img_size=32, drop_path=0.1
-)
+TINY = dict(epochs=2, warmup_epochs=1, batch_size=8, eval_batch_size=32, img_size=32, drop_path=0.1)
 
 
 def make_ibot_checkpoint(path: Path, with_head: bool = True) -> Path:
@@ -47,7 +46,11 @@ def make_ibot_checkpoint(path: Path, with_head: bool = True) -> Path:
     teacher = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
     if with_head:
         g = torch.Generator().manual_seed(1)
-        for name, shape in {"mlp.0": (HIDDEN, DIM), "mlp.2": (HIDDEN, HIDDEN), "mlp.4": (16, HIDDEN)}.items():
+        for name, shape in {
+            "mlp.0": (HIDDEN, DIM),
+            "mlp.2": (HIDDEN, HIDDEN),
+            "mlp.4": (16, HIDDEN),
+        }.items():
             teacher[f"head.{name}.weight"] = torch.randn(shape, generator=g) * 0.1
             teacher[f"head.{name}.bias"] = torch.randn(shape[0], generator=g) * 0.1
         teacher["head.last_layer.weight_g"] = torch.ones(32, 1)
@@ -72,7 +75,7 @@ def ctx(tiny: dict, work: Path, ckpt: str = "ckpt") -> TaskContext:
 
 
 def test_layer_decay_scale_of_every_group_matches_the_paper_for_12_blocks():
-    model = FinetuneModel(load_encoder("random:vit_small").model, num_classes=10)
+    model = FinetuneModel(load_encoder("random:vit_tiny").model, num_classes=10)  # 12 blocks
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.75)
     seen = []
     for g in groups:
@@ -107,8 +110,14 @@ def test_layer_decay_outside_range_is_an_error():
         with pytest.raises(ConfigError, match=r"layer_decay must be in \(0, 1\]"):
             resolve_recipe(FinetuneConfig(layer_decay=bad), enc)
     assert resolve_recipe(FinetuneConfig(layer_decay=1.0), enc).layer_decay == 1.0
-    small = resolve_recipe(FinetuneConfig(), load_encoder("random:vit_small"))
-    assert (small.epochs, small.layer_decay, small.drop_path) == (200, 0.75, 0.1)
+    for dim, expected in {
+        384: (200, 0.75, 0.1),
+        768: (100, 0.65, 0.2),
+        1024: (50, 0.75, 0.4),
+    }.items():
+        enc = SimpleNamespace(embed_dim=dim, info=SimpleNamespace(arch="vit"))
+        r = resolve_recipe(FinetuneConfig(), enc)
+        assert (r.epochs, r.layer_decay, r.drop_path) == expected
 
 
 def _final_state(work: Path) -> dict:
@@ -161,19 +170,22 @@ def test_head_first_layer_comes_from_an_official_ibot_checkpoint(tiny):
 def test_semi_finetune_from_head_runs_on_a_label_subset(tiny, tmp_path):
     cfg = SemiFinetuneConfig(**TINY, fraction=0.5, lr=1e-4, ema_decay=0.9)
     metrics, extra = semi_finetune_eval(ctx(tiny, tmp_path), cfg)
-    assert extra["applicable"] and extra["subset_size"] == 12 and extra["full_train_size"] == 24
+    assert extra["subset_size"] == 12 and extra["full_train_size"] == 24
     assert 0 <= metrics["top1"] <= 100 and "ema_best_top1" in metrics
     model = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)["model"]
-    assert model["proj.0.weight"].shape == (HIDDEN, DIM) and model["head.weight"].shape == (3, HIDDEN)
+    assert model["proj.0.weight"].shape == (HIDDEN, DIM) and model["head.weight"].shape == (
+        3,
+        HIDDEN,
+    )
 
 
 def test_semi_finetune_without_head(tiny, tmp_path):
     cfg = SemiFinetuneConfig(**TINY, fraction=0.5)
-    with pytest.raises(CheckpointError, match="not applicable"):
+    with pytest.raises(NotApplicableError, match="no iBOT/DINO projection head"):
         semi_finetune_eval(ctx(tiny, tmp_path / "a", "nohead"), cfg)
-    skip = dataclasses.replace(cfg, if_no_head="skip")
-    metrics, extra = semi_finetune_eval(ctx(tiny, tmp_path / "b", "nohead"), skip)
-    assert metrics == {} and extra["applicable"] is False
+    no_head = dataclasses.replace(cfg, from_head=False, epochs=1, warmup_epochs=0)
+    metrics, extra = semi_finetune_eval(ctx(tiny, tmp_path / "b", "nohead"), no_head)
+    assert "top1" in metrics and extra["subset_size"] == 12
 
 
 def test_fraction_leaving_a_class_empty_names_the_class(tiny, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from downstream.linear import (
@@ -95,3 +96,23 @@ def test_registered_with_needs_and_yaml_matches_defaults():
         task = TASKS.get(name)
         assert task.config_cls is cls and task.needs == {"n_last_blocks": 4}
         assert OmegaConf.load(ROOT / "configs/tasks" / yaml) == OmegaConf.structured(cls)
+
+
+def test_augment_mode_trains_on_live_augmented_features(tiny_imagefolder):
+    from downstream.live_features import augmented_source
+    from ibot_bench.features import FeatureConfig, extract_features
+
+    cfg = FeatureConfig(img_size=32, num_workers=0, precision="fp32", n_last_blocks=4)
+    spec = f"imagefolder:{tiny_imagefolder}"
+    train = extract_features("random:vit_tiny_patch8", spec, "train", cfg, progress=False)
+    test = extract_features("random:vit_tiny_patch8", spec, "val", cfg, progress=False)
+    source = augmented_source(train, (0.3, 1.0), seed=0, device=torch.device("cpu"))
+    rows = np.array([0, 5, 11])
+    first, second = source(rows), source(rows)
+    assert first["cls"].shape == (3, 192) and first["cls_last4"].shape == (3, 768)
+    assert first["cls_patch"].shape == (3, 384)
+    assert not torch.allclose(first["cls"], second["cls"])  # fresh crops every call
+    assert not torch.allclose(first["cls"], torch.from_numpy(train.cls[rows]))
+    out = linear(train, test, LinearConfig(**{**FAST, "epochs": 2, "batch_size": 4}, augment=True,
+                                           val_fraction=0.25))  # fmt: skip
+    assert out.protocol == "linear-aug" and 0 <= out.metrics["top1"] <= 100
