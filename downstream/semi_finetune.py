@@ -105,6 +105,7 @@ def head_first_layer(encoder: Encoder) -> tuple[nn.Module, int]:
 
 
 def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[str, float], dict]:
+    """Fine-tune on the label subset of ``ctx.data_spec`` train; evaluate on all of val."""
     _, _, options = parse_spec(ctx.data_spec)
     if {"fraction", "split_file"} & set(options):
         raise ConfigError(

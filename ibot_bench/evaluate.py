@@ -121,11 +121,13 @@ def execute(
     task_fields = {f.name for f in dataclasses.fields(task.config_cls)}
     outputs = []
     for seed in cfg.seeds:
-        task_cfg = OmegaConf.structured(
-            task.config_cls(**{k: v for k, v in plain.items() if k in task_fields})
+        merged = OmegaConf.merge(
+            OmegaConf.structured(task.config_cls),
+            {k: v for k, v in plain.items() if k in task_fields},
         )
         if "seed" in task_fields:
-            task_cfg.seed = seed
+            merged.seed = seed
+        task_cfg = OmegaConf.to_object(merged)  # the task gets its own dataclass instance
         torch.manual_seed(seed)
         if task.frozen:
             outputs.append(task.fn(train, test, task_cfg))

@@ -1,0 +1,133 @@
+"""Pretraining step throughput and MFU, fp32 vs bf16, in one run (issue 3).
+
+    python benchmarks/pretrain.py                       # ViT-S/16 2x224 + 10x96 and quick.yaml
+    python benchmarks/pretrain.py --cases quick --steps 5 --precisions fp32
+
+An *image* is all of its crops. Each case times full training steps (teacher forward,
+student forward, loss, backward, per-tensor clipping, AdamW, EMA) on fixed random crops,
+after one warm-up step. Model FLOPs per step are counted once with
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; forward and
+backward of the work this implementation actually does), and MFU is achieved FLOP/s over
+the bf16 matmul peak measured in the same run (a 4096^3 matmul; ``--peak-size`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ibot_bench.config import load_config
+from ibot_bench.features import bf16_is_fast
+from pretrain.config import PretrainConfig, crop_sizes
+from pretrain.monitor import ClusterMonitor
+from pretrain.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "vit_small": (
+        ROOT / "configs/pretrain/vit_small_in1k.yaml",
+        ["optim.batch_size=8", "crops.local_number=10"],
+    ),
+    "quick": (ROOT / "configs/pretrain/quick.yaml", []),
+}
+
+
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int = 2) -> float:
+    """FLOP/s of an n^3 matmul (best of ``repeats``)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a[:256, :256], b[:256, :256])
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def fake_batch(cfg: PretrainConfig, batch: int, patch: int) -> tuple:
+    g_sizes, l_sizes = crop_sizes(cfg)
+    views = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8) for s in g_sizes + l_sizes]
+    masks = []
+    for s in g_sizes:
+        m = torch.rand(batch, s // patch, s // patch) < 0.15  # ~ the README ratios' mean
+        masks.append(m)
+    return views, masks, torch.zeros(batch, dtype=torch.long)
+
+
+def bench(name: str, precision: str, steps: int, out: Path) -> dict:
+    path, overrides = CASES[name]
+    cfg = load_config(
+        PretrainConfig,
+        path,
+        [
+            *overrides,
+            f"precision={precision}",
+            f"output_dir={out}",
+            "progress=false",
+            "data=synthetic:shapes",
+            "save_init=false",
+        ],
+    )
+    trainer = Trainer(cfg)
+    batch = fake_batch(cfg, trainer.batch, trainer.vit.patch_size)
+    monitor = ClusterMonitor()
+    trainer._step(batch, 0, 0, monitor)  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        trainer._step(batch, 0, 0, monitor)
+    flops = counter.get_total_flops()
+    t = time.perf_counter()
+    for _ in range(steps):
+        trainer._step(batch, 0, 0, monitor)
+    dt = (time.perf_counter() - t) / steps
+    g, loc = crop_sizes(cfg)
+    return {
+        "case": f"{name} ({trainer.vit.name}, {len(g)}x{g[0]}"
+        + (f" + {len(loc)}x{loc[0]}" if loc else "")
+        + f", batch {trainer.batch})",
+        "precision": precision,
+        "img_s": trainer.batch / dt,
+        "gflop_img": flops / trainer.batch / 1e9,
+        "tflop_s": flops / dt / 1e12,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per case")
+    parser.add_argument("--peak-size", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default="/tmp/ibot-bench-pretrain-bench")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    peak16 = matmul_peak(torch.bfloat16, args.peak_size)
+    peak32 = matmul_peak(torch.float32, args.peak_size)
+    print(
+        f"cpu, {torch.get_num_threads()} threads, bf16 fast path (AMX): {bf16_is_fast(device)}; "
+        f"{args.peak_size}^3 matmul peak: bf16 {peak16 / 1e12:.3f} TFLOP/s, "
+        f"fp32 {peak32 / 1e12:.3f} TFLOP/s"
+    )
+    print(
+        "| case | precision | img/s | GFLOP/img | TFLOP/s | MFU vs bf16 peak | vs fp32 peak |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    for name in args.cases:
+        for precision in args.precisions:
+            r = bench(name, precision, args.steps, Path(args.out) / f"{name}_{precision}")
+            print(
+                f"| {r['case']} | {precision} | {r['img_s']:.2f} | {r['gflop_img']:.1f} | "
+                f"{r['tflop_s']:.3f} | {100 * r['tflop_s'] * 1e12 / peak16:.1f}% | "
+                f"{100 * r['tflop_s'] * 1e12 / peak32:.1f}% |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
