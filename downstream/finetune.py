@@ -14,8 +14,10 @@ config): ViT-S 200 epochs, decay 0.75, drop-path 0.1; ViT-B 100, 0.65, 0.2; ViT-
 
 Reference details kept: the lr is absolute (the BEiT/iBOT script does not scale it with
 the batch; ``lr_batch_ref`` > 0 scales it by ``batch_size / lr_batch_ref``), 4e-3 is the
-script's default (the paper sweeps {8e-4, 9e-4, 1e-3, 2e-3}: set ``lr``), the warm-up
-starts at ``warmup_lr``, the eval resize is bilinear (``eval_interpolation``).
+script's default (the paper sweeps {8e-4, 9e-4, 1e-3, 2e-3}: set ``lr``), the eval resize
+is bilinear (``eval_interpolation``). The warm-up starts at ``warmup_lr``. Inputs use the
+ImageNet mean/std the encoders were pretrained with (the BEiT script's default is
+Inception's 0.5/0.5 unless ``--imagenet_default_mean_and_std``).
 
 Protocols: ``finetune`` reports the last epoch's top-1/top-5 (no selection on the
 evaluation set); ``finetune-best`` (``report=best``) reports the best epoch's, as the

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -146,9 +147,20 @@ class MicroBatches(torch.utils.data.Sampler):
                 ]
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op; 0 bits gives a black image, as Pillow did before it began raising.
+
+    RandAugment's "PosterizeIncreasing" keeps ``4 - int(4 * m / 10)`` bits, i.e. 0 at the
+    magnitude cap 10 that ``mstd0.5`` reaches; Pillow 13 refuses 0 bits (ValueError).
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, bits_to_keep)
+
+
 def train_transform(cfg, img_size: int):
     """timm's ImageNet training transform: RandomResizedCrop, flip, RandAugment, erasing."""
-    return create_transform(
+    tf = create_transform(
         img_size,
         is_training=True,
         auto_augment=cfg.auto_augment or None,
@@ -159,6 +171,11 @@ def train_transform(cfg, img_size: int):
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+    for t in tf.transforms:
+        for op in getattr(t, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return tf
 
 
 def num_workers(requested: int, device: torch.device) -> int:
@@ -261,6 +278,23 @@ def evaluate(
     return out
 
 
+def make_criterion(cfg, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's Mixup/CutMix (with label smoothing) + soft-target CE; else smoothed or plain CE."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -358,21 +392,7 @@ def fit(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            label_smoothing=cfg.smoothing,
-            num_classes=len(train.class_names),
-        )
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    mixup, criterion = make_criterion(cfg, len(train.class_names))
 
     meta = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": epochs}
     state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}

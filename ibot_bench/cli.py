@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     run.add_argument("--output", default=None, help="results folder (default: results/<suite>)")
     run.add_argument("--force", action="store_true", help="rerun evaluations already recorded")
+    run.add_argument(
+        "--pretrain", default=None, help="pretrain config used when no --encoder (quick, demo)"
+    )
     run.add_argument("--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)")
 
     rep = add("report", "merge result folders into one leaderboard (CSV, Markdown, heatmap)")
@@ -244,14 +247,20 @@ def _print_board(table, title: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ibot_bench.leaderboard import write_reports
-    from ibot_bench.suites import load_suite, run_suite
+    from ibot_bench.suites import load_suite, pretrain_encoders, run_suite
 
     overrides = [f"data_root={args.data_root}"] if args.data_root else []
     suite = load_suite(args.suite, overrides)
-    encoders = args.encoder or list(suite.encoders)
+    output = args.output or f"results/{suite.name}"
+    pretrain_name = args.pretrain or suite.pretrain
+    if args.encoder:
+        encoders = args.encoder
+    elif pretrain_name:
+        encoders = pretrain_encoders(pretrain_name, output)
+    else:
+        encoders = list(suite.encoders)
     if not encoders:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
-    output = args.output or f"results/{suite.name}"
     tasks = args.tasks.split(",") if args.tasks else None
     outcomes = run_suite(
         suite, encoders, output, tasks=tasks, force=args.force, cache_dir=args.cache_dir
@@ -297,6 +306,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     summary = pretrain(cfg, resume=args.resume)
+    if not summary["is_main"]:
+        return
     state = "stopped early" if summary["stopped_early"] else "done"
     print(f"pretrain {state}: {summary['epochs_done']} epoch(s) in {summary['wall_s']:.0f}s")
     out = summary["output_dir"]

@@ -48,7 +48,9 @@ class SuiteConfig:
     description: str = ""
     data_root: str = "data"
     encoders: list[str] = field(default_factory=list)  # used when --encoder is not given
-    pretrain: str | None = None  # pretrain config to make an encoder when none is given
+    # configs/pretrain/<name>.yaml (or a path): with no --encoder, pretrain it, then evaluate
+    # the result and its random initialisation (same architecture, same code path)
+    pretrain: str | None = None
     datasets: dict[str, SuiteDataset] = field(default_factory=dict)
     entries: list[SuiteEntry] = field(default_factory=list)
 
@@ -71,6 +73,30 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
                 f"not one of {sorted(cfg.datasets)}"
             )
     return cfg
+
+
+def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], None] = print):
+    """Pretrain iBOT with config ``name`` into ``output_dir/pretrain/<name>`` (resuming a
+    partial run, returning at once for a finished one); returns the encoder specs of the
+    final teacher and of its random initialisation, the baseline of the same architecture.
+    """
+    from pretrain.config import PretrainConfig
+    from pretrain.train import pretrain
+
+    path = Path(name)
+    if not path.is_file():
+        path = CONFIG_ROOT / "pretrain" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONFIG_ROOT / "pretrain").glob("*.yaml"))
+            raise UserError(f"unknown pretrain config {name!r}; known: {', '.join(known)}")
+    out = Path(output_dir) / "pretrain" / path.stem
+    cfg = load_config(PretrainConfig, path, [f"output_dir={out}", "save_init=true"])
+    log(f"pretraining {path.name} into {out} (resumes if interrupted)")
+    summary = pretrain(cfg)
+    if summary["stopped_early"]:
+        log(f"pretraining stopped at its time limit after epoch {summary['epochs_done']}; "
+            "run again to continue it")  # fmt: skip
+    return [f"ibot:{out}/checkpoint.pth", f"ibot:{out}/checkpoint_init.pth"]
 
 
 def config_path(entry: SuiteEntry) -> Path | None:

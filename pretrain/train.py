@@ -441,6 +441,7 @@ class Trainer:
                 log.close()
         return {
             "output_dir": str(self.out),
+            "is_main": is_main(),
             "epochs_done": self.state.epoch,
             "epoch_iter": self.state.epoch_iter,
             "stopped_early": stopped and self.state.epoch < o.epochs,

@@ -248,3 +248,13 @@ def test_quick_config_end_to_end_writes_a_record(tiny, tmp_path):
     assert set(rec.metrics) >= {"top1", "last_top1", "best_top1", "best_epoch"}
     assert rec.details["recipe"]["epochs"] == 1
     assert (tmp_path / "records").is_dir()
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    from PIL import Image
+
+    tf = engine.train_transform(FinetuneConfig(), 32)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", ()) if "Posterize" in op.name]
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert ops and ops[0].aug_fn(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert ops[0].aug_fn(img, 2).getpixel((0, 0)) == (192, 64, 0)

@@ -118,3 +118,9 @@ def test_refuses_to_resume_into_another_architecture(tmp_path):
     Trainer(smoke(out, "optim.epochs=1")).fit()
     with pytest.raises(CheckpointError, match="embed_dim: checkpoint 32 vs config 64"):
         Trainer(smoke(out, "model.embed_dim=64"))
+
+
+@pytest.mark.parametrize("path", sorted(SMOKE.parent.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(PretrainConfig, path)
+    validate(cfg, world_size=1)
