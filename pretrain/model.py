@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ibot_bench.encoders.vit import IbotVisionTransformer, ViTConfig
+from ibot_bench.encoders.vit import IbotVisionTransformer, ViTConfig, vit_kwargs
 from pretrain.head import IbotHead
 
 
@@ -54,20 +54,7 @@ def build_backbone(
     """Same shape arguments as :func:`ibot_bench.encoders.vit.build_vit`; drop-path rises
     linearly 0 -> ``drop_path`` over depth (§1.1, timm's rule)."""
     return MaskedVisionTransformer(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        num_classes=0,
-        global_pool="token",
-        dynamic_img_size=True,
-        drop_path_rate=drop_path,
-        masked_embed=masked_embed,
+        **vit_kwargs(cfg), drop_path_rate=drop_path, masked_embed=masked_embed
     )
 
 

@@ -111,23 +111,28 @@ class IbotVisionTransformer(VisionTransformer):
         return self.pos_drop(x + pos)
 
 
+def vit_kwargs(cfg: ViTConfig) -> dict[str, Any]:
+    """timm ``VisionTransformer`` arguments of an iBOT ViT (protocols §1.1): pre-norm,
+    LayerNorm eps 1e-6, qkv bias, no layer scale, CLS token, no classifier, any input size."""
+    return {
+        "img_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.in_chans,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "qkv_bias": cfg.qkv_bias,
+        "norm_layer": partial(nn.LayerNorm, eps=1e-6),
+        "num_classes": 0,
+        "global_pool": "token",
+        "dynamic_img_size": True,
+    }
+
+
 def build_vit(cfg: ViTConfig, pos_embed_interp: PosInterp = "dino_offset") -> IbotVisionTransformer:
-    """An iBOT ViT: pre-norm, LayerNorm eps 1e-6, qkv bias, no layer scale, CLS, no classifier."""
-    return IbotVisionTransformer(
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        num_classes=0,
-        global_pool="token",
-        dynamic_img_size=True,
-        pos_embed_interp=pos_embed_interp,
-    )
+    """An iBOT ViT for evaluation (see :func:`vit_kwargs`)."""
+    return IbotVisionTransformer(**vit_kwargs(cfg), pos_embed_interp=pos_embed_interp)
 
 
 def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> ViTConfig:
