@@ -29,6 +29,7 @@ from sklearn import metrics as skm
 
 from ibot_bench.encoders import build_head, load_encoder
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
+from ibot_bench.faiss_device import faiss_device
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TaskOutput, register_task
 
@@ -87,15 +88,6 @@ def cluster_head_metrics(head_argmax: np.ndarray, labels: np.ndarray) -> dict[st
     return clustering_metrics(head_argmax, labels)
 
 
-def _use_gpu(device: str) -> bool:
-    if device not in ("auto", "cpu", "gpu"):
-        raise ConfigError(f"device must be auto, cpu or gpu, got {device!r}")
-    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if device == "gpu" and not has_gpu:
-        raise UserError("device: gpu asked for, but faiss has no GPU support or sees no GPU")
-    return device != "cpu" and has_gpu
-
-
 def kmeans_assign(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarray, bool]:
     """faiss k-means of the L2-normalised rows of ``x``: (cluster per row, ran on GPU)."""
     x = np.asarray(x, dtype=np.float32)
@@ -106,7 +98,7 @@ def kmeans_assign(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarray
         raise UserError(f"cannot make {k} clusters of {len(x)} images")
     if cfg.restarts < 1 or cfg.niter < 1:
         raise ConfigError("restarts and niter must be >= 1")
-    gpu = _use_gpu(cfg.device)
+    gpu = faiss_device(cfg.device) == "gpu"
     kmeans = faiss.Kmeans(
         x.shape[1],
         k,

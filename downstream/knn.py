@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.faiss_device import faiss_device
 from ibot_bench.tasks import TaskOutput, register_task
 
 if TYPE_CHECKING:  # annotations only: the kNN core needs numpy and faiss, not torch
@@ -84,19 +85,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12, chunk: int = 16384) -> np.nd
             raise UserError("features contain NaN or inf; the encoder produced invalid outputs")
         out[rows] = part / np.maximum(norms, eps)[:, None]
     return out
-
-
-def faiss_device(requested: str = "auto") -> str:
-    """``"gpu"`` or ``"cpu"``: where faiss runs for ``requested`` in {auto, cpu, gpu}."""
-    if requested not in ("auto", "cpu", "gpu"):
-        raise ConfigError(f"device must be auto, cpu or gpu, got {requested!r}")
-    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if requested == "gpu" and not has_gpu:
-        raise UserError(
-            "device: gpu asked for, but faiss has no GPU support or sees no GPU "
-            "(install faiss-gpu, e.g. the 'gpu' extra, or use device: cpu)"
-        )
-    return "gpu" if requested != "cpu" and has_gpu else "cpu"
 
 
 def _make_searcher(bank: np.ndarray, device: str) -> Searcher:

@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from downstream.live_features import live_source_for
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.errors import ConfigError, UserError
-from ibot_bench.features import FeatureSet
+from ibot_bench.features import FeatureSet, resolve_device
 from ibot_bench.tasks import TaskOutput, register_task
 
 log = logging.getLogger(__name__)
@@ -188,15 +188,6 @@ def head_specs(cfg: LinearBaseConfig) -> list[HeadSpec]:
     scale = cfg.batch_size / 256.0
     features = list(dict.fromkeys(cfg.variants))
     return [HeadSpec(f, float(lr), float(lr) * scale) for f in features for lr in cfg.base_lrs]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _check_config(cfg: LinearBaseConfig) -> None:

@@ -70,5 +70,4 @@ def live_source_for(train: FeatureSet, cfg) -> FeatureSource | None:
     """The augmented source when ``cfg.augment`` is on, else None (use cached features)."""
     if not cfg.augment:
         return None
-    device = resolve_device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
-    return augmented_source(train, tuple(cfg.aug_scale), cfg.seed, device)
+    return augmented_source(train, tuple(cfg.aug_scale), cfg.seed, resolve_device(cfg.device))
