@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config, to_dict
-from ibot_bench.data import load_split
+from ibot_bench.data import ClassificationSplit, load_split
 from ibot_bench.distributed import is_main
 from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.features import FeatureConfig, extract_features, resolve_device
@@ -45,14 +45,22 @@ class EvalPlan:
     config: dict[str, Any]  # plain resolved config; its hash is the protocol hash
     encoder_spec: str
     data_spec: str
+    # loaded splits of data_spec by name; plans over the same dataset share one dict, so a
+    # suite scans each dataset folder once
+    splits: dict[str, ClassificationSplit] = dataclasses.field(default_factory=dict)
 
     @property
     def protocol_hash(self) -> str:
         return config_hash(self.config)
 
+    def split(self, name: str) -> ClassificationSplit:
+        if name not in self.splits:
+            self.splits[name] = load_split(self.data_spec, name)
+        return self.splits[name]
+
     def resume_key(self) -> tuple[str, str, str, str]:
         """(task, encoder fingerprint, train-set fingerprint, protocol hash), no model loaded."""
-        data_fp = load_split(self.data_spec, "train").fingerprint()
+        data_fp = self.split("train").fingerprint()
         return (self.task.name, encoder_fingerprint(self.encoder_spec), data_fp, self.protocol_hash)
 
 
@@ -62,11 +70,13 @@ def plan_eval(
     data_spec: str,
     config_path: str | Path | None = None,
     overrides: Iterable[str] = (),
+    splits: dict[str, ClassificationSplit] | None = None,
 ) -> EvalPlan:
     """Resolve the task and its config (validated) without touching model or data."""
     task = discover_tasks().get(task_name)
     cfg = load_config(eval_schema(task), config_path, overrides)
-    return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec)
+    splits = {} if splits is None else splits
+    return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec, splits)
 
 
 def record_key(record: ResultRecord) -> tuple[str, str, str, str]:
@@ -106,15 +116,15 @@ def execute(
     if task.frozen:
         kwargs = {"cfg": feat_cfg, "cache_dir": cache_dir, "refresh": refresh_features, "log": log}
         kwargs["allow_partial"] = allow_partial
-        train = extract_features(enc_spec, data_spec, "train", **kwargs)
-        test = extract_features(enc_spec, data_spec, "val", **kwargs)
+        train = extract_features(enc_spec, data_spec, "train", data=plan.split("train"), **kwargs)
+        test = extract_features(enc_spec, data_spec, "val", data=plan.split("val"), **kwargs)
         enc_fp, arch = train.meta["encoder"]["fingerprint"], train.meta["encoder"]["arch"]
         data_fps = (train.meta["key"]["dataset"], test.meta["key"]["dataset"])
         sizes = (len(train), len(test))
         details["features"] = {"key": train.meta["key"], "skipped": train.meta["skipped"]}
     else:
         enc_fp, arch = encoder_fingerprint(enc_spec), ""
-        train_split, test_split = load_split(data_spec, "train"), load_split(data_spec, "val")
+        train_split, test_split = plan.split("train"), plan.split("val")
         data_fps = (train_split.fingerprint(), test_split.fingerprint())
         sizes = (len(train_split), len(test_split))
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ibot_bench.data import cache_root, load_split
-from ibot_bench.data.classification import EvalTransform, normalize_batch
+from ibot_bench.data.classification import ClassificationSplit, EvalTransform, normalize_batch
 from ibot_bench.distributed import barrier, gather_rows, init_distributed, shard_range, world
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
 from ibot_bench.errors import DatasetError, UserError
@@ -200,6 +200,7 @@ def extract_features(
     allow_partial: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    data: ClassificationSplit | None = None,
 ) -> FeatureSet:
     """Features of ``split`` of ``data_spec`` under ``encoder_spec``, from the cache if present.
 
@@ -207,10 +208,11 @@ def extract_features(
     fingerprint (file list + sizes + labels), the transform, the feature spec and the
     precision, so a hit is never stale; a hit skips building the model altogether.
     Under torchrun each rank extracts a contiguous shard and the rows are gathered in
-    dataset order on every rank; rank 0 writes the cache.
+    dataset order on every rank; rank 0 writes the cache. ``data`` is the already loaded
+    split of ``data_spec`` when the caller has it (saves scanning the folder again).
     """
     cfg = cfg or FeatureConfig()
-    data = load_split(data_spec, split)
+    data = data if data is not None else load_split(data_spec, split)
     transform = EvalTransform.for_size(cfg.img_size or data.default_img_size, cfg.crop_pct)
     transform = EvalTransform(transform.crop, transform.resize, cfg.interpolation)
     device = resolve_device(cfg.device)

@@ -134,13 +134,21 @@ def plan_suite(
     if unknown:
         raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
     plans = []
+    splits: dict[str, dict] = {}  # one scan of each dataset for the whole suite
     for encoder in encoders:
         for entry in cfg.entries:
             if tasks and entry.task not in tasks:
                 continue
             spec = cfg.datasets[entry.dataset].spec
             try:
-                plan = plan_eval(entry.task, encoder, spec, config_path(entry), entry.overrides)
+                plan = plan_eval(
+                    entry.task,
+                    encoder,
+                    spec,
+                    config_path(entry),
+                    entry.overrides,
+                    splits.setdefault(spec, {}),
+                )
                 plans.append((plan, entry, encoder, ""))
             except UserError as exc:
                 plans.append((None, entry, encoder, str(exc)))

@@ -71,6 +71,7 @@ class ClassificationSplit:
     root: str = ""
     default_img_size: int = 224
     meta: dict = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,7 +83,16 @@ class ClassificationSplit:
         return [f"{self.split}_{i:06d}" for i in range(len(self))]
 
     def fingerprint(self) -> str:
-        """sha256 over the file list with sizes and labels (or the array bytes) and the split."""
+        """sha256 over the file list with sizes and labels (or the array bytes) and the split.
+
+        Computed once per split object (one ``stat`` per file); load the split again to see
+        files changed since.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.split}\n{len(self)}\n{'|'.join(self.class_names)}\n".encode())
         if self.paths is not None:
             for name, path, label in zip(self.sample_names, self.paths, self.labels):
