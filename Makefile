@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 SUITE ?= quick
 ENCODER ?=
 
-.PHONY: install run test lint clean
+DENSE_STAMP := $(VENV)/.dense-stamp
+
+.PHONY: install install-dense run test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +19,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# dense tasks: mmdet + mmseg, and mmcv 2.1.0 with ops built for this torch (about 13 minutes
+# on 2 cores the first time; the wheel is cached in ~/.cache/ibot-bench/wheels and reused)
+$(DENSE_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,dense]'
+	$(BIN)/ibot-bench setup-dense
+	touch $(DENSE_STAMP)
+
+install-dense: $(DENSE_STAMP)
+
 # the main job: the `quick` suite on built-in data, leaderboard in results/quick/
 run: $(STAMP)
 	$(BIN)/ibot-bench run --suite $(SUITE) $(foreach e,$(ENCODER),--encoder $(e))
@@ -25,7 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint $(DENSE_STAMP)
 	$(BIN)/python -m pytest
 
 clean:

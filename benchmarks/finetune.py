@@ -21,9 +21,10 @@ import torch
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
-from downstream.finetune import FinetuneModel, param_groups, set_drop_path
+from downstream.finetune import FinetuneModel, param_groups
 from ibot_bench.encoders import load_encoder
 from ibot_bench.features import autocast, bf16_is_fast, resolve_device, resolve_precision
+from ibot_bench.layer_decay import set_drop_path
 
 
 def time_steps(

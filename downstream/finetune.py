@@ -31,18 +31,23 @@ model and parameter groups.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath, trunc_normal_
-from timm.models import group_parameters
+from timm.layers import trunc_normal_
 from torch import nn
 
 from downstream.finetune_engine import fit
-from ibot_bench.data import load_split
+from ibot_bench.data import load_split, require_classification
 from ibot_bench.encoders import Encoder, load_encoder
-from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.errors import ConfigError
+from ibot_bench.layer_decay import (
+    NO_WEIGHT_DECAY,
+    backbone_layer_ids,
+    check_layer_decay,
+    is_vit,
+    set_drop_path,
+)
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 # embed_dim -> (name, epochs, layer_decay, drop_path): the paper's table (§2 "Full fine-tuning")
@@ -51,8 +56,6 @@ ARCH_RECIPES: dict[int, tuple[str, int, float, float]] = {
     768: ("vit_base", 100, 0.65, 0.2),
     1024: ("vit_large", 50, 0.75, 0.4),
 }
-STEM_PARAMS = ("cls_token", "pos_embed", "patch_embed", "reg_token", "dist_token", "norm_pre")
-NO_WEIGHT_DECAY = {"cls_token", "pos_embed", "reg_token", "dist_token"}
 
 
 @dataclass
@@ -117,11 +120,7 @@ def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:
         layer_decay=decay if cfg.layer_decay is None else cfg.layer_decay,
         drop_path=drop if cfg.drop_path is None else cfg.drop_path,
     )
-    if not 0.0 < recipe.layer_decay <= 1.0:
-        raise ConfigError(
-            f"layer_decay must be in (0, 1] (1 = no decay), got {recipe.layer_decay}; the "
-            "paper uses 0.75 for ViT-S/L and 0.65 for ViT-B"
-        )
+    check_layer_decay(recipe.layer_decay)
     if not 0.0 <= recipe.drop_path < 1.0:
         raise ConfigError(f"drop_path must be in [0, 1), got {recipe.drop_path}")
     if recipe.epochs < 1:
@@ -131,35 +130,6 @@ def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:
     if cfg.report not in ("last", "best"):
         raise ConfigError(f"report must be 'last' or 'best', got {cfg.report!r}")
     return recipe
-
-
-def is_vit(backbone: nn.Module) -> bool:
-    return all(hasattr(backbone, a) for a in ("blocks", "patch_embed", "cls_token"))
-
-
-def backbone_layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
-    """``(parameter name -> layer id, L)`` for a backbone; ids run 0..L, the head is L + 1.
-
-    ViTs follow the paper's formula (BEiT): 0 for patch_embed / cls_token / pos_embed,
-    ``k + 1`` for block ``k``, ``L + 1`` (the head's id) for the final norm. timm's own
-    grouping (``param_groups_layer_decay`` via ``group_matcher``) puts the final norm in
-    the last block's group and that group at scale 1, so the last block would get
-    ``decay**0`` instead of the paper's ``decay**1``: that is why ViT ids are assigned
-    here. Other timm models (CNNs) use timm's ``group_matcher`` ids.
-    """
-    names = [n for n, _ in backbone.named_parameters()]
-    if is_vit(backbone):
-        depth = len(backbone.blocks)
-        ids = {}
-        for n in names:
-            m = re.match(r"blocks\.(\d+)\.", n)
-            ids[n] = 0 if n.startswith(STEM_PARAMS) else int(m.group(1)) + 1 if m else depth + 1
-        return ids, depth
-    if hasattr(backbone, "group_matcher"):
-        ids = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
-        top = max(ids.values(), default=0)
-        return {n: ids.get(n, top) for n in names}, top
-    return dict.fromkeys(names, 0), 0
 
 
 def param_groups(
@@ -199,20 +169,6 @@ def param_groups(
         group["params"].append(param)
         group["param_names"].append(name)
     return [groups[k] for k in sorted(groups)]
-
-
-def set_drop_path(backbone: nn.Module, rate: float) -> None:
-    """Stochastic depth rising linearly 0 -> ``rate`` over the blocks (timm ViT blocks)."""
-    blocks = getattr(backbone, "blocks", None)
-    if blocks is None:
-        if rate > 0:
-            raise UserError("drop_path needs a ViT backbone with blocks; set drop_path=0")
-        return
-    rates = torch.linspace(0, rate, len(blocks)).tolist()
-    for block, r in zip(blocks, rates):
-        for attr in ("drop_path1", "drop_path2", "drop_path"):
-            if hasattr(block, attr):
-                setattr(block, attr, DropPath(r) if r > 0 else nn.Identity())
 
 
 class FinetuneModel(nn.Module):
@@ -256,7 +212,8 @@ def protocol_name(base: str, cfg: FinetuneConfig) -> str:
 
 def finetune_eval(ctx: TaskContext, cfg: FinetuneConfig) -> tuple[dict[str, float], dict]:
     """Fine-tune ``ctx.encoder_spec`` on ``ctx.data_spec`` train, evaluate on val."""
-    train, val = load_split(ctx.data_spec, "train"), load_split(ctx.data_spec, "val")
+    train = require_classification(load_split(ctx.data_spec, "train"), ctx.data_spec)
+    val = load_split(ctx.data_spec, "val")
     encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
     recipe = resolve_recipe(cfg, encoder)
     backbone = encoder.model

@@ -19,11 +19,13 @@ EXAMPLES = {
     "list": "ibot-bench list",
     "data": "ibot-bench data synth ./synth --classes 10 --size 64",
     "features": "ibot-bench features --encoder random:vit_tiny_patch8 --data synthetic:shapes --split val",
-    "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]",
+    "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]\n"
+    "  ibot-bench eval detection --encoder ibot:out/checkpoint.pth --data coco:/data/coco --output results/det",
     "version": "ibot-bench version",
     "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small",
     "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
     "pretrain": "ibot-bench pretrain --config configs/pretrain/quick.yaml output_dir=out/quick",
+    "setup-dense": "ibot-bench setup-dense",
 }
 
 
@@ -117,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10 output_dir=out"
     )
+    dense = add(
+        "setup-dense",
+        "install mmdet/mmseg and build mmcv 2.1.0 with ops for this torch (cached, reused)",
+    )
+    dense.add_argument("--rebuild", action="store_true", help="ignore the cached mmcv wheel")
+    dense.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
     return parser
 
 
@@ -124,7 +132,11 @@ def _add_encoder_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder", required=True, help="random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH"
     )
-    p.add_argument("--data", required=True, help="imagefolder:ROOT | synthetic:shapes | digits")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="imagefolder:ROOT | synthetic:shapes | digits | coco:ROOT | ade20k:ROOT",
+    )
     p.add_argument(
         "--allow-partial", action="store_true", help="load checkpoints with missing keys"
     )
@@ -315,7 +327,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"  evaluate    ibot-bench eval knn --encoder ibot:{out}/checkpoint.pth --data ...")
 
 
+def _cmd_setup_dense(args: argparse.Namespace) -> None:
+    from ibot_bench.dense_setup import setup_dense
+
+    setup_dense(rebuild=args.rebuild, jobs=args.jobs)
+
+
 COMMANDS = {
+    "setup-dense": _cmd_setup_dense,
     "run": _cmd_run,
     "report": _cmd_report,
     "list": _cmd_list,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ibot_bench.data import cache_root, load_split
+from ibot_bench.data import cache_root, load_split, require_classification
 from ibot_bench.data.classification import ClassificationSplit, EvalTransform, normalize_batch
 from ibot_bench.distributed import barrier, gather_rows, init_distributed, shard_range, world
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
@@ -212,7 +212,9 @@ def extract_features(
     split of ``data_spec`` when the caller has it (saves scanning the folder again).
     """
     cfg = cfg or FeatureConfig()
-    data = data if data is not None else load_split(data_spec, split)
+    data = require_classification(
+        data if data is not None else load_split(data_spec, split), data_spec
+    )
     transform = EvalTransform.for_size(cfg.img_size or data.default_img_size, cfg.crop_pct)
     transform = EvalTransform(transform.crop, transform.resize, cfg.interpolation)
     device = resolve_device(cfg.device)

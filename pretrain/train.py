@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ibot_bench.config import save_config, to_dict
-from ibot_bench.data import load_split
+from ibot_bench.data import load_split, require_classification
 from ibot_bench.data.classification import normalize_batch
 from ibot_bench.distributed import barrier, init_distributed, is_main, world
 from ibot_bench.errors import DatasetError, UserError
@@ -136,7 +136,7 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
 
-        self.data = load_split(cfg.data, "train")
+        self.data = require_classification(load_split(cfg.data, "train"), cfg.data)
         self.batch = cfg.optim.batch_size // self.world_size
         self.sampler = EpochSampler(
             len(self.data), self.batch, cfg.seed, self.rank, self.world_size

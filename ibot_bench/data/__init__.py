@@ -22,7 +22,9 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from ibot_bench.data.ade20k import ADE20KDataset
 from ibot_bench.data.classification import ClassificationSplit, EvalTransform, scan_image_folder
+from ibot_bench.data.coco import CocoDataset
 from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
 from ibot_bench.errors import DatasetError, UserError
 from ibot_bench.registry import Registry
@@ -34,9 +36,11 @@ __all__ = [
     "cache_root",
     "load_split",
     "parse_spec",
+    "require_classification",
 ]
 
-SplitLoader = Callable[[str, dict, str, str], ClassificationSplit]
+DenseSplit = CocoDataset | ADE20KDataset
+SplitLoader = Callable[[str, dict, str, str], ClassificationSplit | DenseSplit]
 DATASETS: Registry[SplitLoader] = Registry("dataset")
 SPLITS = ("train", "val")
 
@@ -74,15 +78,20 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
 
 
 @DATASETS.register(
-    "synthetic", help="synthetic:shapes[?classes=10&size=64&train=100&val=25&seed=0]  built-in"
+    "synthetic",
+    help="synthetic:shapes[?classes=10&size=64&train=100&val=25&seed=0&layout=imagenet]  "
+    "built-in; layout=coco|ade20k gives the dense-task layouts of the same images",
 )
-def _synthetic(body: str, options: dict, split: str, spec: str) -> ClassificationSplit:
+def _synthetic(body: str, options: dict, split: str, spec: str) -> ClassificationSplit | DenseSplit:
     from ibot_bench.data.synthetic import write_synthetic
 
     if body not in ("", "shapes"):
         raise UserError(f"unknown synthetic dataset {body!r} in {spec!r}; use synthetic:shapes")
     keys = {"classes": 10, "size": 64, "train": 100, "val": 25, "seed": 0}
-    _known_options(options, set(keys), spec)
+    _known_options(options, set(keys) | {"layout"}, spec)
+    layout = options.get("layout", "imagenet")
+    if layout not in ("imagenet", "coco", "ade20k"):
+        raise UserError(f"synthetic layout must be imagenet, coco or ade20k ({spec!r})")
     try:
         params = {k: int(options.get(k, v)) for k, v in keys.items()}
     except ValueError as exc:
@@ -99,6 +108,10 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
             seed=params["seed"],
             overwrite=out.exists(),
         )
+    if layout == "coco":
+        return CocoDataset(out / "coco", split)
+    if layout == "ade20k":
+        return ADE20KDataset(out / "ade20k", {"train": "training", "val": "validation"}[split])
     return scan_image_folder(out / "imagenet" / split, spec, split, params["size"])
 
 
@@ -122,18 +135,20 @@ def _digits(body: str, options: dict, split: str, spec: str) -> ClassificationSp
     )
 
 
-def _dense_only(name: str) -> SplitLoader:
-    def loader(body: str, options: dict, split: str, spec: str) -> ClassificationSplit:
-        raise UserError(
-            f"{name}: datasets are for the dense tasks (detection/segmentation), not for "
-            f"classification features; use imagefolder:, synthetic: or digits ({spec!r})"
-        )
-
-    return loader
+@DATASETS.register("coco", help="coco:ROOT  COCO 2017 layout (dense tasks)")
+def _coco(body: str, options: dict, split: str, spec: str) -> CocoDataset:
+    _known_options(options, set(), spec)
+    if not body:
+        raise UserError("coco needs a folder: coco:ROOT (with annotations/ and train2017/)")
+    return CocoDataset(Path(body).expanduser(), split)
 
 
-DATASETS.add("coco", _dense_only("coco"), "coco:ROOT  COCO 2017 layout (dense tasks)")
-DATASETS.add("ade20k", _dense_only("ade20k"), "ade20k:ROOT  ADEChallengeData2016 layout (dense)")
+@DATASETS.register("ade20k", help="ade20k:ROOT  ADEChallengeData2016 layout (dense tasks)")
+def _ade20k(body: str, options: dict, split: str, spec: str) -> ADE20KDataset:
+    _known_options(options, set(), spec)
+    if not body:
+        raise UserError("ade20k needs a folder: ade20k:ROOT (with images/ and annotations/)")
+    return ADE20KDataset(Path(body).expanduser(), {"train": "training", "val": "validation"}[split])
 
 
 def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSplit:
@@ -148,8 +163,9 @@ def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSpl
     return data
 
 
-def load_split(spec: str, split: str = "train") -> ClassificationSplit:
-    """The ``split`` ("train" or "val") of the classification dataset named by ``spec``.
+def load_split(spec: str, split: str = "train") -> ClassificationSplit | DenseSplit:
+    """The ``split`` ("train" or "val") of the dataset named by ``spec``: a
+    :class:`ClassificationSplit`, or for ``coco:`` / ``ade20k:`` the dense dataset reader.
 
     Label-subset options in the spec apply to the train split only (the semi-supervised
     protocols evaluate on the full val split).
@@ -166,4 +182,19 @@ def load_split(spec: str, split: str = "train") -> ClassificationSplit:
     data = loader(body, options, split, spec)
     if len(data) == 0:
         raise DatasetError(f"dataset {spec!r} split {split!r} is empty")
-    return _apply_subset(data, options) if split == "train" else data
+    if split == "train" and isinstance(data, ClassificationSplit):
+        return _apply_subset(data, options)
+    return data
+
+
+def require_classification(
+    data: ClassificationSplit | DenseSplit, spec: str
+) -> ClassificationSplit:
+    """``data`` if it is a classification split, else an error naming the right tasks."""
+    if not isinstance(data, ClassificationSplit):
+        raise UserError(
+            f"{spec}: this task needs a "
+            "classification dataset (imagefolder:, synthetic: or digits); coco: and ade20k: "
+            "datasets are for the dense tasks (detection, segmentation)."
+        )
+    return data

@@ -1,0 +1,28 @@
+"""Register ibot-bench's pieces in the OpenMMLab registries: importing this is enough.
+
+``IbotBenchViT`` (:class:`~ibot_bench.dense.backbone.EncoderBackbone`) goes into mmdet's and
+mmseg's MODELS, ``LayerDecayOptimWrapperConstructor`` into mmengine's (parent of both), so a
+config can say ``backbone=dict(type="IbotBenchViT", encoder="ibot:ckpt.pth")`` with no
+``custom_imports``. Registration is idempotent.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+
+from ibot_bench.dense.backbone import EncoderBackbone
+from ibot_bench.dense.optim import LayerDecayOptimWrapperConstructor
+
+BACKBONE_NAME = "IbotBenchViT"
+
+OPTIM_WRAPPER_CONSTRUCTORS.register_module(
+    name="LayerDecayOptimWrapperConstructor", module=LayerDecayOptimWrapperConstructor, force=True
+)
+for _package in ("mmdet", "mmseg"):
+    try:
+        _registry = importlib.import_module(f"{_package}.registry")
+    except ImportError:  # the other one may be absent; require_mm names what a task needs
+        continue
+    _registry.MODELS.register_module(name=BACKBONE_NAME, module=EncoderBackbone, force=True)

@@ -1,0 +1,159 @@
+"""Build and run an mmengine Runner for a dense task: training, then the test evaluation.
+
+The task modules build the model / data / evaluator parts of the config; this module adds what
+both share: the layer-decay AdamW optimizer, warm-up, checkpoints for resume, launcher and
+device settings. A run writes into its work folder; rerunning the same evaluation resumes
+from the last checkpoint there, so an interrupted run loses at most one checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ibot_bench.dense.runtime import (
+    mmengine_checkpoint_globals,
+    resolve_mm_device,
+    resolve_mm_precision,
+    resolve_norm,
+)
+from ibot_bench.encoders import Encoder, load_encoder
+from ibot_bench.errors import ConfigError
+
+# embed_dim -> (layer_decay, drop_path): ibot-protocols.md §2 "Detection" (ViT-S / ViT-B);
+# ViT-L takes its fine-tuning values
+ARCH_DEFAULTS = {384: (0.75, 0.1), 768: (0.65, 0.2), 1024: (0.75, 0.4)}
+
+
+def launcher_world_size() -> int:
+    """Processes of this run as torchrun announces them (mmengine initialises the group later)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_process_batch(global_batch: int) -> int:
+    """Images per process so that ``global_batch`` stays the global batch under torchrun."""
+    return max(1, global_batch // launcher_world_size())
+
+
+@dataclass
+class DenseRuntime:
+    """What a dense run resolved before building anything."""
+
+    device: str
+    precision: str
+    norm: str
+    layer_decay: float
+    drop_path: float
+    embed_dim: int
+    depth: int
+    patch_size: int
+
+
+def resolve_runtime(
+    encoder_spec: str,
+    *,
+    device: str,
+    precision: str,
+    norm: str,
+    layer_decay: float | None,
+    drop_path: float | None,
+    allow_partial: bool = False,
+) -> DenseRuntime:
+    """Validate the device-dependent options and read the encoder's shape (loads it once)."""
+    dev = resolve_mm_device(device)
+    prec = resolve_mm_precision(precision, dev)
+    bn = resolve_norm(norm, dev)
+    enc: Encoder = load_encoder(encoder_spec, allow_partial=allow_partial)
+    decay, dp = ARCH_DEFAULTS.get(enc.embed_dim, ARCH_DEFAULTS[384])
+    runtime = DenseRuntime(
+        device=dev,
+        precision=prec,
+        norm=bn,
+        layer_decay=decay if layer_decay is None else layer_decay,
+        drop_path=dp if drop_path is None else drop_path,
+        embed_dim=enc.embed_dim,
+        depth=enc.num_blocks,
+        patch_size=enc.patch_size,
+    )
+    if not 0.0 <= runtime.drop_path < 1.0:
+        raise ConfigError(f"drop_path must be in [0, 1), got {runtime.drop_path}")
+    return runtime
+
+
+def optim_wrapper(rt: DenseRuntime, lr: float, weight_decay: float, clip_grad: float | None):
+    """AdamW with layer-wise lr decay; mixed precision only on CUDA (see runtime)."""
+    wrapper: dict[str, Any] = {
+        "type": "OptimWrapper" if rt.precision == "fp32" else "AmpOptimWrapper",
+        "optimizer": {
+            "type": "AdamW",
+            "lr": lr,
+            "betas": (0.9, 0.999),
+            "weight_decay": weight_decay,
+        },
+        "constructor": "LayerDecayOptimWrapperConstructor",
+        "paramwise_cfg": {"layer_decay_rate": rt.layer_decay},
+        "clip_grad": None if clip_grad is None else {"max_norm": clip_grad},
+    }
+    if rt.precision != "fp32":
+        wrapper["dtype"] = "float16" if rt.precision == "fp16" else "bfloat16"
+    return wrapper
+
+
+def runtime_config(
+    *,
+    scope: str,
+    work_dir: Path,
+    seed: int,
+    checkpoint_interval: int,
+    by_epoch: bool,
+    log_every: int,
+) -> dict[str, Any]:
+    """Hooks, environment, launcher and resume settings shared by detection and segmentation."""
+    distributed = launcher_world_size() > 1
+    return {
+        "default_scope": scope,
+        "work_dir": str(work_dir),
+        "launcher": "pytorch" if distributed else "none",
+        "env_cfg": {
+            "cudnn_benchmark": False,
+            "mp_cfg": {"mp_start_method": "fork", "opencv_num_threads": 0},
+            "dist_cfg": {"backend": "nccl" if os.environ.get("LOCAL_RANK") else "gloo"},
+        },
+        "randomness": {"seed": seed},
+        "default_hooks": {
+            "timer": {"type": "IterTimerHook"},
+            "logger": {"type": "LoggerHook", "interval": log_every},
+            "param_scheduler": {"type": "ParamSchedulerHook"},
+            "checkpoint": {
+                "type": "CheckpointHook",
+                "interval": checkpoint_interval,
+                "by_epoch": by_epoch,
+                "max_keep_ckpts": 1,
+            },
+            "sampler_seed": {"type": "DistSamplerSeedHook"},
+        },
+        "log_processor": {"type": "LogProcessor", "window_size": 20, "by_epoch": by_epoch},
+        "log_level": "INFO",
+        "load_from": None,
+        "resume": True,  # continue from work_dir/last_checkpoint when there is one
+    }
+
+
+def run(config: dict[str, Any]) -> dict[str, float]:
+    """Train with mmengine's Runner (resuming when possible), then return the test metrics."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    import ibot_bench.dense.register  # noqa: F401  (backbone + optimizer constructor)
+
+    Path(config["work_dir"]).mkdir(parents=True, exist_ok=True)
+    runner = Runner.from_cfg(Config(config))  # builds the model: loads the encoder
+    # entered after the encoder loader's own (non-nesting) safe_globals block has exited
+    with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
+        runner.train()
+        metrics = runner.test()
+    return {k: float(v) for k, v in metrics.items()}
