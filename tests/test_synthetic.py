@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 import pytest
 from PIL import Image
 
@@ -177,3 +178,37 @@ def test_fingerprints(tiny: Path, tmp_path: Path) -> None:
             f.write(b"\0")
     assert coco.fingerprint() != CocoDataset(copy / "coco", "train").fingerprint()
     assert ade.fingerprint() != ADE20KDataset(copy / "ade20k", "training").fingerprint()
+
+
+def test_difficulty_knobs(tmp_path: Path) -> None:
+    easy = synthetic.Difficulty(distractors=0, texture=0, area=(0.3, 0.4))
+    meta = write_synthetic(tmp_path / "easy", **TINY, difficulty=easy)
+    assert meta["difficulty"] == {
+        "distractors": 0,
+        "texture_percent": 0,
+        "area_fraction": [0.3, 0.4],
+    }
+    ade = ADE20KDataset(tmp_path / "easy" / "ade20k", "training")
+    for i in range(len(ade)):
+        image, mask = ade[i]
+        assert 0 not in mask  # no distractors: every pixel is the shape or background
+        shape = mask <= 3
+        assert 0.25 < shape.mean() < 0.45  # area 30-40% (pixel-centre raster, 32 px)
+        near = ndimage.binary_dilation(shape, iterations=2)  # anti-aliased shape edge
+        bg = np.asarray(image, float)[~near]
+        assert bg.std(0).max() < 8  # flat background (JPEG noise only)
+    with pytest.raises(DatasetError, match="texture"):
+        synthetic.Difficulty(texture=150)
+    with pytest.raises(DatasetError, match="area"):
+        synthetic.Difficulty(area=(0.5, 0.2))
+
+
+def test_spec_options_select_the_difficulty() -> None:
+    from ibot_bench.data import load_split
+
+    spec = "synthetic:shapes?classes=3&train=2&val=1&size=32&distractors=0&texture=0"
+    data = load_split(spec, "train")
+    meta = json.loads((Path(data.paths[0]).parents[3] / "synthetic.json").read_text())
+    assert meta["difficulty"]["distractors"] == 0 and meta["difficulty"]["texture_percent"] == 0
+    default = load_split("synthetic:shapes?classes=3&train=2&val=1&size=32", "train")
+    assert Path(default.paths[0]).parents[3].name == "shapes_classes3_size32_train2_val1_seed0"

@@ -50,6 +50,8 @@ class DetectionConfig:
     drop_path: float | None = None  # ViT-S 0.1, ViT-B 0.2
     warmup_iters: int = 500
     clip_grad: float | None = None
+    rois_per_image: int = 512  # RoIs sampled per image for the box/mask heads (mmdet's 512)
+    proposals_per_image: int = 1000  # RPN proposals kept per image (train and test)
     classes: list[str] | None = None  # None: the annotation file's categories, in id order
     multiscale: bool = True  # Swin/iBOT multi-scale + crop training; false: one resize
     img_scale: list[int] = field(default_factory=lambda: [1333, 800])  # test (long, short)
@@ -78,8 +80,10 @@ def milestones_for(cfg: DetectionConfig) -> list[int]:
 def validate(cfg: DetectionConfig) -> None:
     if cfg.model not in MODELS:
         raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("epochs and batch_size must be >= 1")
+    if min(cfg.epochs, cfg.batch_size, cfg.rois_per_image, cfg.proposals_per_image) < 1:
+        raise ConfigError(
+            "epochs, batch_size, rois_per_image and proposals_per_image must be >= 1"
+        )
     if len(cfg.img_scale) != 2:
         raise ConfigError(f"img_scale is [long, short] side, got {cfg.img_scale}")
 

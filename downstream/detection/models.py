@@ -113,6 +113,11 @@ def detector(cfg, rt: DenseRuntime, encoder_spec: str, num_classes: int) -> dict
     else:
         roi["bbox_head"]["num_classes"] = num_classes
     roi["mask_head"]["num_classes"] = num_classes
+    stages = model["train_cfg"]["rcnn"]
+    for stage in stages if isinstance(stages, list) else [stages]:
+        stage["sampler"]["num"] = cfg.rois_per_image
+    model["train_cfg"]["rpn_proposal"]["max_per_img"] = cfg.proposals_per_image
+    model["test_cfg"]["rpn"]["max_per_img"] = cfg.proposals_per_image
     return model
 
 

@@ -80,14 +80,17 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
 @DATASETS.register(
     "synthetic",
     help="synthetic:shapes[?classes=10&size=64&train=100&val=25&seed=0&layout=imagenet]  "
-    "built-in; layout=coco|ade20k gives the dense-task layouts of the same images",
+    "built-in; layout=coco|ade20k gives the dense-task layouts of the same images; "
+    "difficulty: distractors=3&texture=100&min_area=7&max_area=20",
 )
 def _synthetic(body: str, options: dict, split: str, spec: str) -> ClassificationSplit | DenseSplit:
-    from ibot_bench.data.synthetic import write_synthetic
+    from ibot_bench.data.synthetic import Difficulty, write_synthetic
 
     if body not in ("", "shapes"):
         raise UserError(f"unknown synthetic dataset {body!r} in {spec!r}; use synthetic:shapes")
     keys = {"classes": 10, "size": 64, "train": 100, "val": 25, "seed": 0}
+    knobs = {"distractors": 3, "texture": 100, "min_area": 7, "max_area": 20}
+    keys |= knobs
     _known_options(options, set(keys) | {"layout"}, spec)
     layout = options.get("layout", "imagenet")
     if layout not in ("imagenet", "coco", "ade20k"):
@@ -96,7 +99,14 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
         params = {k: int(options.get(k, v)) for k, v in keys.items()}
     except ValueError as exc:
         raise UserError(f"synthetic options must be integers ({spec!r}): {exc}") from None
-    tag = "_".join(f"{k}{v}" for k, v in params.items())
+    tag = "_".join(f"{k}{v}" for k, v in params.items() if k not in knobs)
+    if any(params[k] != v for k, v in knobs.items()):  # default sets keep their old folder
+        tag += "_" + "_".join(f"{k}{params[k]}" for k in knobs)
+    difficulty = Difficulty(
+        distractors=params["distractors"],
+        texture=params["texture"],
+        area=(params["min_area"] / 100, params["max_area"] / 100),
+    )
     out = cache_root() / "synthetic" / f"shapes_{tag}"
     if not (out / "synthetic.json").is_file():
         write_synthetic(
@@ -106,6 +116,7 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
             val_per_class=params["val"],
             image_size=params["size"],
             seed=params["seed"],
+            difficulty=difficulty,
             overwrite=out.exists(),
         )
     if layout == "coco":

@@ -66,6 +66,33 @@ SPLITS = {"train": ("train2017", "training"), "val": ("val2017", "validation")}
 _SPLIT_STREAM = {"train": 1, "val": 2}
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """Knobs of the generator; the defaults are the standard (hard) shapes set.
+
+    ``distractors``: at most this many small distractors per image (0..N, uniform).
+    ``texture``: background texture contrast in percent (0 = flat backgrounds of the
+    pool's mean colour; the ADE20K "stuff" labels are then not visible in the image).
+    ``area``: range of the main shape's area as a fraction of the image.
+    """
+
+    distractors: int = 3
+    texture: int = 100
+    area: tuple[float, float] = AREA_FRACTION
+
+    def __post_init__(self) -> None:
+        lo, hi = self.area
+        if not 0 <= self.distractors <= 10:
+            raise DatasetError(f"synthetic shapes: distractors={self.distractors}; use 0..10.")
+        if not 0 <= self.texture <= 100:
+            raise DatasetError(f"synthetic shapes: texture={self.texture}; use 0..100 (%).")
+        if not 0.01 <= lo <= hi <= 0.6:
+            raise DatasetError(
+                f"synthetic shapes: area {lo:.2f}..{hi:.2f} of the image; use 0.01 <= min <= "
+                "max <= 0.6 (min_area / max_area in percent in a dataset spec)."
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Shape templates: lists of rings (outer boundary first, then holes), unit area, centred.
 
@@ -221,8 +248,9 @@ def _texture(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     return np.asarray(coarse.resize((n, n), Image.Resampling.BICUBIC)).clip(0, 1)
 
 
-def background_pool(seed: int, size: int) -> list[Background]:
-    """The fixed pool of textured backgrounds for one dataset (independent of the class)."""
+def background_pool(seed: int, size: int, texture: int = 100) -> list[Background]:
+    """The fixed pool of textured backgrounds for one dataset (independent of the class);
+    ``texture`` < 100 lowers the texture contrast towards the pair's mean colour."""
     rng = np.random.default_rng([seed, 0])
     pool = []
     for kind in BACKGROUND_KINDS:
@@ -230,6 +258,8 @@ def background_pool(seed: int, size: int) -> list[Background]:
             i, j = rng.choice(len(PALETTE), 2, replace=False)
             a, b = _mute(PALETTE[i]), _mute(PALETTE[j])
             w = _texture(kind, rng, size)[..., None]
+            if texture != 100:
+                w = 0.5 + (w - 0.5) * (texture / 100)
             rgb = np.round(a + (b - a) * w).astype(np.uint8)
             ok = [
                 k
@@ -257,12 +287,17 @@ class Sample:
     label: int  # index into the class list
 
 
-def _place(rings: Sequence[np.ndarray], rng: np.random.Generator, size: int) -> list[np.ndarray]:
+def _place(
+    rings: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    size: int,
+    area: tuple[float, float] = AREA_FRACTION,
+) -> list[np.ndarray]:
     """Random mirror, rotation, area and position; the shape stays 1 px inside the image."""
     mirror = np.array([-1.0 if rng.random() < 0.5 else 1.0, 1.0])
     theta = rng.uniform(0, 2 * np.pi)
     rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
-    scale = np.sqrt(rng.uniform(*AREA_FRACTION)) * size
+    scale = np.sqrt(rng.uniform(*area)) * size
     shift_u = rng.random(2)
     rings = [(r * mirror) @ rot for r in rings]
     while True:
@@ -299,12 +334,14 @@ def render_sample(
     classes: list[str],
     size: int,
     pool: list[Background],
+    difficulty: Difficulty = Difficulty(),
 ) -> Sample:
     """Draw one image of class ``classes[label]`` with its mask and outline."""
     bg = pool[int(rng.integers(len(pool)))]
     colour = PALETTE[int(rng.choice(bg.shape_colours))]
-    rings = _place(_template(classes[label]), rng, size)
-    distractors = [_distractor(rng, size) for _ in range(int(rng.integers(0, 4)))]
+    rings = _place(_template(classes[label]), rng, size, difficulty.area)
+    count = int(rng.integers(0, difficulty.distractors + 1))
+    distractors = [_distractor(rng, size) for _ in range(count)]
     distractor_colours = [PALETTE[int(rng.choice(bg.shape_colours))] for _ in distractors]
 
     canvas = bg.image.copy()
@@ -383,7 +420,14 @@ def _coco_json(split: str, classes: list[str], records: list[dict], size: int) -
 
 
 def _write_split(
-    root: Path, split: str, count: int, classes: list[str], size: int, seed: int, pool
+    root: Path,
+    split: str,
+    count: int,
+    classes: list[str],
+    size: int,
+    seed: int,
+    pool: list[Background],
+    difficulty: Difficulty,
 ) -> None:
     coco_dir, ade_dir = SPLITS[split]
     img_dirs = {
@@ -399,7 +443,12 @@ def _write_split(
     for i in range(count):
         label = i % len(classes)
         sample = render_sample(
-            np.random.default_rng([seed, _SPLIT_STREAM[split], i]), label, classes, size, pool
+            np.random.default_rng([seed, _SPLIT_STREAM[split], i]),
+            label,
+            classes,
+            size,
+            pool,
+            difficulty,
         )
         stem = f"{split}_{i:06d}"
         first = root / "imagenet" / split / classes[label] / f"{stem}.jpg"
@@ -453,6 +502,7 @@ def write_synthetic(
     val_per_class: int = 25,
     image_size: int = 64,
     seed: int = 0,
+    difficulty: Difficulty = Difficulty(),
     overwrite: bool = False,
 ) -> dict:
     """Write the shapes dataset to ``out`` in ImageFolder, COCO and ADE20K layouts.
@@ -476,6 +526,11 @@ def write_synthetic(
         "image_size": image_size,
         "num_classes": num_classes,
         "classes": classes,
+        "difficulty": {
+            "distractors": difficulty.distractors,
+            "texture_percent": difficulty.texture,
+            "area_fraction": list(difficulty.area),
+        },
         "train_per_class": train_per_class,
         "val_per_class": val_per_class,
         "counts": {"train": train_per_class * num_classes, "val": val_per_class * num_classes},
@@ -500,9 +555,9 @@ def write_synthetic(
     except OSError as exc:
         raise DatasetError(f"synthetic shapes: cannot write in {out.parent} ({exc}).") from exc
     try:
-        pool = background_pool(seed, image_size)
+        pool = background_pool(seed, image_size, difficulty.texture)
         for split, count in meta["counts"].items():
-            _write_split(tmp, split, count, classes, image_size, seed, pool)
+            _write_split(tmp, split, count, classes, image_size, seed, pool, difficulty)
         (tmp / "ade20k" / "classes.txt").write_text("\n".join(meta["ade20k_classes"]) + "\n")
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
         _move_into_place(tmp, out)
