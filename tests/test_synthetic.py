@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from ibot_bench.data import synthetic
 from ibot_bench.data.ade20k import ADE20KDataset

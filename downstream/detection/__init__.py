@@ -81,9 +81,7 @@ def validate(cfg: DetectionConfig) -> None:
     if cfg.model not in MODELS:
         raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     if min(cfg.epochs, cfg.batch_size, cfg.rois_per_image, cfg.proposals_per_image) < 1:
-        raise ConfigError(
-            "epochs, batch_size, rois_per_image and proposals_per_image must be >= 1"
-        )
+        raise ConfigError("epochs, batch_size, rois_per_image and proposals_per_image must be >= 1")
     if len(cfg.img_scale) != 2:
         raise ConfigError(f"img_scale is [long, short] side, got {cfg.img_scale}")
 
