@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ibot_bench.data import load_split, parse_spec
+from ibot_bench.data import load_split, parse_spec, require_classification
 from ibot_bench.data.classification import EvalTransform, normalize_batch
 from ibot_bench.errors import DatasetError, UserError
 
@@ -79,8 +79,17 @@ def test_spec_errors(tmp_path):
         load_split("synthetic:shapes?sizes=3", "train")
     with pytest.raises(UserError, match="did you mean imagefolder"):
         load_split(str(tmp_path), "train")
-    with pytest.raises(UserError, match="dense tasks"):
+    with pytest.raises(UserError, match="COCO root /data/coco does not exist"):
         load_split("coco:/data/coco", "train")
+    spec = "synthetic:shapes?classes=3&size=32&train=2&val=1&layout=coco"
+    coco = load_split(spec, "train")
+    assert len(coco) == 6 and [c["name"] for c in coco.categories] == [
+        "circle",
+        "square",
+        "triangle",
+    ]
+    with pytest.raises(UserError, match="dense tasks"):
+        require_classification(coco, spec)
 
 
 def test_synthetic_spec_generates_once(tmp_path):

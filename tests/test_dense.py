@@ -223,6 +223,8 @@ QUICK_DET = [
     "batch_size=2",
     "warmup_iters=1",
     "multiscale=false",
+    "rois_per_image=32",
+    "proposals_per_image=50",
     "img_scale=[64,64]",
     "num_workers=0",
     "log_every=1",
@@ -253,7 +255,17 @@ def test_detection_trains_and_evaluates(dense, model):
     assert set(record.metrics) >= {"bbox_ap", "bbox_ap50", "bbox_ap75", "segm_ap"}
     assert all(0.0 <= v <= 100.0 for v in record.metrics.values())
     work = next((dense["out"] / "work").glob("detection__*"))
-    assert (work / "last_checkpoint").is_file()  # resumable
+    assert (work / "last_checkpoint").is_file()
+    if model == "mask-rcnn":  # the same run again resumes from its last checkpoint
+        again = run_eval(
+            "detection",
+            f"ibot:{dense['ckpt']}",
+            f"coco:{dense['root'] / 'coco'}",
+            overrides=[f"model={model}", *QUICK_DET],
+            output_dir=dense["out"],
+        )
+        assert again.metrics == record.metrics
+        assert again.wall_time_s < record.wall_time_s
 
 
 @pytest.mark.parametrize("head", ["upernet", "linear"])

@@ -194,6 +194,7 @@ def build_detection_config(
         "persistent_workers": cfg.num_workers > 0,
     }
     config = runtime_config(
+        device=rt.device,
         scope="mmdet",
         work_dir=work_dir,
         seed=cfg.seed,

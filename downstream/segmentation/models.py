@@ -151,6 +151,7 @@ def build_segmentation_config(
     train_pipe, test_pipe = pipelines(cfg)
     loader = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
     config = runtime_config(
+        device=rt.device,
         scope="mmseg",
         work_dir=work_dir,
         seed=cfg.seed,

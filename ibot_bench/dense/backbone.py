@@ -40,7 +40,7 @@ def default_out_indices(depth: int) -> tuple[int, ...]:
     if len(set(picks)) != 4:
         raise ConfigError(
             f"a {depth}-block encoder has no default dense output blocks (the paper's 3/5/7/11 "
-            "of 12 scale to repeated blocks); set backbone.out_indices, e.g. "
+            "of 12 scale to repeated blocks); set the option out_indices, e.g. "
             f"out_indices=[{', '.join(str(i) for i in range(max(0, depth - 4), depth))}]"
             if depth >= 4
             else f"a {depth}-block encoder has no default dense output blocks; set "

@@ -106,6 +106,7 @@ def optim_wrapper(rt: DenseRuntime, lr: float, weight_decay: float, clip_grad: f
 def runtime_config(
     *,
     scope: str,
+    device: str,
     work_dir: Path,
     seed: int,
     checkpoint_interval: int,
@@ -121,7 +122,7 @@ def runtime_config(
         "env_cfg": {
             "cudnn_benchmark": False,
             "mp_cfg": {"mp_start_method": "fork", "opencv_num_threads": 0},
-            "dist_cfg": {"backend": "nccl" if os.environ.get("LOCAL_RANK") else "gloo"},
+            "dist_cfg": {"backend": "nccl" if device == "cuda" else "gloo"},
         },
         "randomness": {"seed": seed},
         "default_hooks": {

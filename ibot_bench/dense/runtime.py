@@ -69,6 +69,11 @@ def resolve_mm_device(device: str) -> str:
         )
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu" and torch.cuda.is_available():
+        raise ConfigError(
+            "device=cpu: mmengine puts the model on the GPU whenever one is visible; run with "
+            "CUDA_VISIBLE_DEVICES= (empty) to train a dense task on the CPU."
+        )
     return device
 
 
