@@ -38,7 +38,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from downstream.finetune_engine import fit
-from ibot_bench.data import load_split, require_classification
+from ibot_bench.data import require_classification
 from ibot_bench.encoders import Encoder, load_encoder
 from ibot_bench.errors import ConfigError
 from ibot_bench.layer_decay import (
@@ -212,8 +212,8 @@ def protocol_name(base: str, cfg: FinetuneConfig) -> str:
 
 def finetune_eval(ctx: TaskContext, cfg: FinetuneConfig) -> tuple[dict[str, float], dict]:
     """Fine-tune ``ctx.encoder_spec`` on ``ctx.data_spec`` train, evaluate on val."""
-    train = require_classification(load_split(ctx.data_spec, "train"), ctx.data_spec)
-    val = load_split(ctx.data_spec, "val")
+    train = require_classification(ctx.split("train"), ctx.data_spec)
+    val = ctx.split("val")
     encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
     recipe = resolve_recipe(cfg, encoder)
     backbone = encoder.model

@@ -37,7 +37,7 @@ from downstream.finetune import (
     resolve_recipe,
 )
 from downstream.finetune_engine import fit
-from ibot_bench.data import ClassificationSplit, load_split, parse_spec, require_classification
+from ibot_bench.data import ClassificationSplit, parse_spec, require_classification
 from ibot_bench.data.subsets import per_class_fraction, read_split_file
 from ibot_bench.encoders import Encoder, build_head, load_encoder
 from ibot_bench.errors import ConfigError, NotApplicableError
@@ -112,8 +112,8 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
             f"semi-finetune draws its own label subset: remove fraction/split_file from the "
             f"dataset spec {ctx.data_spec!r} and set them as task keys (fraction=0.01)"
         )
-    full = require_classification(load_split(ctx.data_spec, "train"), ctx.data_spec)
-    train, val = label_subset(full, cfg), load_split(ctx.data_spec, "val")
+    full = require_classification(ctx.split("train"), ctx.data_spec)
+    train, val = label_subset(full, cfg), ctx.split("val")
     encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
     recipe = resolve_recipe(cfg, encoder)
     proj, proj_dim = None, None

@@ -145,7 +145,10 @@ def execute(
             run_id = f"{task.name}__{enc_fp[:12]}__{data_fps[0][:12]}__{plan.protocol_hash}"
             work = Path(output_dir) / "work" / f"{run_id}__seed{seed}"
             outputs.append(
-                task.fn(TaskContext(enc_spec, data_spec, work, allow_partial, log), task_cfg)
+                task.fn(
+                    TaskContext(enc_spec, data_spec, work, allow_partial, log, plan.splits),
+                    task_cfg,
+                )
             )
 
     metrics = dict(outputs[0].metrics)

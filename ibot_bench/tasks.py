@@ -37,6 +37,16 @@ class TaskContext:
     work_dir: Path  # per (encoder, task, dataset, config): checkpoints for exact resume
     allow_partial: bool = False
     log: Callable[[str], None] = print
+    # splits of data_spec the runner already loaded (and fingerprinted), by name
+    splits: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> Any:
+        """Split ``name`` of ``data_spec``: the runner's loaded one, else loaded now."""
+        if name not in self.splits:
+            from ibot_bench.data import load_split
+
+            self.splits[name] = load_split(self.data_spec, name)
+        return self.splits[name]
 
 
 @dataclass

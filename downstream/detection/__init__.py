@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from downstream.detection.models import build_detection_config, check_categories
-from ibot_bench.data import load_split
 from ibot_bench.data.coco import CocoDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
@@ -87,7 +86,7 @@ def validate(cfg: DetectionConfig) -> None:
 
 
 def coco_splits(ctx: TaskContext) -> tuple[CocoDataset, CocoDataset]:
-    train, val = load_split(ctx.data_spec, "train"), load_split(ctx.data_spec, "val")
+    train, val = ctx.split("train"), ctx.split("val")
     if not isinstance(train, CocoDataset) or not isinstance(val, CocoDataset):
         raise UserError(f"detection needs a COCO dataset: --data coco:ROOT (got {ctx.data_spec!r})")
     return train, val

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from downstream.segmentation.models import build_segmentation_config
-from ibot_bench.data import load_split
 from ibot_bench.data.ade20k import ADE20KDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
@@ -82,7 +81,7 @@ def segmentation(ctx: TaskContext, cfg: SegmentationConfig) -> TaskOutput:
     """ADE20K semantic segmentation (UperNet or linear head, mmseg)."""
     validate(cfg)
     require_mm("segmentation")
-    train, val = load_split(ctx.data_spec, "train"), load_split(ctx.data_spec, "val")
+    train, val = ctx.split("train"), ctx.split("val")
     if not isinstance(train, ADE20KDataset) or not isinstance(val, ADE20KDataset):
         raise UserError(
             f"segmentation needs an ADE20K dataset: --data ade20k:ROOT (got {ctx.data_spec!r})"
