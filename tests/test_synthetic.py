@@ -187,6 +187,8 @@ def test_difficulty_knobs(tmp_path: Path) -> None:
         "distractors": 0,
         "texture_percent": 0,
         "area_fraction": [0.3, 0.4],
+        "colours": 12,
+        "backgrounds": 24,
     }
     ade = ADE20KDataset(tmp_path / "easy" / "ade20k", "training")
     for i in range(len(ade)):
@@ -199,6 +201,31 @@ def test_difficulty_knobs(tmp_path: Path) -> None:
         assert bg.std(0).max() < 8  # flat background (JPEG noise only)
     with pytest.raises(DatasetError, match="texture"):
         synthetic.Difficulty(texture=150)
+    with pytest.raises(DatasetError, match="colours"):
+        synthetic.Difficulty(colours=0)
+    with pytest.raises(DatasetError, match="backgrounds"):
+        synthetic.Difficulty(backgrounds=25)
+
+
+def test_one_colour_one_background_leaves_only_the_shape(tmp_path: Path) -> None:
+    plain = synthetic.Difficulty(distractors=0, texture=0, colours=1, backgrounds=1)
+    write_synthetic(tmp_path / "plain", **TINY, difficulty=plain)
+    ade = ADE20KDataset(tmp_path / "plain" / "ade20k", "training")
+    shape_rgb, bg_rgb, kinds = [], [], set()
+    for i in range(len(ade)):
+        image, mask = ade[i]
+        pixels = np.asarray(image, float)
+        inner = ndimage.binary_erosion(mask <= 3, iterations=2)
+        outer = ~ndimage.binary_dilation(mask <= 3, iterations=2)
+        shape_rgb.append(np.median(pixels[inner], 0))
+        bg_rgb.append(np.median(pixels[outer], 0))
+        kinds |= set(np.unique(mask[mask > 3]).tolist())
+    assert np.ptp(shape_rgb, 0).max() < 12  # one shape colour (JPEG noise only) ...
+    assert np.ptp(bg_rgb, 0).max() < 12  # ... on one background
+    assert np.abs(np.mean(shape_rgb, 0) - synthetic.PALETTE[0]).max() < 12
+    assert len(kinds) == 1
+    four = synthetic.background_pool(0, 32, synthetic.Difficulty(backgrounds=4))
+    assert [b.kind for b in four] == list(synthetic.BACKGROUND_KINDS)  # one of each kind
     with pytest.raises(DatasetError, match="area"):
         synthetic.Difficulty(area=(0.5, 0.2))
 
@@ -210,5 +237,11 @@ def test_spec_options_select_the_difficulty() -> None:
     data = load_split(spec, "train")
     meta = json.loads((Path(data.paths[0]).parents[3] / "synthetic.json").read_text())
     assert meta["difficulty"]["distractors"] == 0 and meta["difficulty"]["texture_percent"] == 0
+    plain = load_split(spec + "&colours=1", "train")
+    assert (
+        Path(plain.paths[0])
+        .parents[3]
+        .name.endswith("distractors0_texture0_min_area7_max_area20_colours1")
+    )
     default = load_split("synthetic:shapes?classes=3&train=2&val=1&size=32", "train")
     assert Path(default.paths[0]).parents[3].name == "shapes_classes3_size32_train2_val1_seed0"

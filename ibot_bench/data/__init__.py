@@ -81,7 +81,7 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
     "synthetic",
     help="synthetic:shapes[?classes=10&size=64&train=100&val=25&seed=0&layout=imagenet]  "
     "built-in; layout=coco|ade20k gives the dense-task layouts of the same images; "
-    "difficulty: distractors=3&texture=100&min_area=7&max_area=20",
+    "difficulty: distractors=3&texture=100&min_area=7&max_area=20&colours=12&backgrounds=24",
 )
 def _synthetic(body: str, options: dict, split: str, spec: str) -> ClassificationSplit | DenseSplit:
     from ibot_bench.data.synthetic import Difficulty, write_synthetic
@@ -90,6 +90,7 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
         raise UserError(f"unknown synthetic dataset {body!r} in {spec!r}; use synthetic:shapes")
     keys = {"classes": 10, "size": 64, "train": 100, "val": 25, "seed": 0}
     knobs = {"distractors": 3, "texture": 100, "min_area": 7, "max_area": 20}
+    knobs |= {"colours": 12, "backgrounds": 24}
     keys |= knobs
     _known_options(options, set(keys) | {"layout"}, spec)
     layout = options.get("layout", "imagenet")
@@ -101,11 +102,15 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
         raise UserError(f"synthetic options must be integers ({spec!r}): {exc}") from None
     tag = "_".join(f"{k}{v}" for k, v in params.items() if k not in knobs)
     if any(params[k] != v for k, v in knobs.items()):  # default sets keep their old folder
-        tag += "_" + "_".join(f"{k}{params[k]}" for k in knobs)
+        # the first four knobs are always named, later ones only when set (older folders stay)
+        named = [k for i, k in enumerate(knobs) if i < 4 or params[k] != knobs[k]]
+        tag += "_" + "_".join(f"{k}{params[k]}" for k in named)
     difficulty = Difficulty(
         distractors=params["distractors"],
         texture=params["texture"],
         area=(params["min_area"] / 100, params["max_area"] / 100),
+        colours=params["colours"],
+        backgrounds=params["backgrounds"],
     )
     out = cache_root() / "synthetic" / f"shapes_{tag}"
     if not (out / "synthetic.json").is_file():

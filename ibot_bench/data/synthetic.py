@@ -74,11 +74,16 @@ class Difficulty:
     ``texture``: background texture contrast in percent (0 = flat backgrounds of the
     pool's mean colour; the ADE20K "stuff" labels are then not visible in the image).
     ``area``: range of the main shape's area as a fraction of the image.
+    ``colours``: shapes and distractors use only the first N palette colours.
+    ``backgrounds``: only the first N backgrounds of the pool are used (the pool alternates
+    texture kinds, so N = 4 keeps one of each).
     """
 
     distractors: int = 3
     texture: int = 100
     area: tuple[float, float] = AREA_FRACTION
+    colours: int = len(PALETTE)
+    backgrounds: int = len(BACKGROUND_KINDS) * BACKGROUNDS_PER_KIND
 
     def __post_init__(self) -> None:
         lo, hi = self.area
@@ -90,6 +95,13 @@ class Difficulty:
             raise DatasetError(
                 f"synthetic shapes: area {lo:.2f}..{hi:.2f} of the image; use 0.01 <= min <= "
                 "max <= 0.6 (min_area / max_area in percent in a dataset spec)."
+            )
+        if not 1 <= self.colours <= len(PALETTE):
+            raise DatasetError(f"synthetic shapes: colours={self.colours}; use 1..{len(PALETTE)}.")
+        pool_size = len(BACKGROUND_KINDS) * BACKGROUNDS_PER_KIND
+        if not 1 <= self.backgrounds <= pool_size:
+            raise DatasetError(
+                f"synthetic shapes: backgrounds={self.backgrounds}; use 1..{pool_size}."
             )
 
 
@@ -248,28 +260,31 @@ def _texture(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     return np.asarray(coarse.resize((n, n), Image.Resampling.BICUBIC)).clip(0, 1)
 
 
-def background_pool(seed: int, size: int, texture: int = 100) -> list[Background]:
-    """The fixed pool of textured backgrounds for one dataset (independent of the class);
-    ``texture`` < 100 lowers the texture contrast towards the pair's mean colour."""
+def background_pool(
+    seed: int, size: int, difficulty: Difficulty = Difficulty()
+) -> list[Background]:
+    """The fixed pool of backgrounds for one dataset (independent of the class), each with the
+    palette colours (of the first ``difficulty.colours``) that stand out on it. A texture
+    contrast below 100% blends each texture towards its pair's mean colour."""
     rng = np.random.default_rng([seed, 0])
+    palette = PALETTE[: difficulty.colours]
     pool = []
     for kind in BACKGROUND_KINDS:
         for _ in range(BACKGROUNDS_PER_KIND):
             i, j = rng.choice(len(PALETTE), 2, replace=False)
             a, b = _mute(PALETTE[i]), _mute(PALETTE[j])
             w = _texture(kind, rng, size)[..., None]
-            if texture != 100:
-                w = 0.5 + (w - 0.5) * (texture / 100)
+            if difficulty.texture != 100:
+                w = 0.5 + (w - 0.5) * (difficulty.texture / 100)
             rgb = np.round(a + (b - a) * w).astype(np.uint8)
-            ok = [
-                k
-                for k, c in enumerate(PALETTE)
-                if _segment_distance(np.asarray(c, float), a, b) >= MIN_CONTRAST
-            ]
+            dist = [_segment_distance(np.asarray(c, float), a, b) for c in palette]
+            ok = [k for k, d in enumerate(dist) if d >= MIN_CONTRAST]
             if not ok:  # keep the most distinct colour rather than an invisible shape
-                dist = [_segment_distance(np.asarray(c, float), a, b) for c in PALETTE]
                 ok = [int(np.argmax(dist))]
             pool.append(Background(kind, Image.fromarray(rgb), tuple(ok)))
+    if difficulty.backgrounds < len(pool):  # alternate kinds, then keep the first N
+        pool = [pool[k::BACKGROUNDS_PER_KIND][i] for k in range(BACKGROUNDS_PER_KIND)
+                for i in range(len(BACKGROUND_KINDS))][: difficulty.backgrounds]  # fmt: skip
     return pool
 
 
@@ -530,6 +545,8 @@ def write_synthetic(
             "distractors": difficulty.distractors,
             "texture_percent": difficulty.texture,
             "area_fraction": list(difficulty.area),
+            "colours": difficulty.colours,
+            "backgrounds": difficulty.backgrounds,
         },
         "train_per_class": train_per_class,
         "val_per_class": val_per_class,
@@ -555,7 +572,7 @@ def write_synthetic(
     except OSError as exc:
         raise DatasetError(f"synthetic shapes: cannot write in {out.parent} ({exc}).") from exc
     try:
-        pool = background_pool(seed, image_size, difficulty.texture)
+        pool = background_pool(seed, image_size, difficulty)
         for split, count in meta["counts"].items():
             _write_split(tmp, split, count, classes, image_size, seed, pool, difficulty)
         (tmp / "ade20k" / "classes.txt").write_text("\n".join(meta["ade20k_classes"]) + "\n")
