@@ -282,9 +282,12 @@ def background_pool(
             if not ok:  # keep the most distinct colour rather than an invisible shape
                 ok = [int(np.argmax(dist))]
             pool.append(Background(kind, Image.fromarray(rgb), tuple(ok)))
-    if difficulty.backgrounds < len(pool):  # alternate kinds, then keep the first N
-        pool = [pool[k::BACKGROUNDS_PER_KIND][i] for k in range(BACKGROUNDS_PER_KIND)
-                for i in range(len(BACKGROUND_KINDS))][: difficulty.backgrounds]  # fmt: skip
+    if difficulty.backgrounds < len(pool):  # reorder kind by kind (j-th of each), keep N
+        per_kind = range(len(BACKGROUND_KINDS))
+        order = [
+            k * BACKGROUNDS_PER_KIND + j for j in range(BACKGROUNDS_PER_KIND) for k in per_kind
+        ]
+        pool = [pool[i] for i in order[: difficulty.backgrounds]]
     return pool
 
 
