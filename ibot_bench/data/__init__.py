@@ -89,8 +89,10 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
     if body not in ("", "shapes"):
         raise UserError(f"unknown synthetic dataset {body!r} in {spec!r}; use synthetic:shapes")
     keys = {"classes": 10, "size": 64, "train": 100, "val": 25, "seed": 0}
-    knobs = {"distractors": 3, "texture": 100, "min_area": 7, "max_area": 20}
-    knobs |= {"colours": 12, "backgrounds": 24}
+    # difficulty knobs: the first four are always named in a non-default set's folder, the
+    # later ones only when set, so folders written before they existed keep their names
+    always_named = {"distractors": 3, "texture": 100, "min_area": 7, "max_area": 20}
+    knobs = always_named | {"colours": 12, "backgrounds": 24}
     keys |= knobs
     _known_options(options, set(keys) | {"layout"}, spec)
     layout = options.get("layout", "imagenet")
@@ -102,8 +104,7 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
         raise UserError(f"synthetic options must be integers ({spec!r}): {exc}") from None
     tag = "_".join(f"{k}{v}" for k, v in params.items() if k not in knobs)
     if any(params[k] != v for k, v in knobs.items()):  # default sets keep their old folder
-        # the first four knobs are always named, later ones only when set (older folders stay)
-        named = [k for i, k in enumerate(knobs) if i < 4 or params[k] != knobs[k]]
+        named = [k for k in knobs if k in always_named or params[k] != knobs[k]]
         tag += "_" + "_".join(f"{k}{params[k]}" for k in named)
     difficulty = Difficulty(
         distractors=params["distractors"],

@@ -54,6 +54,7 @@ SHAPES = (
 )  # fmt: skip
 BACKGROUND_KINDS = ("stripes", "checker", "gradient", "noise")
 BACKGROUNDS_PER_KIND = 6
+POOL_SIZE = len(BACKGROUND_KINDS) * BACKGROUNDS_PER_KIND
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (250, 250, 250), (20, 20, 20), (128, 128, 128), (170, 110, 40),
@@ -83,7 +84,7 @@ class Difficulty:
     texture: int = 100
     area: tuple[float, float] = AREA_FRACTION
     colours: int = len(PALETTE)
-    backgrounds: int = len(BACKGROUND_KINDS) * BACKGROUNDS_PER_KIND
+    backgrounds: int = POOL_SIZE
 
     def __post_init__(self) -> None:
         lo, hi = self.area
@@ -98,10 +99,9 @@ class Difficulty:
             )
         if not 1 <= self.colours <= len(PALETTE):
             raise DatasetError(f"synthetic shapes: colours={self.colours}; use 1..{len(PALETTE)}.")
-        pool_size = len(BACKGROUND_KINDS) * BACKGROUNDS_PER_KIND
-        if not 1 <= self.backgrounds <= pool_size:
+        if not 1 <= self.backgrounds <= POOL_SIZE:
             raise DatasetError(
-                f"synthetic shapes: backgrounds={self.backgrounds}; use 1..{pool_size}."
+                f"synthetic shapes: backgrounds={self.backgrounds}; use 1..{POOL_SIZE}."
             )
 
 
@@ -558,7 +558,7 @@ def write_synthetic(
         "ade20k_label_convention": "0 = other/unlabelled (distractors); 1..C = classes; "
         "C+1.. = background texture kinds (stuff); names in ade20k/classes.txt",
         "background_kinds": list(BACKGROUND_KINDS),
-        "background_pool_size": len(BACKGROUND_KINDS) * BACKGROUNDS_PER_KIND,
+        "background_pool_size": POOL_SIZE,
         "palette": [list(c) for c in PALETTE],
         "layout": {
             "imagenet": "imagenet/{train,val}/<class>/<name>.jpg",
