@@ -24,7 +24,8 @@ from PIL import Image
 from ibot_bench.data import load_split
 from ibot_bench.data.classification import EvalTransform, normalize_batch
 from ibot_bench.encoders import load_encoder
-from ibot_bench.features import FeatureConfig, autocast, bf16_is_fast, extract_features
+from ibot_bench.features import FeatureConfig, extract_features
+from ibot_bench.runtime import autocast, bf16_is_fast
 
 
 def write_jpegs(root: Path, n: int, size: int = 256, classes: int = 4) -> None:

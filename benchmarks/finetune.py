@@ -6,7 +6,7 @@
 Times the full training step of ``finetune`` — forward with drop-path, soft-target loss,
 backward, AdamW over the layer-decay groups — on random images (data loading excluded),
 once per precision, after warm-up steps, and prints images/s and the bf16 / fp32 ratio.
-``precision=auto`` picks bf16 only where :func:`ibot_bench.features.bf16_is_fast` says so
+``precision=auto`` picks bf16 only where :func:`ibot_bench.runtime.bf16_is_fast` says so
 (CUDA, or CPUs with AMX tiles); the table shows why.
 """
 
@@ -18,13 +18,13 @@ import statistics
 import time
 
 import torch
+from ibot_bench.downstream.finetune import FinetuneModel, param_groups
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
-from downstream.finetune import FinetuneModel, param_groups
 from ibot_bench.encoders import load_encoder
-from ibot_bench.features import autocast, bf16_is_fast, resolve_device, resolve_precision
 from ibot_bench.layer_decay import set_drop_path
+from ibot_bench.runtime import autocast, bf16_is_fast, resolve_device, resolve_precision
 
 
 def time_steps(

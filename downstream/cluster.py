@@ -1,6 +1,6 @@
 """Unsupervised classification: clustering frozen features, scored against the labels.
 
-ibot-protocols.md §2 "Unsupervised classification / clustering". Two protocols:
+docs/protocols.md#clustering. Two protocols:
 
 - ``cluster-kmeans`` (the task ``cluster``): faiss k-means on the L2-normalised final CLS
   of the test split, K = number of classes (or ``k``), best of ``restarts`` runs; works for
@@ -27,11 +27,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
 
-from ibot_bench.encoders import build_head, load_encoder
+from ibot_bench.encoders import build_head
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.faiss_device import faiss_device
-from ibot_bench.features import FeatureSet
-from ibot_bench.tasks import TaskOutput, register_task
+from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ PROTOCOL_HEAD = "cluster-head"
 
 @dataclass
 class ClusterConfig:
-    """Settings of k-means clustering (ibot-protocols.md §2 "clustering")."""
+    """Settings of k-means clustering (docs/protocols.md#clustering)."""
 
     k: int = 0  # number of clusters; 0 = number of classes
     restarts: int = 10  # faiss nredo: the run with the lowest objective is kept
@@ -63,7 +62,7 @@ def hungarian_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def clustering_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """``nmi``, ``ami``, ``ari``, ``fmi``, ``acc`` in percent (ibot-protocols.md §2)."""
+    """``nmi``, ``ami``, ``ari``, ``fmi``, ``acc`` in percent (docs/protocols.md#clustering)."""
     pred, labels = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
     if len(pred) != len(labels):
         raise UserError(f"{len(pred)} cluster assignments for {len(labels)} labels")
@@ -80,7 +79,7 @@ def clustering_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]
 
 
 def cluster_head_metrics(head_argmax: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Protocol ``cluster-head`` (ibot-protocols.md §2): score the teacher head's CLS argmax.
+    """Protocol ``cluster-head`` (docs/protocols.md#clustering): score the teacher head's CLS argmax.
 
     ``head_argmax`` (N,) and ``labels`` (N,) must cover the whole split, gathered in the
     same order. Returns the metrics of :func:`clustering_metrics`.
@@ -117,10 +116,11 @@ def kmeans_assign(x: np.ndarray, k: int, cfg: ClusterConfig) -> tuple[np.ndarray
 
 
 @register_task("cluster", ClusterConfig)
-def cluster(train: FeatureSet, test: FeatureSet, cfg: ClusterConfig) -> TaskOutput:
-    """k-means on the test split's L2-normalised CLS vs its labels (ibot-protocols.md §2)."""
+def cluster(ctx: TaskContext, cfg: ClusterConfig) -> TaskOutput:
+    """k-means on the test split's L2-normalised CLS vs its labels (docs/protocols.md#clustering)."""
     if cfg.k < 0:
         raise ConfigError(f"k must be >= 0 (0 = number of classes), got {cfg.k}")
+    test = ctx.features("val")
     num_classes = max(test.num_classes, len(np.unique(test.labels)))
     k = cfg.k or num_classes
     pred, gpu = kmeans_assign(test.cls, k, cfg)
@@ -139,19 +139,19 @@ class ClusterHeadConfig:
 
 
 @register_task("cluster-head", ClusterHeadConfig)
-def cluster_head(train: FeatureSet, test: FeatureSet, cfg: ClusterHeadConfig) -> TaskOutput:
-    """The paper's clustering: argmax of the teacher head's CLS output (ibot-protocols.md §2).
+def cluster_head(ctx: TaskContext, cfg: ClusterHeadConfig) -> TaskOutput:
+    """The paper's clustering: argmax of the teacher head's CLS output (docs/protocols.md#clustering).
 
     Needs an encoder whose checkpoint carries the iBOT/DINO projection head; for others
     the protocol is not applicable (use the ``cluster`` task, k-means, instead).
     """
-    spec = test.meta.get("encoder_spec", "")
-    head_state = load_encoder(spec).head_state if spec else None
+    head_state = ctx.encoder().head_state
     if head_state is None:
         raise NotApplicableError(
-            f"cluster-head needs a projection head, and encoder {spec!r} has none; "
+            f"cluster-head needs a projection head, and encoder {ctx.encoder_spec!r} has none; "
             "use the cluster task (k-means) for this encoder"
         )
+    test = ctx.features("val")
     head = build_head(head_state).eval()
     feats = torch.from_numpy(np.ascontiguousarray(test.cls, dtype=np.float32))
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""Full fine-tuning of an encoder with a new linear head (ibot-protocols.md §2 "Full fine-tuning").
+"""Full fine-tuning of an encoder with a new linear head (docs/protocols.md#full-fine-tuning).
 
 The BEiT recipe the iBOT paper uses: a new ``Linear(D, C)`` on the final-norm CLS token
 (``pool=mean``: the mean final-norm patch token), weights trunc-normal(0.02) scaled by
@@ -34,12 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from ibot_bench.downstream.finetune_engine import fit
 from timm.layers import trunc_normal_
 from torch import nn
 
-from downstream.finetune_engine import fit
 from ibot_bench.data import require_classification
-from ibot_bench.encoders import Encoder, load_encoder
+from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 from ibot_bench.layer_decay import (
     NO_WEIGHT_DECAY,
@@ -50,7 +50,7 @@ from ibot_bench.layer_decay import (
 )
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
-# embed_dim -> (name, epochs, layer_decay, drop_path): the paper's table (§2 "Full fine-tuning")
+# embed_dim -> (name, epochs, layer_decay, drop_path): the paper's table (docs/protocols.md#full-fine-tuning)
 ARCH_RECIPES: dict[int, tuple[str, int, float, float]] = {
     384: ("vit_small", 200, 0.75, 0.1),
     768: ("vit_base", 100, 0.65, 0.2),
@@ -60,7 +60,7 @@ ARCH_RECIPES: dict[int, tuple[str, int, float, float]] = {
 
 @dataclass
 class FinetuneConfig:
-    """Settings of ``finetune`` (ibot-protocols.md §2 "Full fine-tuning"); None = per arch."""
+    """Settings of ``finetune`` (docs/protocols.md#full-fine-tuning); None = per arch."""
 
     epochs: int | None = None  # ViT-S 200, ViT-B 100, ViT-L 50
     layer_decay: float | None = None  # ViT-S 0.75, ViT-B 0.65, ViT-L 0.75; in (0, 1]
@@ -214,7 +214,7 @@ def finetune_eval(ctx: TaskContext, cfg: FinetuneConfig) -> tuple[dict[str, floa
     """Fine-tune ``ctx.encoder_spec`` on ``ctx.data_spec`` train, evaluate on val."""
     train = require_classification(ctx.split("train"), ctx.data_spec)
     val = ctx.split("val")
-    encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
+    encoder = ctx.encoder()
     recipe = resolve_recipe(cfg, encoder)
     backbone = encoder.model
     set_drop_path(backbone, recipe.drop_path)
@@ -229,8 +229,8 @@ def finetune_eval(ctx: TaskContext, cfg: FinetuneConfig) -> tuple[dict[str, floa
     return metrics, extra
 
 
-@register_task("finetune", FinetuneConfig, frozen=False)
+@register_task("finetune", FinetuneConfig)
 def finetune(ctx: TaskContext, cfg: FinetuneConfig) -> TaskOutput:
-    """Full fine-tuning with layer-wise lr decay (BEiT recipe, ibot-protocols.md §2)."""
+    """Full fine-tuning with layer-wise lr decay (BEiT recipe, docs/protocols.md#full-fine-tuning)."""
     metrics, extra = finetune_eval(ctx, cfg)
     return TaskOutput(metrics=metrics, protocol=protocol_name("finetune", cfg), extra=extra)

@@ -19,16 +19,22 @@ for the same world size, worker count and device (``tests/test_finetune.py``).
 ``batch_size`` is the global batch per optimizer step: each of the ``W`` ranks takes
 ``batch_size / W`` images per step in ``accum_steps`` micro-batches (DDP under torchrun,
 gradients synchronised on the last micro-batch only).
+
+:func:`fit` reads as its steps: :func:`build_run` checks the config and builds a
+:class:`FitRun` (optimizer, schedule, grad scaler, EMA, criterion, data); :func:`resume`
+loads an existing checkpoint; :func:`distribute` wraps the model in DDP; then each epoch
+is :func:`train_one_epoch`, :func:`evaluate_epoch` when due, and :func:`save_checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +57,8 @@ from ibot_bench.data.classification import (
 )
 from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
 from ibot_bench.errors import CheckpointError, ConfigError, UserError
-from ibot_bench.features import autocast, resolve_device, resolve_precision
 from ibot_bench.io import atomic_write
+from ibot_bench.runtime import autocast, loader_workers, resolve_device, resolve_precision
 from ibot_bench.tasks import TaskContext
 
 CHECKPOINT = "checkpoint.pth"
@@ -178,15 +184,6 @@ def train_transform(cfg, img_size: int):
     return tf
 
 
-def num_workers(requested: int, device: torch.device) -> int:
-    """-1: no worker processes on small CPU-only machines (they only steal the model's cores)."""
-    if requested >= 0:
-        return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = max(1, (cpus or 1) // world()[1])
-    return min(8, cpus) if device.type == "cuda" else (0 if cpus <= 4 else min(4, cpus // 4))
-
-
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
@@ -236,7 +233,8 @@ def oom_error(cfg, micro: int, fit: int, world_size: int, device: torch.device) 
     return UserError(
         f"{head} The largest micro-batch that fit was {fit} images: keep the recipe with "
         f"gradient accumulation, accum_steps={accum} ({per_rank // accum} images per "
-        f"micro-batch), or set batch_size={fit * world_size * cfg.accum_steps} (changes the recipe)."
+        f"micro-batch), or set batch_size={fit * world_size * cfg.accum_steps} "
+        "(changes the recipe)."
     )
 
 
@@ -295,10 +293,6 @@ def make_criterion(cfg, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     return None, nn.CrossEntropyLoss()
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def check_batch(cfg, world_size: int, n_train: int) -> int:
     """The micro-batch size; ConfigError when the global batch does not split evenly."""
     if cfg.batch_size < 1 or cfg.accum_steps < 1:
@@ -307,7 +301,8 @@ def check_batch(cfg, world_size: int, n_train: int) -> int:
     if cfg.batch_size % per_step:
         raise ConfigError(
             f"batch_size={cfg.batch_size} must be divisible by processes x accum_steps = "
-            f"{world_size} x {cfg.accum_steps}; e.g. batch_size={per_step * max(1, cfg.batch_size // per_step)}"
+            f"{world_size} x {cfg.accum_steps}; "
+            f"e.g. batch_size={per_step * max(1, cfg.batch_size // per_step)}"
         )
     if n_train < cfg.batch_size:
         raise ConfigError(
@@ -342,24 +337,56 @@ def _summarise(history: list[dict], report: str, ema: bool) -> dict[str, float]:
     return metrics
 
 
-def fit(
+@dataclass
+class FitRun:
+    """What :func:`build_run` makes once per run and the steps of :func:`fit` share.
+
+    ``net`` is ``model`` itself, or its DDP wrapper under torchrun (:func:`distribute`);
+    ``state`` (epoch, step, global_step, history) is the part a checkpoint resumes.
+    """
+
+    cfg: Any
+    model: nn.Module
+    net: nn.Module
+    device: torch.device
+    precision: str
+    rank: int
+    world_size: int
+    micro: int
+    img_size: int
+    steps_per_epoch: int
+    peak_lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: nn.Module
+    workers: int
+    train_ds: TrainImages
+    eval_tf: EvalTransform
+    path: Path
+    meta: dict
+    state: dict
+    log: Callable[[str], None]
+
+
+def build_run(
     ctx: TaskContext,
     model: nn.Module,
     groups: Sequence[dict],
     train: ClassificationSplit,
-    val: ClassificationSplit,
     cfg,
     epochs: int,
-) -> tuple[dict[str, float], dict]:
-    """Train ``model`` (param ``groups`` with ``lr_scale``) for ``epochs``; return metrics, extra.
+) -> FitRun:
+    """Check the config against the data and the machine, then build everything a run needs.
 
-    ``cfg`` is a :class:`~downstream.finetune.FinetuneConfig` (or a subclass).
+    The checks run before anything is built, so a bad batch, warmup or image size fails in
+    seconds with a :class:`~ibot_bench.errors.ConfigError` naming the fix.
     """
     init_distributed()
     rank, world_size = world()
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = _device()
     precision = resolve_precision(device, cfg.precision)
     micro = check_batch(cfg, world_size, len(train))
     steps_per_epoch = len(train) // cfg.batch_size
@@ -377,7 +404,6 @@ def fit(
         if img_size % p:
             raise ConfigError(f"img_size={img_size} must be a multiple of the patch size {p}")
     peak_lr = cfg.lr * cfg.batch_size / cfg.lr_batch_ref if cfg.lr_batch_ref > 0 else cfg.lr
-    log = ctx.log if is_main() else (lambda _msg: None)
 
     model.to(device)
     optimizer = create_optimizer_v2(list(groups), opt="adamw", lr=peak_lr, weight_decay=0.0)
@@ -390,140 +416,242 @@ def fit(
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     mixup, criterion = make_criterion(cfg, len(train.class_names))
-
-    meta = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": epochs}
-    state = {"epoch": 0, "step": 0, "global_step": 0, "history": []}
-    path = Path(ctx.work_dir) / CHECKPOINT
-    resumed_at = None
-    if path.is_file():
-        state = load_checkpoint(path, model, optimizer, ema, scaler, meta)
-        resumed_at = state["global_step"]
-        log(f"finetune: resuming {path} at epoch {state['epoch']} step {state['step']}")
-
-    def save(epoch: int, step: int) -> None:
-        if is_main():
-            obj = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "scaler": scaler.state_dict(),
-                "state": {**state, "epoch": epoch, "step": step},
-                "meta": meta,
-            }
-            atomic_write(path, lambda p: torch.save(obj, p))
-        barrier()
-
-    workers = num_workers(cfg.num_workers, device)
-    train_ds = TrainImages(train, train_transform(cfg, img_size))
-    eval_tf = EvalTransform(img_size, int(img_size / cfg.crop_pct), cfg.eval_interpolation)
-    net = model
-    if world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    log(
-        f"finetune: {len(train)} train / {len(val)} val images, {img_size}px, {epochs} epochs x "
-        f"{steps_per_epoch} steps, batch {cfg.batch_size} ({world_size} x {cfg.accum_steps} x "
-        f"{micro}), peak lr {peak_lr:.3g}, {device}, {precision}, {workers} loader workers"
+    return FitRun(
+        cfg=cfg,
+        model=model,
+        net=model,
+        device=device,
+        precision=precision,
+        rank=rank,
+        world_size=world_size,
+        micro=micro,
+        img_size=img_size,
+        steps_per_epoch=steps_per_epoch,
+        peak_lr=peak_lr,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None,
+        mixup=mixup,
+        criterion=criterion,
+        workers=loader_workers(cfg.num_workers, device, world_size),
+        train_ds=TrainImages(train, train_transform(cfg, img_size)),
+        eval_tf=EvalTransform(img_size, int(img_size / cfg.crop_pct), cfg.eval_interpolation),
+        path=Path(ctx.work_dir) / CHECKPOINT,
+        meta={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": epochs},
+        state={"epoch": 0, "step": 0, "global_step": 0, "history": []},
+        log=ctx.log if is_main() else (lambda _msg: None),
     )
 
-    for epoch in range(state["epoch"], epochs):
-        model.train()
-        order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
-        sampler = MicroBatches(order, state["step"], cfg.seed, epoch, world_size, cfg.accum_steps)
-        loader = torch.utils.data.DataLoader(
-            train_ds, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
-        )
-        batches = iter(loader)
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for step in range(state["step"], steps_per_epoch):
-            scheduler.step_update(state["global_step"])
-            seed_all(derive_seed(cfg.seed, epoch, step, rank, 0x57E9))
-            for a in range(cfg.accum_steps):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                target = y
-                if mixup is not None:
-                    x, target = mixup(x, y)
-                sync = a == cfg.accum_steps - 1 or world_size == 1
-                out_of_memory = False
-                try:
-                    with contextlib.nullcontext() if sync else net.no_sync():
-                        with autocast(device, precision):
-                            loss = criterion(net(x), target) / cfg.accum_steps
-                        scaler.scale(loss).backward()
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    out_of_memory = True  # probe outside the handler: its traceback holds memory
-                if out_of_memory:
-                    x = target = loss = None
-                    optimizer.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    fit_b = largest_fitting_batch(model, micro, img_size, device, precision)
-                    raise oom_error(cfg, micro, fit_b, world_size, device)
-                if not torch.isfinite(loss):
-                    raise UserError(
-                        f"fine-tuning loss is {loss.item()} at epoch {epoch} step {step}; "
-                        "lower lr, set clip_grad, or use precision=fp32"
-                    )
-                loss_sum += loss.item()
-                seen += len(y)
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            if ema is not None:
-                ema.update(model, step=state["global_step"])
-            due = cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0
-            if due and step + 1 < steps_per_epoch:
-                save(epoch, step + 1)
-        elapsed = time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(1, steps_per_epoch - state["step"]),
-            "lr": optimizer.param_groups[-1]["lr"],
-            "train_images_per_s": seen * world_size / max(elapsed, 1e-9),
-        }
-        state["step"] = 0
-        if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == epochs:
-            evargs = (val, eval_tf, device, precision, cfg.eval_batch_size, workers)
-            row.update(evaluate(model, *evargs))
-            if ema is not None:
-                row.update({f"ema_{k}": v for k, v in evaluate(ema.module, *evargs).items()})
-        state["history"].append(row)
-        msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-        log(f"finetune: epoch {epoch + 1}/{epochs} {msg}")
-        save(epoch + 1, 0)
 
-    metrics = _summarise(state["history"], cfg.report, ema is not None)
-    extra = {
-        "history": state["history"],
-        "leaderboard_epoch": cfg.report,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "peak_lr": peak_lr,
-        "micro_batch": micro,
-        "world_size": world_size,
-        "img_size": img_size,
-        "device": str(device),
-        "precision": precision,
+def resume(run: FitRun) -> int | None:
+    """Continue from the checkpoint in the work folder, if there is one.
+
+    Returns the global step it resumes at (None for a fresh run). A finished run resumes
+    past its last epoch, so :func:`fit` returns its results without training.
+    """
+    if not run.path.is_file():
+        return None
+    run.state = load_checkpoint(run.path, run.model, run.optimizer, run.ema, run.scaler, run.meta)
+    run.log(f"finetune: resuming {run.path} at epoch {run.state['epoch']} step {run.state['step']}")
+    return run.state["global_step"]
+
+
+def distribute(run: FitRun) -> None:
+    """Wrap the model in DDP under torchrun; after :func:`resume`, which loads the bare model."""
+    if run.world_size > 1:
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        run.net = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+
+
+def save_checkpoint(run: FitRun, epoch: int, step: int) -> None:
+    """Write the checkpoint to resume at (``epoch``, ``step``); rank 0 writes, all ranks wait.
+
+    The write is atomic (temp file + rename), so a run killed mid-write keeps the previous one.
+    """
+    if is_main():
+        obj = {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "ema": run.ema.module.state_dict() if run.ema is not None else None,
+            "scaler": run.scaler.state_dict(),
+            "state": {**run.state, "epoch": epoch, "step": step},
+            "meta": run.meta,
+        }
+        atomic_write(run.path, lambda p: torch.save(obj, p))
+    barrier()
+
+
+def _micro_batch(
+    run: FitRun,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    last: bool,
+    epoch: int,
+    step: int,
+) -> tuple[float, int]:
+    """Forward + backward of the next micro-batch; returns (its loss, its image count).
+
+    DDP synchronises gradients on the ``last`` micro-batch of a step only. Running out of
+    memory raises :func:`oom_error`'s advice; a non-finite loss stops the run.
+    """
+    cfg, device = run.cfg, run.device
+    x, y = next(batches)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    target = y
+    if run.mixup is not None:
+        x, target = run.mixup(x, y)
+    sync = last or run.world_size == 1
+    out_of_memory = False
+    try:
+        with contextlib.nullcontext() if sync else run.net.no_sync():
+            with autocast(device, run.precision):
+                loss = run.criterion(run.net(x), target) / cfg.accum_steps
+            run.scaler.scale(loss).backward()
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        out_of_memory = True  # probe outside the handler: its traceback holds memory
+    if out_of_memory:
+        x = target = loss = None  # free this micro-batch's memory for the probe
+        run.optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        fit_b = largest_fitting_batch(run.model, run.micro, run.img_size, device, run.precision)
+        raise oom_error(cfg, run.micro, fit_b, run.world_size, device)
+    if not torch.isfinite(loss):
+        raise UserError(
+            f"fine-tuning loss is {loss.item()} at epoch {epoch} step {step}; "
+            "lower lr, set clip_grad, or use precision=fp32"
+        )
+    return loss.item(), len(y)
+
+
+def _optimizer_step(run: FitRun) -> None:
+    """Clip (if set), step the optimizer through the grad scaler, count the step, update EMA."""
+    if run.cfg.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["global_step"] += 1
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.state["global_step"])
+
+
+def train_one_epoch(run: FitRun, epoch: int) -> dict[str, float]:
+    """Train ``epoch`` from the resumed step on; returns its history row (loss, lr, speed).
+
+    Each step first reseeds the global generators from (seed, epoch, step, rank), so
+    drop-path and mixup draw the same numbers whether or not the run was interrupted.
+    Checkpoints every ``checkpoint_every`` steps inside the epoch.
+    """
+    cfg, start = run.cfg, run.state["step"]
+    run.model.train()
+    order = epoch_order(len(run.train_ds), cfg.batch_size, cfg.seed, epoch)
+    sampler = MicroBatches(order, start, cfg.seed, epoch, run.world_size, cfg.accum_steps)
+    loader = torch.utils.data.DataLoader(
+        run.train_ds,
+        batch_sampler=sampler,
+        num_workers=run.workers,
+        pin_memory=run.device.type == "cuda",
+    )
+    batches = iter(loader)
+    started, seen, loss_sum = time.perf_counter(), 0, 0.0
+    for step in range(start, run.steps_per_epoch):
+        run.scheduler.step_update(run.state["global_step"])
+        seed_all(derive_seed(cfg.seed, epoch, step, run.rank, 0x57E9))
+        for a in range(cfg.accum_steps):
+            loss, n = _micro_batch(run, batches, a == cfg.accum_steps - 1, epoch, step)
+            loss_sum += loss
+            seen += n
+        _optimizer_step(run)
+        due = cfg.checkpoint_every and run.state["global_step"] % cfg.checkpoint_every == 0
+        if due and step + 1 < run.steps_per_epoch:
+            save_checkpoint(run, epoch, step + 1)
+    elapsed = time.perf_counter() - started
+    run.state["step"] = 0
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_sum / max(1, run.steps_per_epoch - start),
+        "lr": run.optimizer.param_groups[-1]["lr"],
+        "train_images_per_s": seen * run.world_size / max(elapsed, 1e-9),
+    }
+
+
+def evaluate_epoch(run: FitRun, val: ClassificationSplit) -> dict[str, float]:
+    """Top-1 / top-5 of the model and, with EMA, of its average (``ema_``-prefixed)."""
+    args = (val, run.eval_tf, run.device, run.precision, run.cfg.eval_batch_size, run.workers)
+    out = evaluate(run.model, *args)
+    if run.ema is not None:
+        out.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, *args).items()})
+    return out
+
+
+def fit(
+    ctx: TaskContext,
+    model: nn.Module,
+    groups: Sequence[dict],
+    train: ClassificationSplit,
+    val: ClassificationSplit,
+    cfg,
+    epochs: int,
+) -> tuple[dict[str, float], dict]:
+    """Train ``model`` (param ``groups`` with ``lr_scale``) for ``epochs``; return metrics, extra.
+
+    ``cfg`` is a :class:`~downstream.finetune.FinetuneConfig` (or a subclass). Of ``ctx``
+    only ``work_dir`` (the checkpoint's folder) and ``log`` are used.
+    """
+    run = build_run(ctx, model, groups, train, cfg, epochs)
+    resumed_at = resume(run)
+    distribute(run)
+    run.log(
+        f"finetune: {len(train)} train / {len(val)} val images, {run.img_size}px, {epochs} "
+        f"epochs x {run.steps_per_epoch} steps, batch {cfg.batch_size} ({run.world_size} x "
+        f"{cfg.accum_steps} x {run.micro}), peak lr {run.peak_lr:.3g}, {run.device}, "
+        f"{run.precision}, {run.workers} loader workers"
+    )
+    for epoch in range(run.state["epoch"], epochs):
+        row = train_one_epoch(run, epoch)
+        if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == epochs:
+            row.update(evaluate_epoch(run, val))
+        run.state["history"].append(row)
+        msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+        run.log(f"finetune: epoch {epoch + 1}/{epochs} {msg}")
+        save_checkpoint(run, epoch + 1, 0)
+    metrics = _summarise(run.state["history"], cfg.report, run.ema is not None)
+    return metrics, _extra(run, groups, train, val, resumed_at)
+
+
+def _extra(
+    run: FitRun,
+    groups: Sequence[dict],
+    train: ClassificationSplit,
+    val: ClassificationSplit,
+    resumed_at: int | None,
+) -> dict:
+    """The run's details for the result record: history, schedule, batch split, machine."""
+    return {
+        "history": run.state["history"],
+        "leaderboard_epoch": run.cfg.report,
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.meta["total_steps"],
+        "peak_lr": run.peak_lr,
+        "micro_batch": run.micro,
+        "world_size": run.world_size,
+        "img_size": run.img_size,
+        "device": str(run.device),
+        "precision": run.precision,
         "train_size": len(train),
         "val_size": len(val),
         "resumed_at_step": resumed_at,
-        "checkpoint": str(path),
+        "checkpoint": str(run.path),
         "param_groups": [
             {k: g[k] for k in ("layer_id", "lr_scale", "weight_decay")} | {"n": len(g["params"])}
             for g in groups
         ],
     }
-    return metrics, extra
 
 
 def load_checkpoint(path: Path, model, optimizer, ema, scaler, meta: dict) -> dict:

@@ -1,12 +1,12 @@
 """Weighted k-NN classification on frozen features.
 
-ibot-protocols.md §2 "kNN" (the DINO protocol): the L2-normalised final CLS
+docs/protocols.md#knn (the DINO protocol): the L2-normalised final CLS
 of every test image is compared by cosine similarity with the training bank; each of the
 top-k neighbours votes for its class with weight ``exp(sim / T)``, ``T = 0.07``; a class's
 score is its summed weight. Top-1 / top-5 are reported for every k of ``ks`` and for the
 best k.
 
-Differences from the reference (ibot-protocols.md §5, last bullet), on purpose:
+Differences from the reference (docs/protocols.md#reference-subtleties, last bullet), on purpose:
 
 - One faiss search at ``max(ks)`` serves every k (neighbours come sorted), in query chunks
   of ``chunk_size`` so memory stays bounded for 1.28M x 384 banks; any number of test
@@ -34,7 +34,7 @@ import numpy as np
 
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.faiss_device import faiss_device
-from ibot_bench.tasks import TaskOutput, register_task
+from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 if TYPE_CHECKING:  # annotations only: the kNN core needs numpy and faiss, not torch
     from ibot_bench.features import FeatureSet
@@ -47,7 +47,7 @@ Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class KnnConfig:
-    """Settings of the kNN task (defaults: ibot-protocols.md §2 "kNN")."""
+    """Settings of the kNN task (defaults: docs/protocols.md#knn)."""
 
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07
@@ -164,7 +164,7 @@ def knn_classify(
 ) -> KnnResult:
     """Weighted kNN predictions of ``queries`` for every k in ``ks`` from one search.
 
-    ibot-protocols.md §2 "kNN": cosine similarity on L2-normalised features (normalised
+    docs/protocols.md#knn: cosine similarity on L2-normalised features (normalised
     here), votes ``exp(sim / temperature)`` summed per class. The search runs once at
     ``max(ks)`` clipped to the bank size, ``chunk_size`` queries at a time.
     """
@@ -241,7 +241,7 @@ def knn_eval(train: FeatureSet, test: FeatureSet, cfg: KnnConfig) -> tuple[dict[
 
 
 @register_task("knn", KnnConfig)
-def knn(train: FeatureSet, test: FeatureSet, cfg: KnnConfig) -> TaskOutput:
-    """Weighted k-NN on L2-normalised final CLS (ibot-protocols.md §2 "kNN")."""
-    metrics, extra = knn_eval(train, test, cfg)
+def knn(ctx: TaskContext, cfg: KnnConfig) -> TaskOutput:
+    """Weighted k-NN on L2-normalised final CLS (docs/protocols.md#knn)."""
+    metrics, extra = knn_eval(ctx.features("train"), ctx.features("val"), cfg)
     return TaskOutput(metrics=metrics, protocol="knn", extra=extra)

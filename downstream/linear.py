@@ -1,6 +1,6 @@
 """Linear probes on cached frozen features: many heads trained at once.
 
-ibot-protocols.md §2 "Linear probe": ``Linear(D, C)`` heads, weight
+docs/protocols.md#linear-probe: ``Linear(D, C)`` heads, weight
 N(0, 0.01), bias 0, SGD momentum 0.9, weight decay 0, cosine schedule to 0 (stepped per
 iteration here), lr scaled by ``batch_size / 256``. Every (learning rate, feature
 variant) pair is one head; all heads train in one model with one optimizer (a param
@@ -8,7 +8,7 @@ group per head), on the same shuffled mini-batches, as DINOv2 does — one pass 
 cached features instead of one run per learning rate (the reference recomputed the
 backbone every epoch, dino#141).
 
-Feature variants (ibot-protocols.md §2, "Default features"):
+Feature variants (docs/protocols.md#default-features):
 
 - ``cls``: final-block CLS (D);
 - ``cls_last4``: concatenated CLS of the last 4 blocks (4D; the paper's ViT-S feature);
@@ -42,14 +42,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from ibot_bench.downstream.live_features import LiveViews, live_views
 from torch import nn
 from torch.nn import functional as F
 
-from downstream.live_features import live_source_for
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.errors import ConfigError, UserError
-from ibot_bench.features import FeatureSet, resolve_device
-from ibot_bench.tasks import TaskOutput, register_task
+from ibot_bench.features import FeatureSet
+from ibot_bench.runtime import resolve_device
+from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ PAPER_BASE_LRS = [round(m * 10.0**e, 6) for e in range(-4, 1) for m in range(1, 
 
 @dataclass
 class LinearBaseConfig:
-    """Settings shared by both linear protocols (ibot-protocols.md §2 "Linear probe")."""
+    """Settings shared by both linear protocols (docs/protocols.md#linear-probe)."""
 
     epochs: int = 100
     batch_size: int = 1024
@@ -105,7 +106,7 @@ class HeadSpec:
 
 
 class LinearHeads(nn.Module):
-    """One ``Linear(D_f, C)`` per head, weight N(0, 0.01), bias 0 (ibot-protocols.md §2)."""
+    """One ``Linear(D_f, C)`` per head, weight N(0, 0.01), bias 0 (docs/protocols.md#linear-probe)."""
 
     def __init__(
         self, specs: list[HeadSpec], dims: dict[str, int], num_classes: int, seed: int
@@ -228,15 +229,18 @@ def train_heads(
     num_classes: int,
     cfg: LinearBaseConfig,
     on_epoch: Callable[[int, LinearHeads], None] | None = None,
+    views: LiveViews | None = None,
 ) -> LinearHeads:
     """Train all heads of ``specs`` together on rows ``rows`` of ``fs``.
 
-    ibot-protocols.md §2: SGD (momentum, weight decay from ``cfg``), one param group per
+    docs/protocols.md#linear-probe: SGD (momentum, weight decay from ``cfg``), one param group per
     head with its own lr, cosine decay to 0 per iteration, seeded shuffling.
     ``on_epoch(epoch, model)`` is called after every epoch. With ``cfg.augment`` the
-    training features of each batch are computed live from augmented views.
+    training features of each batch are computed live from augmented ``views``.
     """
-    source = live_source_for(fs, cfg)
+    if cfg.augment and views is None:
+        raise UserError("augment=true needs the encoder: run it as a task (ibot-bench eval)")
+    source = views(fs) if cfg.augment else None
     device = resolve_device(cfg.device)
     dims = check_variants(fs, [s.feature for s in specs])
     model = LinearHeads(specs, dims, num_classes, cfg.seed).to(device)
@@ -287,7 +291,7 @@ def _test_metrics(top1: float, top5: float, num_classes: int) -> dict[str, float
 
 
 def linear_probe(
-    train: FeatureSet, test: FeatureSet, cfg: LinearConfig
+    train: FeatureSet, test: FeatureSet, cfg: LinearConfig, views: LiveViews | None = None
 ) -> tuple[dict[str, float], dict]:
     """Protocol ``linear``: choose the head on a held-out split, report it on ``test``.
 
@@ -301,14 +305,15 @@ def linear_probe(
     check_variants(test, cfg.variants)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     fit_rows, val_rows = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
-    model = train_heads(train, fit_rows, specs, num_classes, cfg)
+    model = train_heads(train, fit_rows, specs, num_classes, cfg, views=views)
     device = next(model.parameters()).device
     val1, _ = evaluate_heads(model, train, val_rows, cfg.eval_batch_size, device, cfg.bf16)
     best = int(np.argmax(val1))
     chosen = specs[best]
     log.info("linear: chose %s (val top-1 %.2f)", chosen, val1[best])
     if cfg.refit:
-        model, best = train_heads(train, np.arange(len(train)), [chosen], num_classes, cfg), 0
+        all_rows = np.arange(len(train))
+        model, best = train_heads(train, all_rows, [chosen], num_classes, cfg, views=views), 0
     test_rows = np.arange(len(test))
     top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device, cfg.bf16)
     extra = {
@@ -322,7 +327,7 @@ def linear_probe(
 
 
 def linear_probe_paper(
-    train: FeatureSet, test: FeatureSet, cfg: LinearPaperConfig
+    train: FeatureSet, test: FeatureSet, cfg: LinearPaperConfig, views: LiveViews | None = None
 ) -> tuple[dict[str, float], dict]:
     """Protocol ``linear-paper``: max over heads and epochs of the test top-1 (reference).
 
@@ -350,7 +355,7 @@ def linear_probe_paper(
         if top1[h] > best["top1"]:
             best.update(top1=float(top1[h]), top5=float(top5[h]), head=h, epoch=epoch + 1)
 
-    train_heads(train, np.arange(len(train)), specs, num_classes, cfg, on_epoch)
+    train_heads(train, np.arange(len(train)), specs, num_classes, cfg, on_epoch, views)
     extra = {
         "chosen_head": {**specs[best["head"]].as_dict(), "epoch": best["epoch"]},
         "heads": [{**s.as_dict(), "best_test_top1": float(v)} for s, v in zip(specs, per_head)],
@@ -359,17 +364,24 @@ def linear_probe_paper(
     return _test_metrics(best["top1"], best["top5"], num_classes), extra
 
 
-@register_task("linear", LinearConfig, n_last_blocks=4)
-def linear(train: FeatureSet, test: FeatureSet, cfg: LinearConfig) -> TaskOutput:
-    """Linear probes, head chosen on a held-out split (ibot-protocols.md §2)."""
-    metrics, extra = linear_probe(train, test, cfg)
+def feature_needs(cfg: LinearBaseConfig) -> dict[str, int]:
+    """The ``cls_last4`` variant needs the CLS of the last 4 blocks from the feature engine."""
+    return {"n_last_blocks": 4} if "cls_last4" in cfg.variants else {}
+
+
+@register_task("linear", LinearConfig, features=feature_needs)
+def linear(ctx: TaskContext, cfg: LinearConfig) -> TaskOutput:
+    """Linear probes, head chosen on a held-out split (docs/protocols.md#linear-probe)."""
+    train, test = ctx.features("train"), ctx.features("val")
+    metrics, extra = linear_probe(train, test, cfg, live_views(ctx, cfg))
     return TaskOutput(metrics=metrics, protocol=protocol_name("linear", cfg), extra=extra)
 
 
-@register_task("linear-paper", LinearPaperConfig, n_last_blocks=4)
-def linear_paper(train: FeatureSet, test: FeatureSet, cfg: LinearPaperConfig) -> TaskOutput:
-    """Linear probes, max over heads and epochs on test as the reference (ibot-protocols.md §2)."""
-    metrics, extra = linear_probe_paper(train, test, cfg)
+@register_task("linear-paper", LinearPaperConfig, features=feature_needs)
+def linear_paper(ctx: TaskContext, cfg: LinearPaperConfig) -> TaskOutput:
+    """Linear probes, max over heads and epochs on test as the reference (docs/protocols.md#linear-probe)."""
+    train, test = ctx.features("train"), ctx.features("val")
+    metrics, extra = linear_probe_paper(train, test, cfg, live_views(ctx, cfg))
     return TaskOutput(metrics=metrics, protocol=protocol_name("linear-paper", cfg), extra=extra)
 
 

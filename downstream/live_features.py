@@ -1,6 +1,6 @@
 """Features computed live with training augmentation, for the linear probe's ``augment`` mode.
 
-ibot-protocols.md §2 "Linear probe": the paper's 100-epoch protocol trains on
+docs/protocols.md#linear-probe: the paper's 100-epoch protocol trains on
 RandomResizedCrop(224, bicubic) + horizontal-flip views, so the frozen backbone runs on
 every batch of every epoch (the cost the cached default avoids). Validation and test
 features still come from the cached centre-crop engine.
@@ -14,34 +14,39 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-from ibot_bench.data import load_split
+from ibot_bench.data import require_classification
 from ibot_bench.data.classification import normalize_batch
-from ibot_bench.encoders import load_encoder
 from ibot_bench.errors import UserError
-from ibot_bench.features import FeatureSet, autocast, resolve_device, resolve_precision
+from ibot_bench.features import FeatureSet
+from ibot_bench.runtime import autocast, resolve_device, resolve_precision
+from ibot_bench.tasks import TaskContext
 
 FeatureSource = Callable[[np.ndarray], dict[str, torch.Tensor]]
+# training feature set -> the source of augmented features of its rows
+LiveViews = Callable[[FeatureSet], FeatureSource]
 
 
 def augmented_source(
-    train: FeatureSet, scale: tuple[float, float], seed: int, device: torch.device
+    ctx: TaskContext, train: FeatureSet, scale: tuple[float, float], seed: int, device: torch.device
 ) -> FeatureSource:
     """``rows -> {cls, cls_last4, cls_patch}`` of freshly augmented views of those rows.
 
-    Rows index ``train`` (the cached features); they are mapped to the dataset's images
-    through the sample names, so images skipped as corrupt are never read.
+    Rows index ``train`` (features of the context's train split, possibly a label subset);
+    they are mapped to the split's images by sample name, so images skipped as corrupt are
+    never read. The views are cropped to the feature engine's crop size.
     """
-    meta = train.meta
-    if not {"encoder_spec", "dataset_spec", "sample_names"} <= set(meta):
-        raise UserError(
-            "augment=true needs features made by the engine (encoder and dataset known)"
-        )
-    data = load_split(meta["dataset_spec"], meta.get("split", "train"))
+    data = require_classification(ctx.split("train"), ctx.data_spec)
     index = {name: i for i, name in enumerate(data.sample_names)}
-    images = np.array([index[name] for name in meta["sample_names"]])
-    crop = int(meta["key"]["transform"]["crop"])
-    encoder = load_encoder(meta["encoder_spec"]).to(device).eval()
-    precision = resolve_precision(device, meta["key"].get("precision", "auto"))
+    missing = [name for name in train.sample_names if name not in index]
+    if missing or not train.sample_names:
+        raise UserError(
+            f"augment=true: {len(missing) or len(train)} training feature row(s) have no image "
+            f"in {ctx.data_spec} (e.g. {missing[:3]}); the features must come from that dataset"
+        )
+    images = np.array([index[name] for name in train.sample_names])
+    crop = ctx.feature_config.img_size or data.default_img_size
+    encoder = ctx.encoder().to(device).eval()
+    precision = resolve_precision(device, ctx.feature_config.precision)
     augment = T.Compose(
         [
             T.RandomResizedCrop(crop, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -66,8 +71,9 @@ def augmented_source(
     return source
 
 
-def live_source_for(train: FeatureSet, cfg) -> FeatureSource | None:
-    """The augmented source when ``cfg.augment`` is on, else None (use cached features)."""
+def live_views(ctx: TaskContext, cfg) -> LiveViews | None:
+    """Augmented training views when ``cfg.augment`` is on, else None (cached features)."""
     if not cfg.augment:
         return None
-    return augmented_source(train, tuple(cfg.aug_scale), cfg.seed, resolve_device(cfg.device))
+    scale, device = tuple(cfg.aug_scale), resolve_device(cfg.device)
+    return lambda train: augmented_source(ctx, train, scale, cfg.seed, device)

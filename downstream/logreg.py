@@ -1,6 +1,6 @@
 """Multinomial logistic regression on frozen features.
 
-ibot-protocols.md §2 "Logistic regression" (semi-supervised frozen protocol):
+docs/protocols.md#logistic-regression (semi-supervised frozen protocol):
 L2-normalised final CLS, multinomial logistic regression with an L2 penalty
 (scikit-learn, lbfgs). Following DINOv2, the inverse regularisation strength C is chosen
 on a stratified hold-out of ``val_fraction`` of the training features, then the model is
@@ -26,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
-from ibot_bench.tasks import TaskOutput, register_task
+from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ DEFAULT_C_GRID = [10.0**p for p in range(-6, 6)]
 
 @dataclass
 class LogregConfig:
-    """Settings of the logistic-regression task (ibot-protocols.md §2)."""
+    """Settings of the logistic-regression task (docs/protocols.md#logistic-regression)."""
 
     c_grid: list[float] = field(default_factory=lambda: list(DEFAULT_C_GRID))
     val_fraction: float = 0.1
@@ -99,7 +99,7 @@ def select_c(
 def logreg_eval(
     train: FeatureSet, test: FeatureSet, cfg: LogregConfig
 ) -> tuple[dict[str, float], dict]:
-    """Logistic-regression core (ibot-protocols.md §2): ``(metrics, extra)``; reused by ``semi``.
+    """Logistic-regression core (docs/protocols.md#logistic-regression): ``(metrics, extra)``; reused by ``semi``.
 
     Metrics: ``top1`` and, with at least 5 classes, ``top5`` (percent). Extra: ``best_C``,
     the validation top-1 of every C, and whether lbfgs converged everywhere.
@@ -128,7 +128,7 @@ def logreg_eval(
 
 
 @register_task("logreg", LogregConfig)
-def logreg(train: FeatureSet, test: FeatureSet, cfg: LogregConfig) -> TaskOutput:
-    """Logistic regression on L2-normalised CLS, C chosen on a hold-out (ibot-protocols.md §2)."""
-    metrics, extra = logreg_eval(train, test, cfg)
+def logreg(ctx: TaskContext, cfg: LogregConfig) -> TaskOutput:
+    """Logistic regression on L2-normalised CLS, C chosen on a hold-out (docs/protocols.md#logistic-regression)."""
+    metrics, extra = logreg_eval(ctx.features("train"), ctx.features("val"), cfg)
     return TaskOutput(metrics=metrics, protocol="logreg", extra=extra)

@@ -1,6 +1,6 @@
 """Semi-supervised evaluation on frozen features: 1% / 10% of the training labels.
 
-ibot-protocols.md §2 "Semi-supervised": the frozen protocols (kNN, linear probe,
+docs/protocols.md#semi-supervised: the frozen protocols (kNN, linear probe,
 logistic regression) are trained on a label subset of the training split and tested on
 the full test split. The subset is the SimCLRv2 image list given by ``split_file``
 (``1percent.txt`` / ``10percent.txt``) or, without one, a deterministic per-class draw of
@@ -23,28 +23,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from ibot_bench.downstream.knn import KnnConfig, knn_eval
+from ibot_bench.downstream.linear import LinearConfig, linear_probe
+from ibot_bench.downstream.linear import feature_needs as linear_feature_needs
+from ibot_bench.downstream.live_features import LiveViews, live_views
+from ibot_bench.downstream.logreg import LogregConfig, logreg_eval
 
-from downstream.knn import KnnConfig, knn_eval
-from downstream.linear import LinearConfig, linear_probe
-from downstream.logreg import LogregConfig, logreg_eval
-from ibot_bench.data.subsets import per_class_fraction, read_split_file
-from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.data.subsets import label_subset
+from ibot_bench.errors import ConfigError
 from ibot_bench.features import FeatureSet
-from ibot_bench.tasks import TaskOutput, register_task
+from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, Callable[[FeatureSet, FeatureSet, object], tuple[dict, dict]]] = {
+METHODS: dict[str, Callable[..., tuple[dict, dict]]] = {
     "knn": knn_eval,
     "linear": linear_probe,
     "logreg": logreg_eval,
 }
-SPLIT_FILE_TOLERANCE = 1.25  # a split file may select fraction / 1.25 .. fraction * 1.25
 
 
 @dataclass
 class SemiConfig:
-    """Settings of the frozen semi-supervised task (ibot-protocols.md §2 "Semi-supervised").
+    """Settings of the frozen semi-supervised task (docs/protocols.md#semi-supervised).
 
     ``seed`` drives the per-class draw and overrides the seed of every method's config.
     """
@@ -63,26 +64,16 @@ def protocol_name(fraction: float) -> str:
     return f"semi-{round(100 * fraction, 6):g}pct"
 
 
-def label_subset(train: FeatureSet, cfg: SemiConfig) -> tuple[np.ndarray, str]:
-    """Rows of ``train`` whose labels are used, and a description of where they came from."""
-    if not 0 < cfg.fraction <= 1:
-        raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
-    if not cfg.split_file:
-        rows = per_class_fraction(train.labels, cfg.fraction, cfg.seed, train.class_names)
-        return rows, f"per-class fraction {cfg.fraction:g}, seed {cfg.seed}"
-    names = train.meta.get("sample_names")
-    if names is None:
-        raise UserError(
-            "split_file needs the training samples' file names (FeatureSet.meta['sample_names'])"
-        )
-    rows = read_split_file(cfg.split_file, names)
-    realised = len(rows) / len(train)
-    if not cfg.fraction / SPLIT_FILE_TOLERANCE <= realised <= cfg.fraction * SPLIT_FILE_TOLERANCE:
-        raise ConfigError(
-            f"split file {cfg.split_file!r} selects {100 * realised:.3g}% of the training set but "
-            f"fraction is {cfg.fraction:g}; set fraction to match (it names the protocol)"
-        )
-    return rows, f"split file {cfg.split_file}"
+def subset_rows(train: FeatureSet, cfg: SemiConfig) -> tuple[np.ndarray, str]:
+    """Rows of ``train`` whose labels are used, and the tag naming the subset."""
+    return label_subset(
+        train.labels,
+        train.sample_names,
+        fraction=cfg.fraction,
+        split_file=cfg.split_file,
+        seed=cfg.seed,
+        class_names=train.class_names,
+    )
 
 
 def _method_config(cfg: SemiConfig, method: str) -> object:
@@ -92,28 +83,38 @@ def _method_config(cfg: SemiConfig, method: str) -> object:
 
 
 def semi_eval(
-    train: FeatureSet, test: FeatureSet, cfg: SemiConfig
+    train: FeatureSet, test: FeatureSet, cfg: SemiConfig, views: LiveViews | None = None
 ) -> tuple[dict[str, float], dict]:
-    """Run ``cfg.methods`` on the label subset of ``train``; test on all of ``test``."""
+    """Run ``cfg.methods`` on the label subset of ``train``; test on all of ``test``.
+
+    ``views`` are the linear probe's live augmented views (``linear.augment=true``).
+    """
     unknown = [m for m in cfg.methods if m not in METHODS]
     if not cfg.methods or unknown:
         raise ConfigError(
             f"methods must be a non-empty subset of {list(METHODS)}, got {cfg.methods}"
         )
-    rows, source = label_subset(train, cfg)
+    rows, source = subset_rows(train, cfg)
     subset = train.subset(rows)
     log.info("semi: %d of %d training images (%s)", len(rows), len(train), source)
     metrics: dict[str, float] = {}
     extra: dict = {"subset_size": len(rows), "train_size": len(train), "subset_source": source}
     for method in dict.fromkeys(cfg.methods):
-        m_metrics, m_extra = METHODS[method](subset, test, _method_config(cfg, method))
+        extra_args = (views,) if method == "linear" else ()
+        m_metrics, m_extra = METHODS[method](subset, test, _method_config(cfg, method), *extra_args)
         metrics.update({f"{method}_{name}": value for name, value in m_metrics.items()})
         extra[method] = m_extra
     return metrics, extra
 
 
-@register_task("semi", SemiConfig, n_last_blocks=4)
-def semi(train: FeatureSet, test: FeatureSet, cfg: SemiConfig) -> TaskOutput:
-    """Frozen kNN / linear / log. regression on 1% or 10% of labels (ibot-protocols.md §2)."""
-    metrics, extra = semi_eval(train, test, cfg)
+def feature_needs(cfg: SemiConfig) -> dict[str, int]:
+    """What the linear method needs, when it runs."""
+    return linear_feature_needs(cfg.linear) if "linear" in cfg.methods else {}
+
+
+@register_task("semi", SemiConfig, features=feature_needs)
+def semi(ctx: TaskContext, cfg: SemiConfig) -> TaskOutput:
+    """Frozen kNN / linear / log. regression on 1% or 10% of labels (docs/protocols.md#semi-supervised)."""
+    views = live_views(ctx, _method_config(cfg, "linear"))
+    metrics, extra = semi_eval(ctx.features("train"), ctx.features("val"), cfg, views)
     return TaskOutput(metrics=metrics, protocol=protocol_name(cfg.fraction), extra=extra)

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning on 1% / 10% of the labels (ibot-protocols.md §2 "Semi-supervised").
+"""Semi-supervised fine-tuning on 1% / 10% of the labels (docs/protocols.md#semi-supervised).
 
 End-to-end fine-tuning on a label subset of the training split, tested on the full val
 split. The subset is the SimCLRv2 image list ``split_file`` or, without one, the same
@@ -28,18 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-from downstream.finetune import (
+from ibot_bench.downstream.finetune import (
     FinetuneConfig,
     FinetuneModel,
     param_groups,
     resolve_recipe,
 )
-from downstream.finetune_engine import fit
+from ibot_bench.downstream.finetune_engine import fit
+from torch import nn
+
 from ibot_bench.data import ClassificationSplit, parse_spec, require_classification
-from ibot_bench.data.subsets import per_class_fraction, read_split_file
-from ibot_bench.encoders import Encoder, build_head, load_encoder
+from ibot_bench.data.subsets import label_subset
+from ibot_bench.encoders import Encoder, build_head
 from ibot_bench.errors import ConfigError, NotApplicableError
 from ibot_bench.layer_decay import set_drop_path
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
@@ -72,22 +72,17 @@ def protocol_name(cfg: SemiFinetuneConfig) -> str:
     return f"semi-ft{head}-{round(100 * cfg.fraction, 6):g}pct{best}"
 
 
-def label_subset(train: ClassificationSplit, cfg: SemiFinetuneConfig) -> ClassificationSplit:
+def labelled_split(train: ClassificationSplit, cfg: SemiFinetuneConfig) -> ClassificationSplit:
     """The labelled part of ``train``: a split file's images or ``fraction`` of each class."""
-    if not 0 < cfg.fraction <= 1:
-        raise ConfigError(f"fraction must be in (0, 1], got {cfg.fraction}")
-    if cfg.split_file:
-        rows = read_split_file(cfg.split_file, train.sample_names)
-        realised = len(rows) / len(train)
-        if not cfg.fraction / 1.25 <= realised <= cfg.fraction * 1.25:
-            raise ConfigError(
-                f"split file {cfg.split_file!r} selects {100 * realised:.3g}% of the training "
-                f"set but fraction is {cfg.fraction:g}; set fraction to match (it names the "
-                "protocol)"
-            )
-        return train.subset(rows, f"split_file={cfg.split_file}")
-    rows = per_class_fraction(train.labels, cfg.fraction, cfg.subset_seed, train.class_names)
-    return train.subset(rows, f"fraction={cfg.fraction:g}:seed={cfg.subset_seed}")
+    rows, tag = label_subset(
+        train.labels,
+        train.sample_names,
+        fraction=cfg.fraction,
+        split_file=cfg.split_file,
+        seed=cfg.subset_seed,
+        class_names=train.class_names,
+    )
+    return train.subset(rows, tag)
 
 
 def head_first_layer(encoder: Encoder) -> tuple[nn.Module, int]:
@@ -113,8 +108,8 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
             f"dataset spec {ctx.data_spec!r} and set them as task keys (fraction=0.01)"
         )
     full = require_classification(ctx.split("train"), ctx.data_spec)
-    train, val = label_subset(full, cfg), ctx.split("val")
-    encoder = load_encoder(ctx.encoder_spec, allow_partial=ctx.allow_partial)
+    train, val = labelled_split(full, cfg), ctx.split("val")
+    encoder = ctx.encoder()
     recipe = resolve_recipe(cfg, encoder)
     proj, proj_dim = None, None
     if cfg.from_head:
@@ -137,8 +132,8 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
     return metrics, extra
 
 
-@register_task("semi-finetune", SemiFinetuneConfig, frozen=False)
+@register_task("semi-finetune", SemiFinetuneConfig)
 def semi_finetune(ctx: TaskContext, cfg: SemiFinetuneConfig) -> TaskOutput:
-    """End-to-end fine-tuning on 1% / 10% of labels, from the projection head or not (§2)."""
+    """End-to-end fine-tuning on 1% / 10% of labels, from the projection head or not (docs/protocols.md#semi-supervised)."""
     metrics, extra = semi_finetune_eval(ctx, cfg)
     return TaskOutput(metrics=metrics, protocol=protocol_name(cfg), extra=extra)

@@ -18,13 +18,16 @@ from ibot_bench.io import atomic_write_text
 EXAMPLES = {
     "list": "ibot-bench list",
     "data": "ibot-bench data synth ./synth --classes 10 --size 64",
-    "features": "ibot-bench features --encoder random:vit_tiny_patch8 --data synthetic:shapes --split val",
+    "features": "ibot-bench features --encoder random:vit_tiny_patch8 --data synthetic:shapes "
+    "--split val features.precision=fp32 features.batch_size=128",
     "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]\n"
     "  ibot-bench eval detection --encoder ibot:out/checkpoint.pth --data coco:/data/coco --output results/det",
     "version": "ibot-bench version",
     "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small",
     "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
-    "pretrain": "ibot-bench pretrain --config configs/pretrain/quick.yaml output_dir=out/quick",
+    "pretrain": "ibot-bench pretrain --config quick --output out/quick optim.epochs=4",
+    "config": "ibot-bench config show linear --config finetune_quick epochs=2  (any task)\n"
+    "  ibot-bench config show finetune --config tasks/finetune_vit_small.yaml lr=1e-3",
     "setup-dense": "ibot-bench setup-dense",
 }
 
@@ -68,16 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     feats = add("features", "extract and cache frozen features; print shape, speed, cache path")
     _add_encoder_data(feats)
     feats.add_argument("--split", default="train", choices=["train", "val"])
-    feats.add_argument("--img-size", type=int, default=None, help="crop size (default: dataset's)")
-    feats.add_argument("--batch-size", type=int, default=64)
-    feats.add_argument("--workers", type=int, default=-1, help="data-loading workers (-1: auto)")
-    feats.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    feats.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    feats.add_argument("--channels-last", action="store_true")
-    feats.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images")
     feats.add_argument("--refresh", action="store_true", help="recompute even if cached")
     feats.add_argument(
         "--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)"
+    )
+    feats.add_argument(
+        "overrides",
+        nargs="*",
+        help="features.KEY=VALUE settings, as for eval: img_size, crop_pct, interpolation, "
+        "n_last_blocks, batch_size, num_workers, precision, channels_last, skip_corrupt, device",
     )
 
     run = add("run", "run a suite of evaluations over encoders, resumable, with a leaderboard")
@@ -101,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ev = add("eval", "run one evaluation task and write its result record")
     ev.add_argument("task", help="task name (see `ibot-bench list`)")
     _add_encoder_data(ev)
-    ev.add_argument("--config", default=None, help="task config YAML (e.g. configs/tasks/knn.yaml)")
+    ev.add_argument(
+        "--config", default=None, help="task config: a YAML path or a shipped name (finetune_quick)"
+    )
     ev.add_argument("--output", default="results/eval", help="folder for records/ and configs/")
     ev.add_argument("--refresh", action="store_true", help="recompute cached features")
     ev.add_argument("--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)")
@@ -112,13 +116,26 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     pre = add("pretrain", "pretrain iBOT (single process, or DDP under torchrun)")
-    pre.add_argument("--config", required=True, help="run config YAML (configs/pretrain/*.yaml)")
+    pre.add_argument(
+        "--config", required=True, help="run config: a YAML path or a shipped name (quick, demo)"
+    )
+    pre.add_argument("--output", default=None, help="output folder (same as output_dir=DIR)")
     pre.add_argument(
         "--resume", default=None, help="checkpoint to resume (default: OUTPUT/checkpoint.pth)"
     )
-    pre.add_argument(
-        "overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10 output_dir=out"
+    pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
+
+    conf = add("config", "show configs: a task's full effective config as YAML")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = conf_sub.add_parser(
+        "show",
+        help="print TASK's effective config (defaults <- --config file <- overrides) as YAML",
+        epilog="Example:\n  " + EXAMPLES["config"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    show.add_argument("task", help="task name (see `ibot-bench list`)")
+    show.add_argument("--config", default=None, help="task config: a YAML path or a shipped name")
+    show.add_argument("overrides", nargs="*", help="key=value overrides, as for eval")
     dense = add(
         "setup-dense",
         "install mmdet/mmseg and build mmcv 2.1.0 with ops for this torch (cached, reused)",
@@ -188,17 +205,16 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_features(args: argparse.Namespace) -> None:
+    from ibot_bench.config import load_config, to_dict
     from ibot_bench.features import FeatureConfig, extract_features
 
-    cfg = FeatureConfig(
-        img_size=args.img_size,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        precision=args.precision,
-        device=args.device,
-        channels_last=args.channels_last,
-        skip_corrupt=args.skip_corrupt,
-    )
+    bad = [o for o in args.overrides if not o.startswith("features.")]
+    if bad:
+        raise UserError(
+            f"features takes feature settings only, as features.KEY=VALUE; got {bad[0]!r}"
+        )
+    overrides = [o.removeprefix("features.") for o in args.overrides]
+    cfg = FeatureConfig(**to_dict(load_config(FeatureConfig, overrides=overrides)))
     feats = extract_features(
         args.encoder,
         args.data,
@@ -313,10 +329,13 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from ibot_bench.config import load_config
-    from pretrain.config import PretrainConfig
-    from pretrain.train import pretrain
+    from ibot_bench.pretrain.config import PretrainConfig
+    from ibot_bench.pretrain.train import pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.output is not None:
+        overrides.append(f"output_dir={args.output}")
+    cfg = load_config(PretrainConfig, args.config, overrides, kind="pretrain")
     summary = pretrain(cfg, resume=args.resume)
     if not summary["is_main"]:
         return
@@ -325,6 +344,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     out = summary["output_dir"]
     print(f"  checkpoint  {out}/checkpoint.pth")
     print(f"  evaluate    ibot-bench eval knn --encoder ibot:{out}/checkpoint.pth --data ...")
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    from omegaconf import OmegaConf
+
+    from ibot_bench.config import load_config
+    from ibot_bench.evaluate import eval_schema
+    from ibot_bench.tasks import discover_tasks
+
+    task = discover_tasks().get(args.task)
+    cfg = load_config(eval_schema(task), args.config, args.overrides, kind="tasks")
+    print(f"# {task.name}: defaults <- {args.config or 'no file'} <- overrides")
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
 
 
 def _cmd_setup_dense(args: argparse.Namespace) -> None:
@@ -343,6 +375,7 @@ COMMANDS = {
     "features": _cmd_features,
     "eval": _cmd_eval,
     "pretrain": _cmd_pretrain,
+    "config": _cmd_config,
 }
 
 
@@ -351,14 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come before or after options (argparse stops at the first)
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
-    if args.command not in ("eval", "pretrain") or len(overrides) != len(extra):
+    if args.command not in ("eval", "pretrain", "features", "config") or len(overrides) != len(
+        extra
+    ):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     else:
         args.overrides = args.overrides + overrides
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for ours in ("ibot_bench", "downstream", "pretrain"):  # our progress notes, not libraries'
-        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("ibot_bench").setLevel(logging.INFO)  # our progress notes, not libraries'
     try:
         return COMMANDS[args.command](args) or 0
     except UserError as exc:

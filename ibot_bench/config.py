@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from ibot_bench.errors import ConfigError
 from ibot_bench.io import atomic_write_text
+from ibot_bench.resources import resolve_config
 
 T = TypeVar("T")
 
@@ -53,12 +54,10 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {items}: {exc}") from exc
 
 
-def load_yaml(path: str | Path) -> DictConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"config file {path} not found. Check the path (configs live in configs/)."
-        )
+def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
+    """A YAML mapping from ``path``, or from the shipped config of that name (``kind``: its
+    folder, e.g. ``tasks``); see :func:`ibot_bench.resources.resolve_config`."""
+    path = resolve_config(path, kind)
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError and friends
@@ -73,15 +72,17 @@ def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     extra: dict[str, Any] | None = None,
+    kind: str | None = None,
 ) -> T:
     """Defaults of ``schema`` <- YAML ``path`` <- ``extra`` <- ``overrides``; validated.
 
+    ``path`` may name a shipped config of folder ``kind`` (see :func:`load_yaml`).
     Returns a typed, read-only DictConfig that behaves like an instance of ``schema``.
     """
     base = OmegaConf.structured(schema)
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        layers.append((str(path), load_yaml(path)))
+        layers.append((str(path), load_yaml(path, kind)))
     if extra:
         layers.append(("settings", OmegaConf.create(extra)))
     layers.append(("command-line overrides", parse_overrides(overrides)))

@@ -1,7 +1,7 @@
 """Run one registered task on one encoder and dataset, and write its result record.
 
-Frozen tasks get the train and val features from the cached engine; training tasks get
-a :class:`~ibot_bench.tasks.TaskContext`. One record is written per run (with several
+Every task gets a :class:`~ibot_bench.tasks.TaskContext` (features from the cache, the
+encoder, the splits, its folders and seed). One record is written per run (with several
 ``seeds`` the metrics are the mean, with ``<metric>_std`` and each seed's value).
 """
 
@@ -21,9 +21,16 @@ from ibot_bench.config import load_config, save_config, to_dict
 from ibot_bench.data import ClassificationSplit, load_split
 from ibot_bench.distributed import is_main
 from ibot_bench.encoders import encoder_fingerprint
-from ibot_bench.features import FeatureConfig, extract_features, resolve_device
+from ibot_bench.features import FeatureConfig, FeatureSet
 from ibot_bench.records import ResultRecord, config_hash, mean_std
-from ibot_bench.tasks import TaskContext, TaskDef, discover_tasks
+from ibot_bench.runtime import resolve_device
+from ibot_bench.tasks import (
+    TaskContext,
+    TaskDef,
+    TaskOutput,
+    check_feature_needs,
+    discover_tasks,
+)
 
 
 def eval_schema(task: TaskDef) -> type:
@@ -74,7 +81,8 @@ def plan_eval(
 ) -> EvalPlan:
     """Resolve the task and its config (validated) without touching model or data."""
     task = discover_tasks().get(task_name)
-    cfg = load_config(eval_schema(task), config_path, overrides)
+    cfg = load_config(eval_schema(task), config_path, overrides, kind="tasks")
+    check_feature_needs(task, cfg, FeatureConfig(**to_dict(cfg.features)))
     splits = {} if splits is None else splits
     return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec, splits)
 
@@ -95,6 +103,30 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def task_config(plan: EvalPlan, seed: int) -> Any:
+    """The task's own config dataclass instance for one seed (``seed`` set where it has one)."""
+    fields = {f.name for f in dataclasses.fields(plan.task.config_cls)}
+    merged = OmegaConf.merge(
+        OmegaConf.structured(plan.task.config_cls),
+        {k: v for k, v in plan.config.items() if k in fields},
+    )
+    if "seed" in fields:
+        merged.seed = seed
+    return OmegaConf.to_object(merged)
+
+
+def combine_seeds(outputs: list[TaskOutput], seeds: list[int]) -> tuple[dict[str, float], dict]:
+    """One run's metrics and details; with several seeds the mean, ``_std`` and each seed's."""
+    metrics = dict(outputs[0].metrics)
+    if len(outputs) == 1:
+        return metrics, dict(outputs[0].extra)
+    for name in outputs[0].metrics:
+        values = [o.metrics[name] for o in outputs]
+        metrics[name], metrics[f"{name}_std"] = mean_std(values)
+        metrics.update({f"{name}_seed{s}": v for s, v in zip(seeds, values)})
+    return metrics, {"per_seed": [o.extra for o in outputs]}
+
+
 def execute(
     plan: EvalPlan,
     *,
@@ -105,85 +137,64 @@ def execute(
     dataset_group: str | None = None,
     log: Callable[[str], None] = print,
 ) -> ResultRecord:
-    """Run ``plan`` and write its record under ``output_dir/records`` (rank 0 only)."""
-    task, cfg, plain = plan.task, plan.cfg, plan.config
-    enc_spec, data_spec = plan.encoder_spec, plan.data_spec
-    feat_cfg = FeatureConfig(**to_dict(cfg.features))
-    if "n_last_blocks" in task.needs:
-        feat_cfg.n_last_blocks = task.needs["n_last_blocks"]
+    """Run ``plan`` once per seed and write its record under ``output_dir/records`` (rank 0)."""
+    task, cfg = plan.task, plan.cfg
+    output_dir = Path(output_dir)
+    feature_config = FeatureConfig(**to_dict(cfg.features))
+    enc_fp, data_fp = encoder_fingerprint(plan.encoder_spec), plan.split("train").fingerprint()
+    run_id = f"{task.name}__{enc_fp[:12]}__{data_fp[:12]}__{plan.protocol_hash}"
+    feature_sets: dict[str, FeatureSet] = {}  # extracted once, shared by every seed
     started = time.perf_counter()
-    details: dict[str, Any] = {}
-    if task.frozen:
-        kwargs = {"cfg": feat_cfg, "cache_dir": cache_dir, "refresh": refresh_features, "log": log}
-        kwargs["allow_partial"] = allow_partial
-        train = extract_features(enc_spec, data_spec, "train", data=plan.split("train"), **kwargs)
-        test = extract_features(enc_spec, data_spec, "val", data=plan.split("val"), **kwargs)
-        enc_fp, arch = train.meta["encoder"]["fingerprint"], train.meta["encoder"]["arch"]
-        data_fps = (train.meta["key"]["dataset"], test.meta["key"]["dataset"])
-        sizes = (len(train), len(test))
-        details["features"] = {"key": train.meta["key"], "skipped": train.meta["skipped"]}
-    else:
-        enc_fp, arch = encoder_fingerprint(enc_spec), ""
-        train_split, test_split = plan.split("train"), plan.split("val")
-        data_fps = (train_split.fingerprint(), test_split.fingerprint())
-        sizes = (len(train_split), len(test_split))
-
-    task_fields = {f.name for f in dataclasses.fields(task.config_cls)}
-    outputs = []
+    outputs, contexts = [], []
     for seed in cfg.seeds:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(task.config_cls),
-            {k: v for k, v in plain.items() if k in task_fields},
+        ctx = TaskContext(
+            plan.encoder_spec,
+            plan.data_spec,
+            work_dir=output_dir / "work" / f"{run_id}__seed{seed}",
+            allow_partial=allow_partial,
+            log=log,
+            seed=seed,
+            output_dir=output_dir,
+            feature_config=feature_config,
+            cache_dir=cache_dir,
+            refresh_features=refresh_features,
+            splits=plan.splits,
+            feature_sets=feature_sets,
+            fingerprint=enc_fp,
         )
-        if "seed" in task_fields:
-            merged.seed = seed
-        task_cfg = OmegaConf.to_object(merged)  # the task gets its own dataclass instance
         torch.manual_seed(seed)
-        if task.frozen:
-            outputs.append(task.fn(train, test, task_cfg))
-        else:
-            run_id = f"{task.name}__{enc_fp[:12]}__{data_fps[0][:12]}__{plan.protocol_hash}"
-            work = Path(output_dir) / "work" / f"{run_id}__seed{seed}"
-            outputs.append(
-                task.fn(
-                    TaskContext(enc_spec, data_spec, work, allow_partial, log, plan.splits),
-                    task_cfg,
-                )
-            )
+        outputs.append(task.fn(ctx, task_config(plan, seed)))
+        contexts.append(ctx)
 
-    metrics = dict(outputs[0].metrics)
-    if len(outputs) > 1:
-        for name in outputs[0].metrics:
-            values = [o.metrics[name] for o in outputs]
-            metrics[name], metrics[f"{name}_std"] = mean_std(values)
-            metrics.update({f"{name}_seed{s}": v for s, v in zip(cfg.seeds, values)})
-    details.update(
-        {"per_seed": [o.extra for o in outputs]} if len(outputs) > 1 else outputs[0].extra
-    )
+    metrics, details = combine_seeds(outputs, list(cfg.seeds))
+    if "train" in feature_sets:
+        train = feature_sets["train"]
+        details["features"] = {"key": train.meta["key"], "skipped": train.meta["skipped"]}
+    ctx = contexts[0]
     dataset = {
-        "spec": data_spec,
-        "group": dataset_group or data_spec,
-        "fingerprint": data_fps[0],
-        "test_fingerprint": data_fps[1],
+        "spec": plan.data_spec,
+        "group": dataset_group or plan.data_spec,
+        "fingerprint": data_fp,
+        "test_fingerprint": plan.split("val").fingerprint(),
         "split": "train->val",
-        "num_train": sizes[0],
-        "num_test": sizes[1],
+        "num_train": ctx.size("train"),
+        "num_test": ctx.size("val"),
     }
     record = ResultRecord(
         task=task.name,
         protocol=outputs[0].protocol,
-        encoder={"spec": enc_spec, "fingerprint": enc_fp, "arch": arch},
+        encoder={"spec": plan.encoder_spec, "fingerprint": enc_fp, "arch": ctx.arch()},
         dataset=dataset,
         metrics=metrics,
-        config=plain,
+        config=plan.config,
         details=details,
         seed=int(cfg.seeds[0]),
-        device=device_name(resolve_device(feat_cfg.device)),
+        device=device_name(resolve_device(feature_config.device)),
         wall_time_s=time.perf_counter() - started,
     )
     if is_main():  # under torchrun every rank computed the same record; one writes it
         path = record.write(output_dir)
-        save_config(cfg, Path(output_dir) / "configs", f"{record.key()}.yaml")
+        save_config(cfg, output_dir / "configs", f"{record.key()}.yaml")
         log(f"record: {path}")
     return record
 

@@ -21,6 +21,13 @@ from ibot_bench.data.classification import ClassificationSplit, EvalTransform, n
 from ibot_bench.distributed import barrier, gather_rows, init_distributed, shard_range, world
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
 from ibot_bench.errors import DatasetError, UserError
+from ibot_bench.runtime import (
+    autocast,
+    bf16_is_fast,
+    loader_workers,
+    resolve_device,
+    resolve_precision,
+)
 
 
 @dataclass
@@ -29,8 +36,9 @@ class FeatureSet:
 
     ``cls`` is the final-norm CLS (N, D); ``patch_mean`` the mean final-norm patch
     token (N, D); ``cls_last_n`` the concatenated CLS of the last n blocks (N, n*D);
-    ``labels`` (N,) int64; ``class_names`` index -> name. Arrays are float32 numpy
-    (possibly memory-mapped); tasks convert to torch as they need.
+    ``labels`` (N,) int64; ``class_names`` index -> name; ``sample_names`` the dataset's
+    name of each row's image. Arrays are float32 numpy (possibly memory-mapped); tasks
+    convert to torch as they need. ``meta`` is provenance (cache key, encoder, speed).
     """
 
     cls: np.ndarray
@@ -38,6 +46,7 @@ class FeatureSet:
     cls_last_n: np.ndarray
     labels: np.ndarray
     class_names: list[str]
+    sample_names: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -55,6 +64,7 @@ class FeatureSet:
             cls_last_n=np.asarray(self.cls_last_n[indices]),
             labels=np.asarray(self.labels[indices]),
             class_names=self.class_names,
+            sample_names=[self.sample_names[i] for i in indices] if self.sample_names else [],
             meta={**self.meta, "subset": int(len(indices))},
         )
 
@@ -79,40 +89,6 @@ CACHE_VERSION = 1
 ARRAYS = ("cls", "patch_mean", "cls_last_n", "labels")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays off on CUDA (Ampere+) and on CPUs with AMX tiles; elsewhere it is emulated.
-
-    Measured on an AVX2-only AMD EPYC: a bf16-autocast Linear ran ~8x *slower* than fp32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
-
-
-def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"precision {precision!r} unknown; use auto, bf16, fp16 or fp32")
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 class _Images(torch.utils.data.Dataset):
     """Rows of a split -> (row, uint8 image, ok); unreadable images give ok=False if skipping."""
 
@@ -133,19 +109,6 @@ class _Images(torch.utils.data.Dataset):
             return row, torch.zeros(3, size, size, dtype=torch.uint8), False
 
 
-def _auto_workers(device: torch.device) -> int:
-    """Loader processes: decoding in the main process wins on small CPU-only machines.
-
-    Measured on 2 cores (ViT-S/16 @224, 256-px JPEGs, fp32): 0 workers 8.9 img/s, 1 worker
-    8.4, 2 workers 8.5 -- a worker only steals cycles from the model's threads there.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
-    if device.type == "cuda":
-        return min(8, cpus)
-    return 0 if cpus <= 4 else min(4, cpus // 4)
-
-
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -158,6 +121,7 @@ def _load_cached(path: Path, meta: dict) -> FeatureSet:
         cls_last_n=arrays["cls_last_n"],
         labels=np.asarray(arrays["labels"]),
         class_names=meta["class_names"],
+        sample_names=meta["sample_names"],
         meta={**meta, "cache_path": str(path), "cache_hit": True},
     )
 
@@ -196,7 +160,8 @@ def extract_features(
     *,
     cache_dir: str | Path | None = None,
     refresh: bool = False,
-    encoder: Encoder | None = None,
+    encoder: Encoder | Callable[[], Encoder] | None = None,
+    fingerprint: str | None = None,
     allow_partial: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -210,6 +175,9 @@ def extract_features(
     Under torchrun each rank extracts a contiguous shard and the rows are gathered in
     dataset order on every rank; rank 0 writes the cache. ``data`` is the already loaded
     split of ``data_spec`` when the caller has it (saves scanning the folder again).
+    ``encoder`` is the built encoder, or a function building it (called only on a cache
+    miss); without one it is loaded from ``encoder_spec``. ``fingerprint`` is the encoder's
+    when the caller already knows it (saves hashing the weights file again).
     """
     cfg = cfg or FeatureConfig()
     data = require_classification(
@@ -219,7 +187,10 @@ def extract_features(
     transform = EvalTransform(transform.crop, transform.resize, cfg.interpolation)
     device = resolve_device(cfg.device)
     precision = resolve_precision(device, cfg.precision)
-    enc_fp = encoder.info.fingerprint if encoder is not None else encoder_fingerprint(encoder_spec)
+    if isinstance(encoder, Encoder):
+        enc_fp = encoder.info.fingerprint
+    else:
+        enc_fp = fingerprint or encoder_fingerprint(encoder_spec)
     key_parts = {
         "version": CACHE_VERSION,
         "encoder": enc_fp,
@@ -241,6 +212,8 @@ def extract_features(
         shutil.rmtree(_make_temp_dir(path))
     if encoder is None:
         encoder = load_encoder(encoder_spec, allow_partial=allow_partial)
+    elif not isinstance(encoder, Encoder):
+        encoder = encoder()
     encoder = encoder.to(device).eval()
     if cfg.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
@@ -251,7 +224,7 @@ def extract_features(
             f"({'bf16 fast here' if bf16_is_fast(device) else 'no fast bf16 here'})"
         )
     rows = shard_range(len(data), rank, world_size)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else _auto_workers(device)
+    workers = loader_workers(cfg.num_workers, device, world_size)
     loader = torch.utils.data.DataLoader(
         _Images(data, rows, transform, cfg.skip_corrupt),
         batch_size=cfg.batch_size,
@@ -314,5 +287,6 @@ def extract_features(
         cls_last_n=arrays["cls_last_n"],
         labels=arrays["labels"],
         class_names=data.class_names,
+        sample_names=meta["sample_names"],
         meta={**meta, "cache_path": str(path), "cache_hit": False},
     )

@@ -1,6 +1,6 @@
 """Layer ids for layer-wise lr decay and drop-path, shared by fine-tuning and dense tasks.
 
-The BEiT / iBOT rule (ibot-protocols.md §2 "Full fine-tuning", "Detection"): parameter group
+The BEiT / iBOT rule (docs/protocols.md#full-fine-tuning, docs/protocols.md#detection): parameter group
 ``i`` gets ``lr * decay ** (L + 1 - i)`` with ``i = 0`` for patch embed / cls / pos, ``k + 1``
 for block ``k`` and ``L + 1`` for everything after the blocks (final norm, heads, necks).
 """

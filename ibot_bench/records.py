@@ -1,4 +1,4 @@
-"""Result records: the one schema every task returns (DESIGN.md, "ResultRecord").
+"""Result records: the one schema every task returns (docs/design.md#data-path).
 
 One JSON file per (encoder, task, dataset, protocol), written atomically under
 ``<output>/records/``. Readers validate each file and report corrupt ones instead

@@ -1,6 +1,6 @@
 """Suites: many (task, dataset, config) entries over several encoders, resumable.
 
-A suite is a YAML file in ``configs/suites/`` (or any path) validated against
+A suite is a shipped YAML file in ``configs/suites/`` (or any path) validated against
 :class:`SuiteConfig`. The runner skips every evaluation whose record already exists
 (same task, encoder fingerprint, dataset fingerprint and protocol hash) before any model
 is loaded, keeps going when one fails, and finishes with the leaderboard.
@@ -24,8 +24,7 @@ from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
 from ibot_bench.io import atomic_write_text
 from ibot_bench.records import read_records
 from ibot_bench.registry import Registry
-
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+from ibot_bench.resources import resolve_config, shipped_configs
 
 
 @dataclass
@@ -38,7 +37,7 @@ class SuiteDataset:
 class SuiteEntry:
     task: str
     dataset: str  # a key of SuiteConfig.datasets
-    config: str | None = None  # task YAML, relative to configs/ or absolute
+    config: str | None = None  # task YAML: a shipped config (tasks/NAME.yaml) or a path
     overrides: list[str] = field(default_factory=list)
 
 
@@ -56,8 +55,8 @@ class SuiteConfig:
 
 
 SUITES: Registry[Path] = Registry("suite")
-for _path in sorted((CONFIG_ROOT / "suites").glob("*.yaml")):
-    SUITES.add(_path.stem, _path, OmegaConf.load(_path).get("description", ""))
+for _name, _path in shipped_configs("suites").items():
+    SUITES.add(_name, _path, OmegaConf.load(_path).get("description", ""))
 
 
 def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
@@ -80,15 +79,10 @@ def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], No
     partial run, returning at once for a finished one); returns the encoder specs of the
     final teacher and of its random initialisation, the baseline of the same architecture.
     """
-    from pretrain.config import PretrainConfig
-    from pretrain.train import pretrain
+    from ibot_bench.pretrain.config import PretrainConfig
+    from ibot_bench.pretrain.train import pretrain
 
-    path = Path(name)
-    if not path.is_file():
-        path = CONFIG_ROOT / "pretrain" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (CONFIG_ROOT / "pretrain").glob("*.yaml"))
-            raise UserError(f"unknown pretrain config {name!r}; known: {', '.join(known)}")
+    path = resolve_config(name, "pretrain")
     out = Path(output_dir) / "pretrain" / path.stem
     cfg = load_config(PretrainConfig, path, [f"output_dir={out}", "save_init=true"])
     log(f"pretraining {path.name} into {out} (resumes if interrupted)")
@@ -100,10 +94,7 @@ def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], No
 
 
 def config_path(entry: SuiteEntry) -> Path | None:
-    if entry.config is None:
-        return None
-    path = Path(entry.config)
-    return path if path.is_absolute() or path.is_file() else CONFIG_ROOT / path
+    return None if entry.config is None else resolve_config(entry.config, "tasks")
 
 
 def missing_data(spec: str) -> str | None:

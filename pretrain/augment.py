@@ -1,4 +1,4 @@
-"""Multi-crop augmentation and the masked multi-crop dataset (ibot-protocols.md §1.4, §1.5).
+"""Multi-crop augmentation and the masked multi-crop dataset (docs/protocols.md#multi-crop, docs/protocols.md#block-masking).
 
 Views are built with torchvision's v2 transforms on uint8 (3, H, W) tensors and stay uint8
 until the training step normalises the whole batch at once. Every sample's randomness comes
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2 as T
+from ibot_bench.pretrain.config import CropsConfig, per_crop
+from ibot_bench.pretrain.masking import MaskGenerator
 from torch.utils.data import Dataset
 
 from ibot_bench.data.classification import ClassificationSplit
-from pretrain.config import CropsConfig, per_crop
-from pretrain.masking import MaskGenerator
 
 
 def _odd_kernel(sigma_max: float) -> int:
@@ -28,7 +28,7 @@ def _odd_kernel(sigma_max: float) -> int:
 def view_transform(
     size: int, scale: tuple[float, float], blur_p: float, solarize_p: float, c: CropsConfig
 ) -> T.Compose:
-    """One view of §1.4: RandomResizedCrop (bicubic), flip, colour jitter, grayscale, blur,
+    """One view of docs/protocols.md#multi-crop: RandomResizedCrop (bicubic), flip, colour jitter, grayscale, blur,
     solarize; uint8 in, uint8 out (normalisation is done per batch)."""
     steps: list[T.Transform] = [
         T.RandomResizedCrop(
@@ -77,7 +77,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 @dataclass
 class MaskedMultiCrop(Dataset):
     """Dataset of (views, masks, label): uint8 views (globals first), one bool mask per
-    global view on its patch grid (§1.5; the reference also draws unused local masks)."""
+    global view on its patch grid (docs/protocols.md#block-masking; the reference also draws unused local masks)."""
 
     data: ClassificationSplit
     augment: MultiCropAugmentation

@@ -1,4 +1,4 @@
-"""Training checkpoints in the official iBOT layout (ibot-protocols.md §1.8), written atomically.
+"""Training checkpoints in the official iBOT layout (docs/protocols.md#checkpoint-format), written atomically.
 
 ``checkpoint.pth`` holds ``student`` (``module.``-prefixed, as the reference's DDP-wrapped
 student), ``teacher``, ``optimizer``, ``epoch`` (completed epochs), ``args`` (flat,

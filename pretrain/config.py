@@ -1,6 +1,6 @@
 """Typed schema of a pretraining run (``configs/pretrain/*.yaml`` + ``key=value`` overrides).
 
-Defaults are the iBOT reference defaults (ibot-protocols.md §1.3-§1.7); the README's
+Defaults are the iBOT reference defaults (docs/protocols.md#pretraining); the README's
 ViT-S/16 command lives in ``configs/pretrain/vit_small_in1k.yaml``. :func:`validate`
 rejects inconsistent settings before anything is built or trained.
 """
@@ -16,19 +16,19 @@ from ibot_bench.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    """Backbone (§1.1). ``arch`` is a ViT name, or ``custom`` with embed_dim/depth/num_heads."""
+    """Backbone (docs/protocols.md#backbone). ``arch`` is a ViT name, or ``custom`` with embed_dim/depth/num_heads."""
 
     arch: str = "vit_small"
     patch_size: int = 16
     embed_dim: int = 0  # custom only
     depth: int = 0  # custom only
     num_heads: int = 0  # custom only
-    drop_path: float = 0.1  # student only; the teacher has none (§1.1)
+    drop_path: float = 0.1  # student only; the teacher has none (docs/protocols.md#backbone)
 
 
 @dataclass
 class HeadConfig:
-    """iBOT projection head (§1.3)."""
+    """iBOT projection head (docs/protocols.md#projection-head)."""
 
     out_dim: int = 8192
     patch_out_dim: int = 8192
@@ -41,7 +41,7 @@ class HeadConfig:
 
 @dataclass
 class CropsConfig:
-    """Multi-crop augmentation (§1.4). Size / probability lists hold one value or one per crop."""
+    """Multi-crop augmentation (docs/protocols.md#multi-crop). Size / probability lists hold one value or one per crop."""
 
     global_number: int = 2
     global_size: list[int] = field(default_factory=lambda: [224])
@@ -62,7 +62,7 @@ class CropsConfig:
 
 @dataclass
 class MaskConfig:
-    """Block-wise masking of the global crops (§1.5)."""
+    """Block-wise masking of the global crops (docs/protocols.md#block-masking)."""
 
     pred_ratio: list[float] = field(default_factory=lambda: [0.3])
     pred_ratio_var: list[float] = field(default_factory=lambda: [0.0])
@@ -73,7 +73,7 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """Loss, temperatures, centering (§1.6)."""
+    """Loss, temperatures, centering (docs/protocols.md#loss)."""
 
     lambda1: float = 1.0
     lambda2: float = 1.0
@@ -89,7 +89,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, schedules, EMA, clipping (§1.7). ``lr`` is per 256 images of global batch."""
+    """AdamW, schedules, EMA, clipping (docs/protocols.md#optimisation). ``lr`` is per 256 images of global batch."""
 
     epochs: int = 100
     batch_size: int = 1024  # global, over all ranks

@@ -1,4 +1,4 @@
-"""The trainable iBOT projection head (ibot-protocols.md §1.3).
+"""The trainable iBOT projection head (docs/protocols.md#projection-head).
 
 Extends :class:`ibot_bench.encoders.head.ProjectionHead` (MLP -> L2-norm -> last layer)
 with weight-normalised last layers whose parameters carry the official checkpoint names
@@ -42,7 +42,7 @@ class WeightNormLinear(nn.Module):
 class IbotHead(ProjectionHead):
     """3-layer MLP (D -> hidden -> hidden -> bottleneck, GELU), L2-normalised bottleneck,
     weight-normed ``last_layer`` (CLS, ``out_dim``) and ``last_layer2`` (patches,
-    ``patch_out_dim``); ``shared=True`` makes them one module, saved under both names (§5).
+    ``patch_out_dim``); ``shared=True`` makes them one module, saved under both names (docs/protocols.md#reference-subtleties).
     ``norm_last_layer=True`` freezes ``weight_g`` at 1."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The iBOT loss: CLS self-distillation + masked image modelling, with centering (§1.6).
+"""The iBOT loss: CLS self-distillation + masked image modelling, with centering (docs/protocols.md#loss).
 
     L = lambda1 * mean_{q global, v != q} CE(t_cls[q], s_cls[v])
       + lambda2 * mean_{q global} mean_b [ sum_i m_i CE(t_patch[q]_i, s_patch[q]_i) / max(1, sum_i m_i) ]
@@ -29,7 +29,7 @@ class LossParts:
 
 class IbotLoss(nn.Module):
     """Holds the centers ``center`` (1, out_dim) and ``center2`` (1, 1, patch_out_dim),
-    saved as the checkpoint's ``ibot_loss`` entry (§1.8)."""
+    saved as the checkpoint's ``ibot_loss`` entry (docs/protocols.md#checkpoint-format)."""
 
     def __init__(
         self,
@@ -89,7 +89,7 @@ class IbotLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_cls: list[torch.Tensor], teacher_patch: list[torch.Tensor]):
         """c <- m c + (1 - m) mean over images of all ranks (CLS logits; per-image mean of
-        all patch logits for c2, masked or not, §5)."""
+        all patch logits for c2, masked or not, docs/protocols.md#reference-subtleties)."""
         cls = torch.cat(teacher_cls).float()
         patch = torch.cat(teacher_patch).float().mean(1)
         sums = torch.cat([cls.sum(0), patch.sum(0)])

@@ -1,4 +1,4 @@
-"""Block-wise and random patch masks for masked image modelling (ibot-protocols.md §1.5, §5).
+"""Block-wise and random patch masks for masked image modelling (docs/protocols.md#block-masking, docs/protocols.md#reference-subtleties).
 
 Hand-written: the reference's generator (BEiT's block masking as modified by iBOT) is a
 small loop with exact acceptance rules that no library offers. Draws use a caller-owned
@@ -16,7 +16,7 @@ import torch
 
 def sample_ratio(rng: random.Random, ratios: Sequence[float], variances: Sequence[float]) -> float:
     """One masking ratio: draw U(r - v, r + v) (or r if v == 0) for *every* list entry, then
-    pick one entry at random, as the reference's ``get_pred_ratio`` does (§5)."""
+    pick one entry at random, as the reference's ``get_pred_ratio`` does (docs/protocols.md#reference-subtleties)."""
     drawn = [rng.uniform(r - v, r + v) if v > 0 else r for r, v in zip(ratios, variances)]
     return drawn[0] if len(drawn) == 1 else rng.choice(drawn)
 
@@ -53,7 +53,7 @@ def block_mask(
     While fewer than ``target`` cells are masked, up to ``attempts`` rectangles are tried
     (:func:`draw_block`); a rectangle may add only between 1 and ``remaining`` new cells.
     The loop stops when a round of attempts adds nothing, so the count never exceeds
-    ``target`` and may fall short of it (§1.5, §5).
+    ``target`` and may fall short of it (docs/protocols.md#block-masking, docs/protocols.md#reference-subtleties).
     """
     mask = torch.zeros(height, width, dtype=torch.bool)
     count = 0
@@ -78,7 +78,7 @@ def block_mask(
 
 
 def random_mask(rng: random.Random, height: int, width: int, target: float) -> torch.Tensor:
-    """Exactly ``int(target)`` cells chosen uniformly (``pred_shape=rand``; int() truncates, §5)."""
+    """Exactly ``int(target)`` cells chosen uniformly (``pred_shape=rand``; int() truncates, docs/protocols.md#reference-subtleties)."""
     n = height * width
     flat = [False] * (n - int(target)) + [True] * int(target)
     rng.shuffle(flat)

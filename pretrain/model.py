@@ -1,4 +1,4 @@
-"""Masked ViT backbone and the student / teacher networks (ibot-protocols.md §1.1-§1.3).
+"""Masked ViT backbone and the student / teacher networks (docs/protocols.md#pretraining).
 
 The backbone is timm's ViT (via :class:`IbotVisionTransformer`: patch embed, blocks, norm,
 DINO's pos-embed interpolation) plus the student's ``masked_embed`` token. Networks talk to
@@ -12,10 +12,10 @@ from functools import partial
 from typing import Any, Protocol
 
 import torch
+from ibot_bench.pretrain.head import IbotHead
 from torch import nn
 
 from ibot_bench.encoders.vit import IbotVisionTransformer, ViTConfig, vit_kwargs
-from pretrain.head import IbotHead
 
 
 class MaskableBackbone(Protocol):
@@ -27,7 +27,7 @@ class MaskableBackbone(Protocol):
 
 
 class MaskedVisionTransformer(IbotVisionTransformer):
-    """iBOT ViT with BEiT-style masking (§1.2): masked patch embeddings are replaced by the
+    """iBOT ViT with BEiT-style masking (docs/protocols.md#mask-tokens): masked patch embeddings are replaced by the
     learnable, zero-initialised ``masked_embed`` right after the patch conv, *before* the
     CLS token and position embeddings are added; the student sees the full sequence."""
 
@@ -52,7 +52,7 @@ def build_backbone(
     cfg: ViTConfig, drop_path: float = 0.0, masked_embed: bool = True
 ) -> MaskedVisionTransformer:
     """Same shape arguments as :func:`ibot_bench.encoders.vit.build_vit`; drop-path rises
-    linearly 0 -> ``drop_path`` over depth (§1.1, timm's rule)."""
+    linearly 0 -> ``drop_path`` over depth (docs/protocols.md#backbone, timm's rule)."""
     return MaskedVisionTransformer(
         **vit_kwargs(cfg), drop_path_rate=drop_path, masked_embed=masked_embed
     )
@@ -85,7 +85,7 @@ class IbotStudent(nn.Module):
 
     Global crops are masked and give CLS logits plus patch logits of the masked tokens
     (the only ones the MIM loss reads); local crops are unmasked and only their CLS goes
-    through the head (the reference projects every local token and discards them, §6)."""
+    through the head (the reference projects every local token and discards them, docs/protocols.md#compute-profile)."""
 
     def __init__(self, backbone: MaskedVisionTransformer, head: IbotHead) -> None:
         super().__init__()
@@ -146,7 +146,7 @@ def build_networks(
     norm_last_layer: bool = True,
 ) -> tuple[IbotStudent, IbotTeacher]:
     """Student and teacher with identical starting weights on their common parameters
-    (the teacher is loaded from the student, §1.3); the teacher never gets gradients."""
+    (the teacher is loaded from the student, docs/protocols.md#projection-head); the teacher never gets gradients."""
     head = partial(
         IbotHead,
         vit.embed_dim,
@@ -172,7 +172,7 @@ def build_networks(
 def common_parameters(
     student: nn.Module, teacher: nn.Module
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Parameters whose names exist in both networks (EMA pairs, §1.3), in matching order."""
+    """Parameters whose names exist in both networks (EMA pairs, docs/protocols.md#projection-head), in matching order."""
     teacher_params = dict(teacher.named_parameters())
     pairs = [(p, teacher_params[n]) for n, p in student.named_parameters() if n in teacher_params]
     return [s for s, _ in pairs], [t for _, t in pairs]

@@ -1,5 +1,5 @@
 """Training logs: JSON lines, optional TensorBoard, and the paper's per-epoch cluster monitor
-(NMI / ARI / FMI of the teacher's CLS argmax against the labels, §1.6)."""
+(NMI / ARI / FMI of the teacher's CLS argmax against the labels, docs/protocols.md#loss)."""
 
 from __future__ import annotations
 

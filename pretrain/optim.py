@@ -1,5 +1,5 @@
 """AdamW parameter groups, per-tensor gradient clipping, last-layer freezing and the EMA
-teacher update (ibot-protocols.md §1.3, §1.7)."""
+teacher update (docs/protocols.md#projection-head, docs/protocols.md#optimisation)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Two AdamW groups: regularised (ndim > 1 and not a bias: includes cls_token, pos_embed,
-    masked_embed and a trainable ``weight_g``, §5) and not regularised (weight decay 0).
+    masked_embed and a trainable ``weight_g``, docs/protocols.md#reference-subtleties) and not regularised (weight decay 0).
     Frozen parameters are left out."""
     regularised, plain = [], []
     for name, p in model.named_parameters():
@@ -30,7 +30,7 @@ def build_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.
 
 @torch.no_grad()
 def clip_gradients_per_tensor(params: list[torch.Tensor], clip: float) -> torch.Tensor:
-    """Scale each parameter's gradient to norm <= ``clip`` separately (not a global norm, §1.7):
+    """Scale each parameter's gradient to norm <= ``clip`` separately (not a global norm, docs/protocols.md#optimisation):
     g <- g * clip / (||g|| + 1e-6) where that factor is < 1. Returns the pre-clip norms."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -42,7 +42,7 @@ def clip_gradients_per_tensor(params: list[torch.Tensor], clip: float) -> torch.
 
 
 def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_epochs: int) -> None:
-    """Drop the gradients of every ``last_layer*`` parameter during the first epochs (§1.7)."""
+    """Drop the gradients of every ``last_layer*`` parameter during the first epochs (docs/protocols.md#optimisation)."""
     if epoch >= freeze_epochs:
         return
     for name, p in model.named_parameters():
@@ -52,6 +52,6 @@ def cancel_last_layer_grads(model: nn.Module, epoch: int, freeze_epochs: int) ->
 
 @torch.no_grad()
 def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student, as two fused multi-tensor ops (§1.3)."""
+    """teacher <- m * teacher + (1 - m) * student, as two fused multi-tensor ops (docs/protocols.md#projection-head)."""
     torch._foreach_mul_(teacher, momentum)
     torch._foreach_add_(teacher, student, alpha=1.0 - momentum)

@@ -1,4 +1,4 @@
-"""Per-iteration and per-epoch schedules, reproducing the reference's arrays (§1.6, §1.7, §5).
+"""Per-iteration and per-epoch schedules, reproducing the reference's arrays (docs/protocols.md#loss, docs/protocols.md#optimisation, docs/protocols.md#reference-subtleties).
 
 ``cosine_schedule`` is linear warm-up from ``start_warmup`` to ``base`` over the warm-up
 iterations, then a half cosine from ``base`` towards ``final``: as in the reference, the
@@ -33,7 +33,7 @@ def teacher_temp_schedule(
 ) -> np.ndarray:
     """Per-epoch teacher temperature: ``warmup_temp`` until ``start_epoch`` (the MIM start for
     the patch temperature), then ``linspace(warmup_temp, temp, warmup_epochs)`` (so ``temp``
-    is reached at epoch start + warmup - 1, §5), then constant; cut to ``epochs`` entries."""
+    is reached at epoch start + warmup - 1, docs/protocols.md#reference-subtleties), then constant; cut to ``epochs`` entries."""
     parts = [
         np.full(start_epoch, warmup_temp),
         np.linspace(warmup_temp, temp, warmup_epochs),

@@ -1,4 +1,4 @@
-"""The iBOT training loop (ibot-protocols.md §1): single process or DDP under torchrun.
+"""The iBOT training loop (docs/protocols.md#pretraining): single process or DDP under torchrun.
 
 One step: normalise the uint8 crops, teacher on the unmasked global crops, student on the
 masked global crops and the local crops (one call), loss + center update, backward,
@@ -19,6 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ibot_bench.pretrain import checkpoint as ckpt
+from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
+from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
+from ibot_bench.pretrain.loss import IbotLoss
+from ibot_bench.pretrain.masking import MaskGenerator
+from ibot_bench.pretrain.model import IbotStudent, IbotTeacher, build_networks, common_parameters
+from ibot_bench.pretrain.monitor import ClusterMonitor, JsonlLog
+from ibot_bench.pretrain.optim import (
+    build_optimizer,
+    cancel_last_layer_grads,
+    clip_gradients_per_tensor,
+    ema_update,
+)
+from ibot_bench.pretrain.schedules import cosine_schedule, teacher_temp_schedule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -28,21 +42,13 @@ from ibot_bench.data import load_split, require_classification
 from ibot_bench.data.classification import normalize_batch
 from ibot_bench.distributed import barrier, init_distributed, is_main, world
 from ibot_bench.errors import DatasetError, UserError
-from ibot_bench.features import autocast, resolve_device, resolve_precision
-from pretrain import checkpoint as ckpt
-from pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
-from pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
-from pretrain.loss import IbotLoss
-from pretrain.masking import MaskGenerator
-from pretrain.model import IbotStudent, IbotTeacher, build_networks, common_parameters
-from pretrain.monitor import ClusterMonitor, JsonlLog
-from pretrain.optim import (
-    build_optimizer,
-    cancel_last_layer_grads,
-    clip_gradients_per_tensor,
-    ema_update,
+from ibot_bench.runtime import (
+    autocast,
+    loader_workers,
+    resolve_device,
+    resolve_precision,
+    set_threads,
 )
-from pretrain.schedules import cosine_schedule, teacher_temp_schedule
 
 
 class TrainingDiverged(UserError):
@@ -133,8 +139,7 @@ class Trainer:
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.precision = resolve_precision(self.device, cfg.precision)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
 
         self.data = require_classification(load_split(cfg.data, "train"), cfg.data)
         self.batch = cfg.optim.batch_size // self.world_size
@@ -221,10 +226,7 @@ class Trainer:
             self.vit.patch_size,
             seed=cfg.seed,
         )
-        workers = cfg.num_workers
-        if workers < 0:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            workers = min(8, cpus) if self.device.type == "cuda" else (0 if cpus <= 4 else 2)
+        workers = loader_workers(cfg.num_workers, self.device, self.world_size)
         self.loader = DataLoader(
             self.dataset,
             batch_size=self.batch,

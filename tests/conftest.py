@@ -35,3 +35,11 @@ def make_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: int
 @pytest.fixture
 def tiny_imagefolder(tmp_path: Path) -> Path:
     return make_imagefolder(tmp_path / "tiny")
+
+
+def feature_context(train, test, encoder_spec: str = "", data_spec: str = "", **kwargs):
+    """A task context serving the feature sets ``train`` and ``test`` (as from the cache)."""
+    from ibot_bench.tasks import TaskContext
+
+    sets = {"train": train, "val": test}
+    return TaskContext(encoder_spec, data_spec, feature_sets=sets, **kwargs)

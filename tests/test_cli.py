@@ -43,10 +43,10 @@ def test_data_synth_then_features_and_eval(capsys, tmp_path):
     assert code == 0 and f"imagefolder:{out_dir}/imagenet" in out
     data = f"imagefolder:{out_dir}/imagenet?size=32"
     code, out, _ = run(capsys, "features", "--encoder", "random:vit_tiny_patch8", "--data", data,
-                       "--split", "val", "--precision", "fp32")  # fmt: skip
+                       "--split", "val", "features.precision=fp32")  # fmt: skip
     assert code == 0 and "cls         (6, 192)" in out and "img/s" in out
     code, out, _ = run(capsys, "features", "--encoder", "random:vit_tiny_patch8", "--data", data,
-                       "--split", "val", "--precision", "fp32")  # fmt: skip
+                       "--split", "val", "features.precision=fp32")  # fmt: skip
     assert "throughput  cached" in out
     results = tmp_path / "results"
     code, out, _ = run(capsys, "eval", "knn", "--encoder", "random:vit_tiny_patch8", "--data", data,
@@ -84,7 +84,7 @@ def _errors(tmp_path, tiny_imagefolder):
     (corrupt / "val" / "a" / "x.jpg").write_bytes(b"\xff\xd8 broken")
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder should be")
-    feats = ["features", "--split", "val", "--precision", "fp32"]
+    feats = ["features", "--split", "val", "features.precision=fp32"]
     return [
         (feats + ["--encoder", "foo:bar", "--data", data], "unknown encoder scheme 'foo'"),
         (feats + ["--encoder", f"ibot:{tmp_path}/none.pth", "--data", data], "not found"),

@@ -1,4 +1,4 @@
-"""Clustering metrics and k-means (downstream/cluster.py; ibot-protocols.md §2 clustering)."""
+"""Clustering metrics and k-means (downstream/cluster.py; docs/protocols.md#clustering)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
-from sklearn import metrics as skm
-
-from downstream.cluster import (
+from conftest import feature_context
+from ibot_bench.downstream.cluster import (
     PROTOCOL_HEAD,
     PROTOCOL_KMEANS,
     ClusterConfig,
@@ -18,6 +16,8 @@ from downstream.cluster import (
     clustering_metrics,
     hungarian_accuracy,
 )
+from sklearn import metrics as skm
+
 from ibot_bench.errors import UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS
@@ -75,22 +75,20 @@ def blobs(n: int, num_classes: int = 5) -> FeatureSet:
 
 def test_kmeans_task_recovers_separated_blobs():
     test = blobs(200)
-    out = cluster(test, test, ClusterConfig(restarts=3))
+    out = cluster(feature_context(test, test), ClusterConfig(restarts=3))
     assert out.protocol == PROTOCOL_KMEANS == "cluster-kmeans"
     assert out.extra["k"] == 5 and out.extra["faiss_device"] in ("cpu", "gpu")
     assert out.metrics["acc"] == 100.0 and out.metrics["nmi"] == pytest.approx(100.0)
-    again = cluster(test, test, ClusterConfig(restarts=3))
+    again = cluster(feature_context(test, test), ClusterConfig(restarts=3))
     assert again.metrics == out.metrics
-    more = cluster(test, test, ClusterConfig(k=8, restarts=2))
+    more = cluster(feature_context(test, test), ClusterConfig(k=8, restarts=2))
     assert more.extra["k"] == 8 and more.metrics["acc"] <= 100.0
     with pytest.raises(UserError, match="clusters"):
-        cluster(test, blobs(4), ClusterConfig())
+        cluster(feature_context(test, blobs(4)), ClusterConfig())
 
 
-def test_registered_and_yaml_matches_defaults():
+def test_registered():
     assert TASKS.get("cluster").config_cls is ClusterConfig
-    yaml_cfg = OmegaConf.load(ROOT / "configs/tasks/cluster.yaml")
-    assert yaml_cfg == OmegaConf.structured(ClusterConfig)
 
 
 def test_cluster_head_task_uses_the_checkpoint_head(tmp_path, tiny_imagefolder):
@@ -113,12 +111,13 @@ def test_cluster_head_task_uses_the_checkpoint_head(tmp_path, tiny_imagefolder):
     data = f"imagefolder:{tiny_imagefolder}"
     feats = extract_features(f"ibot:{ckpt}", data, "val", cfg, progress=False)
     task = discover_tasks().get("cluster-head")
-    out = task.fn(feats, feats, task.config_cls())
+    out = task.fn(feature_context(feats, feats, f"ibot:{ckpt}", data), task.config_cls())
     with torch.inference_mode():
         expected = head(torch.from_numpy(np.asarray(feats.cls))).argmax(-1).numpy()
     assert out.protocol == "cluster-head"
     assert out.metrics == cluster_head_metrics(expected, feats.labels)
 
     plain = extract_features("random:vit_tiny_patch8", data, "val", cfg, progress=False)
+    ctx = feature_context(plain, plain, "random:vit_tiny_patch8", data)
     with pytest.raises(NotApplicableError, match="no.*head|has none"):
-        task.fn(plain, plain, task.config_cls())
+        task.fn(ctx, task.config_cls())

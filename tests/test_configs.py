@@ -1,4 +1,4 @@
-"""Every shipped task config is valid for its task, and each task's default file matches."""
+"""Every shipped config loads for what it configures; `config show` works for every task."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from ibot_bench.cli import main
 from ibot_bench.config import load_config
+from ibot_bench.errors import ConfigError
 from ibot_bench.evaluate import eval_schema
+from ibot_bench.pretrain.config import PretrainConfig
+from ibot_bench.resources import resolve_config, shipped_configs
+from ibot_bench.suites import load_suite
 from ibot_bench.tasks import discover_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
-TASK_CONFIGS = sorted((ROOT / "configs" / "tasks").glob("*.yaml"))
+TASK_CONFIGS = list(shipped_configs("tasks").values())
 
 
 def task_for(path: Path) -> str:
@@ -29,9 +33,60 @@ def test_task_config_validates(path):
     load_config(eval_schema(task), path)  # raises on unknown keys or bad types
 
 
+@pytest.mark.parametrize("path", shipped_configs("pretrain").values(), ids=lambda p: p.name)
+def test_pretrain_config_validates(path):
+    load_config(PretrainConfig, path)
+
+
+@pytest.mark.parametrize("name", shipped_configs("suites"))
+def test_suite_validates_with_its_entry_configs(name):
+    suite = load_suite(name)
+    for entry in suite.entries:
+        if entry.config:
+            task = discover_tasks().get(entry.task)
+            load_config(eval_schema(task), resolve_config(entry.config, "tasks"), entry.overrides)
+
+
+@pytest.mark.parametrize("path", TASK_CONFIGS, ids=lambda p: p.name)
+def test_shipped_task_config_changes_something(path):
+    """YAML files are recipes: a key equal to the dataclass default belongs to the dataclass."""
+    task = discover_tasks().get(task_for(path))
+    defaults = OmegaConf.structured(task.config_cls)
+    same = [k for k, v in OmegaConf.load(path).items() if k in defaults and defaults[k] == v]
+    assert len(same) < len(OmegaConf.load(path)), f"{path.name} only repeats defaults: {same}"
+
+
 @pytest.mark.parametrize("name", discover_tasks().names())
-def test_default_config_file_equals_dataclass_defaults(name):
-    task = discover_tasks().get(name)
-    path = ROOT / "configs" / "tasks" / f"{name.replace('-', '_')}.yaml"
-    assert path.is_file(), f"task {name!r} has no default config {path.name}"
-    assert OmegaConf.load(path) == OmegaConf.structured(task.config_cls)
+def test_config_show_prints_every_task_config(name, capsys):
+    assert main(["config", "show", name]) == 0
+    shown = OmegaConf.create(capsys.readouterr().out)
+    expected = OmegaConf.structured(eval_schema(discover_tasks().get(name)))
+    assert shown == expected
+
+
+def test_config_show_layers_file_and_overrides(capsys):
+    assert main(["config", "show", "finetune", "--config", "finetune_quick", "lr=0.5"]) == 0
+    shown = OmegaConf.create(capsys.readouterr().out)
+    quick = OmegaConf.load(shipped_configs("tasks")["finetune_quick"])
+    assert shown.lr == 0.5 and shown.epochs == quick.epochs and shown.seeds == [0]
+
+
+def test_config_show_bad_inputs(capsys, tmp_path):
+    assert main(["config", "show", "knnn"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'knnn'" in err and "Did you mean 'knn'" in err and "linear" in err
+    missing = tmp_path / "nope.yaml"
+    assert main(["config", "show", "knn", "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "finetune_quick" in err  # names the path and shipped ones
+    assert main(["config", "show", "knn", "k=3"]) == 2
+    assert "unknown config key 'k'" in capsys.readouterr().err
+
+
+def test_shipped_names_resolve_with_or_without_folder_and_suffix():
+    expected = shipped_configs("tasks")["finetune_quick"]
+    for name in ("finetune_quick", "tasks/finetune_quick", "configs/tasks/finetune_quick.yaml"):
+        assert resolve_config(name, "tasks").resolve() == expected.resolve()
+    assert resolve_config("quick", "pretrain") == shipped_configs("pretrain")["quick"]
+    with pytest.raises(ConfigError, match="not found.*pretrain: .*quick"):
+        resolve_config("no_such", "pretrain")

@@ -58,7 +58,7 @@ def nets():
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory, nets):
-    """Files in the official layouts (protocols §1.8)."""
+    """Files in the official layouts (docs/protocols.md#checkpoint-format)."""
     d = tmp_path_factory.mktemp("ckpt")
     t, s, head = nets["teacher"].state_dict(), nets["student"].state_dict(), nets["head"]
     student = {f"module.backbone.{k}": v for k, v in s.items()}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ibot_bench.features as features_mod
+import ibot_bench.runtime as runtime
 from ibot_bench.data import load_split
 from ibot_bench.data.classification import EvalTransform, normalize_batch
 from ibot_bench.encoders import load_encoder
@@ -75,7 +76,7 @@ def test_corrupt_image_fails_or_is_skipped(tiny_imagefolder, tmp_path):
     bad = tiny_imagefolder / "val" / "class_1" / "val_1_3.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     spec = f"imagefolder:{tiny_imagefolder}"
-    with pytest.raises(DatasetError, match="val_1_3.jpg.*--skip-corrupt"):
+    with pytest.raises(DatasetError, match="val_1_3.jpg.*features.skip_corrupt=true"):
         extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     skip = FeatureConfig(**{**CFG.__dict__, "skip_corrupt": True})
@@ -100,9 +101,9 @@ def test_unwritable_cache_dir(tiny_imagefolder, tmp_path):
 
 def test_precision_choice_is_explicit():
     cpu = torch.device("cpu")
-    assert features_mod.resolve_precision(cpu, "fp32") == "fp32"
-    assert features_mod.resolve_precision(cpu, "auto") in ("bf16", "fp32")
+    assert runtime.resolve_precision(cpu, "fp32") == "fp32"
+    assert runtime.resolve_precision(cpu, "auto") in ("bf16", "fp32")
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        features_mod.resolve_precision(cpu, "fp16")
+        runtime.resolve_precision(cpu, "fp16")
     with pytest.raises(UserError, match="unknown"):
-        features_mod.resolve_precision(cpu, "int8")
+        runtime.resolve_precision(cpu, "int8")

@@ -1,4 +1,4 @@
-"""kNN task (downstream/knn.py; ibot-protocols.md §2 kNN, §5 kNN edge cases)."""
+"""kNN task (downstream/knn.py; docs/protocols.md#knn, docs/protocols.md#reference-subtleties)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import feature_context
+from ibot_bench.downstream.knn import KnnConfig, knn, knn_classify, rank_classes
 
-from downstream.knn import KnnConfig, knn, knn_classify, rank_classes
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS
@@ -80,7 +80,7 @@ def test_task_metrics_small_test_set_and_k_clipping():
     y_train, y_test = np.arange(60) % 3, np.arange(7) % 3  # 7 test samples (< 100), 3 classes
     train = feature_set(means[y_train] + rng.standard_normal((60, 16)), y_train, 3)
     test = feature_set(means[y_test] + rng.standard_normal((7, 16)), y_test, 3)
-    out = knn(train, test, KnnConfig(ks=[1, 2, 10, 500]))
+    out = knn(feature_context(train, test), KnnConfig(ks=[1, 2, 10, 500]))
     assert out.protocol == "knn"
     assert out.extra["faiss_device"] in ("cpu", "gpu")
     assert out.extra["k_effective"] == {"1": 1, "2": 2, "10": 10, "500": 60}
@@ -111,16 +111,14 @@ def test_bad_settings_are_errors():
             knn_classify(x, y, x, [1], 1, device="gpu")
 
 
-def test_registered_and_yaml_matches_defaults():
+def test_registered():
     assert TASKS.get("knn").config_cls is KnnConfig
-    yaml_cfg = OmegaConf.load(ROOT / "configs/tasks/knn.yaml")
-    assert yaml_cfg == OmegaConf.structured(KnnConfig)
 
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
     import numpy as np
-    from downstream.knn import knn_classify
+    from ibot_bench.downstream.knn import knn_classify
 
     def hwm_kb():
         for line in open("/proc/self/status"):

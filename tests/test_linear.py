@@ -1,4 +1,4 @@
-"""Linear probes (downstream/linear.py; ibot-protocols.md §2 linear probe)."""
+"""Linear probes (downstream/linear.py; docs/protocols.md#linear-probe)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-from downstream.linear import (
+from conftest import feature_context
+from ibot_bench.downstream.linear import (
     DINOV2_BASE_LRS,
     PAPER_BASE_LRS,
     LinearConfig,
@@ -18,6 +17,7 @@ from downstream.linear import (
     linear,
     linear_paper,
 )
+
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS
@@ -43,7 +43,7 @@ FAST = {"epochs": 6, "batch_size": 64, "base_lrs": [0.01, 0.1, 1.0]}
 
 
 def test_linear_selects_on_validation_and_reports_test():
-    out = linear(TRAIN, TEST, LinearConfig(**FAST))
+    out = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST))
     assert out.protocol == "linear"
     assert set(out.metrics) == {"top1", "top5"}
     assert out.metrics["top1"] > 85
@@ -53,17 +53,19 @@ def test_linear_selects_on_validation_and_reports_test():
     assert chosen["val_top1"] == max(h["val_top1"] for h in heads)
     assert chosen["lr"] == pytest.approx(chosen["base_lr"] * 64 / 256)
     assert out.extra["num_val"] == 48 and out.extra["num_train"] == 432
-    again = linear(TRAIN, TEST, LinearConfig(**FAST))
+    again = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST))
     assert again.metrics == out.metrics and again.extra == out.extra  # seeded
 
 
 def test_linear_refit_and_bf16_run():
-    out = linear(TRAIN, TEST, LinearConfig(**FAST, refit=True, bf16=True, variants=["cls"]))
+    out = linear(
+        feature_context(TRAIN, TEST), LinearConfig(**FAST, refit=True, bf16=True, variants=["cls"])
+    )
     assert out.extra["refit"] is True and out.metrics["top1"] > 80
 
 
 def test_linear_paper_is_max_over_heads_and_epochs_on_test():
-    out = linear_paper(TRAIN, TEST, LinearPaperConfig(**FAST, eval_every=2))
+    out = linear_paper(feature_context(TRAIN, TEST), LinearPaperConfig(**FAST, eval_every=2))
     assert out.protocol == "linear-paper"
     best = max(h["best_test_top1"] for h in out.extra["heads"])
     assert out.metrics["top1"] == best > 85
@@ -81,38 +83,40 @@ def test_default_grids_scale_with_batch_size():
 def test_missing_feature_variant_is_a_clear_error():
     two_blocks = blobs(60, seed=2, last_blocks=2)
     with pytest.raises(UserError, match="n_last_blocks=4"):
-        linear(two_blocks, two_blocks, LinearConfig(**FAST))
-    out = linear(two_blocks, two_blocks, LinearConfig(**{**FAST, "epochs": 1}, variants=["cls"]))
+        linear(feature_context(two_blocks, two_blocks), LinearConfig(**FAST))
+    out = linear(
+        feature_context(two_blocks, two_blocks),
+        LinearConfig(**{**FAST, "epochs": 1}, variants=["cls"]),
+    )
     assert out.extra["chosen_head"]["feature"] == "cls"
     with pytest.raises(ConfigError, match="unknown feature"):
-        linear(TRAIN, TEST, LinearConfig(**FAST, variants=["avgpool"]))
+        linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, variants=["avgpool"]))
 
 
-def test_registered_with_needs_and_yaml_matches_defaults():
-    for name, cls, yaml in [
-        ("linear", LinearConfig, "linear.yaml"),
-        ("linear-paper", LinearPaperConfig, "linear_paper.yaml"),
-    ]:
+def test_registered_with_feature_needs():
+    for name, cls in [("linear", LinearConfig), ("linear-paper", LinearPaperConfig)]:
         task = TASKS.get(name)
-        assert task.config_cls is cls and task.needs == {"n_last_blocks": 4}
-        assert OmegaConf.load(ROOT / "configs/tasks" / yaml) == OmegaConf.structured(cls)
+        assert task.config_cls is cls and task.needs(cls()) == {"n_last_blocks": 4}
+        assert task.needs(cls(variants=["cls"])) == {}
 
 
 def test_augment_mode_trains_on_live_augmented_features(tiny_imagefolder):
-    from downstream.live_features import augmented_source
+    from ibot_bench.downstream.live_features import augmented_source
+
     from ibot_bench.features import FeatureConfig, extract_features
 
     cfg = FeatureConfig(img_size=32, num_workers=0, precision="fp32", n_last_blocks=4)
     spec = f"imagefolder:{tiny_imagefolder}"
     train = extract_features("random:vit_tiny_patch8", spec, "train", cfg, progress=False)
     test = extract_features("random:vit_tiny_patch8", spec, "val", cfg, progress=False)
-    source = augmented_source(train, (0.3, 1.0), seed=0, device=torch.device("cpu"))
+    ctx = feature_context(train, test, "random:vit_tiny_patch8", spec, feature_config=cfg)
+    source = augmented_source(ctx, train, (0.3, 1.0), seed=0, device=torch.device("cpu"))
     rows = np.array([0, 5, 11])
     first, second = source(rows), source(rows)
     assert first["cls"].shape == (3, 192) and first["cls_last4"].shape == (3, 768)
     assert first["cls_patch"].shape == (3, 384)
     assert not torch.allclose(first["cls"], second["cls"])  # fresh crops every call
     assert not torch.allclose(first["cls"], torch.from_numpy(train.cls[rows]))
-    out = linear(train, test, LinearConfig(**{**FAST, "epochs": 2, "batch_size": 4}, augment=True,
-                                           val_fraction=0.25))  # fmt: skip
+    out = linear(ctx, LinearConfig(**{**FAST, "epochs": 2, "batch_size": 4}, augment=True,
+                                   val_fraction=0.25))  # fmt: skip
     assert out.protocol == "linear-aug" and 0 <= out.metrics["top1"] <= 100

@@ -1,7 +1,7 @@
 """Logistic regression, label subsets and the frozen semi-supervised task.
 
 downstream/logreg.py, downstream/semi.py, ibot_bench/data/subsets.py
-(ibot-protocols.md §2 logistic regression, semi-supervised).
+(docs/protocols.md#logistic-regression, docs/protocols.md#semi-supervised).
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from conftest import feature_context
+from ibot_bench.downstream.knn import KnnConfig
+from ibot_bench.downstream.linear import LinearConfig
+from ibot_bench.downstream.logreg import LogregConfig, logreg
+from ibot_bench.downstream.semi import SemiConfig, protocol_name, semi
 from sklearn.linear_model import LogisticRegression
 
-from downstream.knn import KnnConfig
-from downstream.linear import LinearConfig
-from downstream.logreg import LogregConfig, logreg
-from downstream.semi import SemiConfig, protocol_name, semi
 from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
@@ -31,8 +31,8 @@ def blobs(n: int, seed: int, num_classes: int = 6, dim: int = 16) -> FeatureSet:
     y = np.arange(n) % num_classes
     cls = (means[y] + rng.standard_normal((n, dim))).astype(np.float32)
     names = [f"n{i:08d}" for i in range(num_classes)]
-    meta = {"sample_names": [f"train/{names[c]}/{names[c]}_{i}.JPEG" for i, c in enumerate(y)]}
-    return FeatureSet(cls, cls, np.tile(cls, 4), y.astype(np.int64), names, meta)
+    samples = [f"train/{names[c]}/{names[c]}_{i}.JPEG" for i, c in enumerate(y)]
+    return FeatureSet(cls, cls, np.tile(cls, 4), y.astype(np.int64), names, samples)
 
 
 TRAIN, TEST = blobs(600, seed=0), blobs(240, seed=1)
@@ -43,7 +43,7 @@ C_GRID = [0.01, 1.0, 100.0]
 
 
 def test_logreg_chooses_c_on_holdout_then_refits_on_all_train():
-    out = logreg(TRAIN, TEST, LogregConfig(c_grid=C_GRID))
+    out = logreg(feature_context(TRAIN, TEST), LogregConfig(c_grid=C_GRID))
     assert out.protocol == "logreg" and set(out.metrics) == {"top1", "top5"}
     assert out.metrics["top1"] > 85
     best = out.extra["best_C"]
@@ -56,7 +56,7 @@ def test_logreg_chooses_c_on_holdout_then_refits_on_all_train():
 
 def test_logreg_no_top5_below_five_classes():
     train, test = blobs(90, seed=0, num_classes=3), blobs(30, seed=1, num_classes=3)
-    out = logreg(train, test, LogregConfig(c_grid=[1.0]))
+    out = logreg(feature_context(train, test), LogregConfig(c_grid=[1.0]))
     assert set(out.metrics) == {"top1"}
 
 
@@ -108,7 +108,7 @@ def small_semi(**kw) -> SemiConfig:
 
 
 def test_semi_runs_every_method_on_the_subset():
-    out = semi(TRAIN, TEST, small_semi(fraction=0.1))
+    out = semi(feature_context(TRAIN, TEST), small_semi(fraction=0.1))
     assert out.protocol == "semi-10pct"
     assert out.extra["subset_size"] == 60
     for method in ("knn", "linear", "logreg"):
@@ -120,14 +120,20 @@ def test_semi_runs_every_method_on_the_subset():
 
 def test_semi_split_file_and_errors(tmp_path):
     split = tmp_path / "10percent.txt"
-    split.write_text("\n".join(Path(n).name for n in TRAIN.meta["sample_names"][::10]))
-    out = semi(TRAIN, TEST, small_semi(fraction=0.1, split_file=str(split), methods=["knn"]))
+    split.write_text("\n".join(Path(n).name for n in TRAIN.sample_names[::10]))
+    out = semi(
+        feature_context(TRAIN, TEST),
+        small_semi(fraction=0.1, split_file=str(split), methods=["knn"]),
+    )
     assert set(out.metrics) >= {"knn_top1", "knn_top5"} and "linear_top1" not in out.metrics
     assert out.extra["subset_size"] == 60
     with pytest.raises(ConfigError, match="fraction"):
-        semi(TRAIN, TEST, small_semi(fraction=0.01, split_file=str(split), methods=["knn"]))
+        semi(
+            feature_context(TRAIN, TEST),
+            small_semi(fraction=0.01, split_file=str(split), methods=["knn"]),
+        )
     with pytest.raises(ConfigError, match="methods"):
-        semi(TRAIN, TEST, small_semi(methods=["finetune"]))
+        semi(feature_context(TRAIN, TEST), small_semi(methods=["finetune"]))
 
 
 def test_protocol_names():
@@ -135,8 +141,6 @@ def test_protocol_names():
     assert protocol_name(0.005) == "semi-0.5pct"
 
 
-def test_registered_and_yaml_matches_defaults():
+def test_registered():
     for name, cls in [("logreg", LogregConfig), ("semi", SemiConfig)]:
         assert TASKS.get(name).config_cls is cls
-        yaml_cfg = OmegaConf.load(ROOT / f"configs/tasks/{name}.yaml")
-        assert yaml_cfg == OmegaConf.structured(cls)

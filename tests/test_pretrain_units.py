@@ -1,4 +1,4 @@
-"""iBOT pretraining pieces on small, hand-checkable inputs (ibot-protocols.md §1.3-§1.7)."""
+"""iBOT pretraining pieces on small, hand-checkable inputs (docs/protocols.md#pretraining)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,31 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from ibot_bench.encoders.vit import ViTConfig
-from pretrain.head import IbotHead
-from pretrain.loss import IbotLoss
-from pretrain.masking import MaskGenerator, block_mask, draw_block, random_mask, sample_ratio
-from pretrain.model import build_backbone, build_networks, common_parameters
-from pretrain.optim import (
+from ibot_bench.pretrain.head import IbotHead
+from ibot_bench.pretrain.loss import IbotLoss
+from ibot_bench.pretrain.masking import (
+    MaskGenerator,
+    block_mask,
+    draw_block,
+    random_mask,
+    sample_ratio,
+)
+from ibot_bench.pretrain.model import build_backbone, build_networks, common_parameters
+from ibot_bench.pretrain.optim import (
     cancel_last_layer_grads,
     clip_gradients_per_tensor,
     ema_update,
     param_groups,
 )
-from pretrain.schedules import cosine_schedule, teacher_temp_schedule
+from ibot_bench.pretrain.schedules import cosine_schedule, teacher_temp_schedule
+from torch import nn
+
+from ibot_bench.encoders.vit import ViTConfig
 
 TINY = ViTConfig(16, 1, 2, patch_size=4, img_size=16)
 
 
-# ---------------------------------------------------------------- masking (§1.5)
+# ---------------------------------------------------------------- masking (docs/protocols.md#block-masking)
 def test_ratio_zero_masks_nothing():
     gen = MaskGenerator([0.0], [0.0])
     for seed in range(20):
@@ -61,7 +67,7 @@ def test_block_shapes_within_aspect_bounds():
 
 
 def test_block_mask_mean_fraction_like_reference():
-    """§5: mean masked fraction 0.2945 on 14x14 for ratio 0.3 +- 0.2."""
+    """docs/protocols.md#reference-subtleties: mean masked fraction 0.2945 on 14x14 for ratio 0.3 +- 0.2."""
     fractions = []
     for seed in range(400):
         rng = random.Random(seed)
@@ -86,7 +92,7 @@ def test_ratio_list_draws_every_entry_then_picks_one():
     assert others and all(0.1 <= v <= 0.5 for v in others)
 
 
-# ---------------------------------------------------------------- loss (§1.6)
+# ---------------------------------------------------------------- loss (docs/protocols.md#loss)
 def _ce(t, s):
     return float(-(t * F.log_softmax(s, -1)).sum(-1).mean())
 
@@ -144,12 +150,12 @@ def test_center_update_momentum():
     assert torch.allclose(loss.center, 0.19 * torch.tensor([[2.0, 2.0, 2.0]]))
 
 
-# ---------------------------------------------------------------- schedules (§1.7, §5)
+# ---------------------------------------------------------------- schedules (docs/protocols.md#optimisation, docs/protocols.md#reference-subtleties)
 def test_cosine_schedule_endpoints_and_warmup():
     s = cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=2)
     assert len(s) == 20
     assert s[0] == 0.0 and s[9] == pytest.approx(1.0)  # linear warm-up reaches base ...
-    assert s[10] == pytest.approx(1.0)  # ... and the cosine starts at base again (§5)
+    assert s[10] == pytest.approx(1.0)  # ... and the cosine starts at base again (docs/protocols.md#reference-subtleties)
     assert np.all(np.diff(s[:10]) > 0) and np.all(np.diff(s[10:]) < 0)
     assert s[-1] > 0.1 and s[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 9 / 10)))
     flat = cosine_schedule(0.996, 1.0, 2, 3)
@@ -164,7 +170,7 @@ def test_teacher_temp_schedule():
     assert len(teacher_temp_schedule(0.04, 0.07, 30, 5)) == 5
 
 
-# ---------------------------------------------------------------- optimisation (§1.3, §1.7)
+# ---------------------------------------------------------------- optimisation (docs/protocols.md#projection-head, docs/protocols.md#optimisation)
 def test_ema_update_and_common_parameters():
     student, teacher = build_networks(TINY, drop_path=0.1, out_dim=8, patch_out_dim=8,
                                       hidden_dim=8, bottleneck_dim=4)  # fmt: skip

@@ -1,4 +1,4 @@
-"""COCO object detection and instance segmentation with mmdet (ibot-protocols.md §2 "Detection").
+"""COCO object detection and instance segmentation with mmdet (docs/protocols.md#detection).
 
 Task ``detection``: the encoder becomes an mmdet backbone (:mod:`ibot_bench.dense.backbone`:
 blocks 3/5/7/11 through the paper's pyramid), under Mask R-CNN with FPN or the paper's Cascade
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from downstream.detection.models import build_detection_config, check_categories
+from ibot_bench.downstream.detection.models import build_detection_config, check_categories
+
 from ibot_bench.data.coco import CocoDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
@@ -37,7 +38,7 @@ METRICS = {
 
 @dataclass
 class DetectionConfig:
-    """Settings of ``detection`` (ibot-protocols.md §2 "Detection"); None = per architecture."""
+    """Settings of ``detection`` (docs/protocols.md#detection); None = per architecture."""
 
     model: str = "cascade-mask-rcnn"  # mask-rcnn | cascade-mask-rcnn
     epochs: int = 12  # 12 = 1x, 36 = 3x
@@ -92,7 +93,7 @@ def coco_splits(ctx: TaskContext) -> tuple[CocoDataset, CocoDataset]:
     return train, val
 
 
-@register_task("detection", DetectionConfig, frozen=False)
+@register_task("detection", DetectionConfig)
 def detection(ctx: TaskContext, cfg: DetectionConfig) -> TaskOutput:
     """COCO detection + instance segmentation (Mask / Cascade Mask R-CNN, mmdet)."""
     validate(cfg)
@@ -100,13 +101,12 @@ def detection(ctx: TaskContext, cfg: DetectionConfig) -> TaskOutput:
     train, val = coco_splits(ctx)
     classes = check_categories(train, val, cfg.classes)
     rt = resolve_runtime(
-        ctx.encoder_spec,
+        ctx.encoder(),
         device=cfg.device,
         precision=cfg.precision,
         norm=cfg.norm,
         layer_decay=cfg.layer_decay,
         drop_path=cfg.drop_path,
-        allow_partial=ctx.allow_partial,
     )
     config = build_detection_config(
         cfg, rt, ctx.encoder_spec, train, val, classes, ctx.work_dir, milestones_for(cfg)

@@ -2,7 +2,7 @@
 
 Mask R-CNN and Cascade Mask R-CNN start from mmdet's ``_base_/models/*_r50_fpn.py`` with the
 backbone replaced by ``IbotBenchViT`` and the FPN fed with the ViT width; the cascade's box
-heads become the paper's 4conv1fc heads with GIoU loss (ibot-protocols.md §2 "Detection").
+heads become the paper's 4conv1fc heads with GIoU loss (docs/protocols.md#detection).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ADE20K semantic segmentation with mmsegmentation (ibot-protocols.md §2 "Semantic segmentation").
+"""ADE20K semantic segmentation with mmsegmentation (docs/protocols.md#segmentation).
 
 Task ``segmentation``, two heads:
 
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from downstream.segmentation.models import build_segmentation_config
+from ibot_bench.downstream.segmentation.models import build_segmentation_config
+
 from ibot_bench.data.ade20k import ADE20KDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
@@ -76,7 +77,7 @@ def protocol_name(cfg: SegmentationConfig) -> str:
     return base if cfg.iters == 160000 else f"{base}-{cfg.iters}it"
 
 
-@register_task("segmentation", SegmentationConfig, frozen=False)
+@register_task("segmentation", SegmentationConfig)
 def segmentation(ctx: TaskContext, cfg: SegmentationConfig) -> TaskOutput:
     """ADE20K semantic segmentation (UperNet or linear head, mmseg)."""
     validate(cfg)
@@ -89,13 +90,12 @@ def segmentation(ctx: TaskContext, cfg: SegmentationConfig) -> TaskOutput:
     if train.class_names != val.class_names:
         raise UserError(f"{train.root}: training and validation class lists differ")
     rt = resolve_runtime(
-        ctx.encoder_spec,
+        ctx.encoder(),
         device=cfg.device,
         precision=cfg.precision,
         norm=cfg.norm,
         layer_decay=1.0 if cfg.head == "linear" else cfg.layer_decay,
         drop_path=0.0 if cfg.head == "linear" else cfg.drop_path,
-        allow_partial=ctx.allow_partial,
     )
     lr = DEFAULT_LR[cfg.head] if cfg.lr is None else cfg.lr
     config = build_segmentation_config(cfg, rt, ctx.encoder_spec, train, val, lr, ctx.work_dir)

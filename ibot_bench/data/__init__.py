@@ -1,4 +1,4 @@
-"""Dataset specs -> dataset splits (DESIGN.md, "Dataset spec").
+"""Dataset specs -> dataset splits (docs/design.md#data-path).
 
     imagefolder:ROOT            ImageNet layout ROOT/{train,val}/<class>/<image>
     synthetic:shapes[?k=v&...]  the built-in shapes set (classes, size, train, val, seed),
@@ -14,7 +14,6 @@ to the train split: ``?fraction=0.01&subset_seed=0`` (per class) or ``?split_fil
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from ibot_bench.data.ade20k import ADE20KDataset
 from ibot_bench.data.classification import ClassificationSplit, EvalTransform, scan_image_folder
 from ibot_bench.data.coco import CocoDataset
-from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
+from ibot_bench.data.subsets import label_subset, stratified_split
 from ibot_bench.errors import DatasetError, UserError
 from ibot_bench.registry import Registry
 
@@ -57,6 +56,18 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return scheme, body, dict(parse_qsl(query, keep_blank_values=True))
 
 
+def _number(options: dict, key: str, kind: type = int, default: object = None):
+    """Spec option ``key`` as an int or float; a non-number is an error naming the option."""
+    if key not in options:
+        return default
+    try:
+        return kind(options[key])
+    except ValueError:
+        raise UserError(
+            f"dataset option {key}={options[key]!r} must be {'an integer' if kind is int else 'a number'}"
+        ) from None
+
+
 def _known_options(options: dict, allowed: set[str], spec: str) -> None:
     unknown = set(options) - allowed - {"fraction", "subset_seed", "split_file"}
     if unknown:
@@ -73,7 +84,7 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
     _known_options(options, {"size"}, spec)
     if not body:
         raise UserError("imagefolder needs a folder: imagefolder:ROOT")
-    size = int(options.get("size", 224))
+    size = _number(options, "size", int, 224)
     return scan_image_folder(Path(body).expanduser() / split, spec, split, size)
 
 
@@ -99,7 +110,7 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
     if layout not in ("imagenet", "coco", "ade20k"):
         raise UserError(f"synthetic layout must be imagenet, coco or ade20k ({spec!r})")
     try:
-        params = {k: int(options.get(k, v)) for k, v in keys.items()}
+        params = {k: _number(options, k, int, v) for k, v in keys.items()}
     except ValueError as exc:
         raise UserError(f"synthetic options must be integers ({spec!r}): {exc}") from None
     tag = "_".join(f"{k}{v}" for k, v in params.items() if k not in knobs)
@@ -148,7 +159,7 @@ def _digits(body: str, options: dict, split: str, spec: str) -> ClassificationSp
         class_names=[str(d) for d in range(10)],
         labels=labels[rows],
         arrays=images[rows],
-        default_img_size=int(options.get("size", 32)),
+        default_img_size=_number(options, "size", int, 32),
     )
 
 
@@ -169,15 +180,17 @@ def _ade20k(body: str, options: dict, split: str, spec: str) -> ADE20KDataset:
 
 
 def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSplit:
-    if "split_file" in options:
-        rows = read_split_file(options["split_file"], data.sample_names)
-        digest = hashlib.sha256(Path(options["split_file"]).read_bytes()).hexdigest()[:8]
-        return data.subset(rows, f"split_file={Path(options['split_file']).name}:{digest}")
-    if "fraction" in options:
-        fraction, seed = float(options["fraction"]), int(options.get("subset_seed", 0))
-        rows = per_class_fraction(data.labels, fraction, seed, data.class_names)
-        return data.subset(rows, f"fraction={fraction}:seed={seed}")
-    return data
+    if not {"split_file", "fraction"} & set(options):
+        return data
+    rows, tag = label_subset(
+        data.labels,
+        data.sample_names,
+        fraction=_number(options, "fraction", float),
+        split_file=options.get("split_file"),
+        seed=_number(options, "subset_seed", int, 0),
+        class_names=data.class_names,
+    )
+    return data.subset(rows, tag)
 
 
 def load_split(spec: str, split: str = "train") -> ClassificationSplit | DenseSplit:

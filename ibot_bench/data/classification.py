@@ -26,7 +26,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize the shorter side to ``resize`` then centre-crop ``crop`` (iBOT §2 kNN/linear).
+    """Resize the shorter side to ``resize`` then centre-crop ``crop`` (docs/protocols.md#default-features).
 
     The paper's eval transform is Resize 256 (bicubic) -> CenterCrop 224, i.e.
     ``resize = crop / 0.875``. Works on uint8 (3, H, W) tensors.
@@ -114,8 +114,8 @@ class ClassificationSplit:
             return torch.from_numpy(arr).permute(2, 0, 1)
         except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError for bad data
             raise DatasetError(
-                f"cannot read image {path}: {exc}. Remove or replace the file, or pass "
-                "--skip-corrupt to skip unreadable images."
+                f"cannot read image {path}: {exc}. Remove or replace the file, or set "
+                "features.skip_corrupt=true to skip unreadable images."
             ) from exc
 
     def subset(self, indices: np.ndarray, tag: str) -> ClassificationSplit:

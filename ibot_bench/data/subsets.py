@@ -1,10 +1,13 @@
 """Label subsets and hold-out splits of a training set.
 
+- :func:`label_subset`: the semi-supervised 1% / 10% label subset, from a split file or
+  drawn per class; the one entry point for dataset-spec options, ``semi`` and
+  ``semi-finetune``. Built on:
 - :func:`per_class_fraction`: the semi-supervised 1% / 10% label subsets drawn per class
-  (ibot-protocols.md §2 "Semi-supervised").
+  (docs/protocols.md#semi-supervised).
 - :func:`read_split_file`: SimCLRv2's ``1percent.txt`` / ``10percent.txt`` image lists.
 - :func:`stratified_split`: the held-out validation split on which the linear probe and
-  logistic regression choose their hyperparameters (DINOv2's protocol, ibot-protocols.md §2).
+  logistic regression choose their hyperparameters (DINOv2's protocol, docs/protocols.md#linear-probe, docs/protocols.md#logistic-regression).
 
 All three are deterministic functions of their inputs (and ``seed``) and return sorted
 int64 row indices.
@@ -12,12 +15,17 @@ int64 row indices.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 
 import numpy as np
 
 from ibot_bench.errors import ConfigError, UserError
+
+# a split file may select fraction / 1.25 .. fraction * 1.25 of the training set: SimCLRv2's
+# 1percent.txt holds 12,811 of ImageNet's 1,281,167 images (1.0%), 10percent.txt 128,116
+SPLIT_FILE_TOLERANCE = 1.25
 
 
 def _class_name(c: int, class_names: Sequence[str] | None) -> str:
@@ -49,7 +57,7 @@ def per_class_fraction(
 ) -> np.ndarray:
     """Indices of ``round(fraction * n_c)`` random images of every class ``c``.
 
-    The semi-supervised label subset (ibot-protocols.md §2 "Semi-supervised") for datasets
+    The semi-supervised label subset (docs/protocols.md#semi-supervised) for datasets
     without an official split file. Deterministic for a given ``labels`` and ``seed``.
     Every class present in ``labels`` keeps at least one image: a fraction that would leave
     a class with none raises :class:`UserError` naming the class (use a larger fraction or
@@ -79,7 +87,7 @@ def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray
     """Rows of ``sample_names`` listed in a SimCLR-format split file.
 
     The file has one image file name per line (``n01440764_10026.JPEG``), as in SimCLRv2's
-    ``1percent.txt`` / ``10percent.txt`` (ibot-protocols.md §2 "Semi-supervised"). Names are
+    ``1percent.txt`` / ``10percent.txt`` (docs/protocols.md#semi-supervised). Names are
     matched against the file-name part of ``sample_names`` (which may be relative paths).
     Blank lines and ``#`` comments are skipped; repeated lines count once. Unknown names, or
     names that match several samples, raise :class:`UserError` listing a few.
@@ -124,7 +132,7 @@ def stratified_split(
     Each class ``c`` gives ``round(val_fraction * n_c)`` images to validation, but always
     keeps at least one for training (so a class with a single image stays in train only).
     Used to choose the linear probe's head and logistic regression's C on training data,
-    never on the test set (DINOv2's protocol, ibot-protocols.md §2). Raises
+    never on the test set (DINOv2's protocol, docs/protocols.md#linear-probe, docs/protocols.md#logistic-regression). Raises
     :class:`UserError` when no image at all is left for validation.
     """
     _check_fraction("val_fraction", val_fraction, allow_one=False)
@@ -142,3 +150,42 @@ def stratified_split(
             f"({len(np.asarray(labels))} training images); use a larger val_fraction"
         )
     return np.sort(np.concatenate(train)).astype(np.int64), val_rows
+
+
+def label_subset(
+    labels: np.ndarray,
+    sample_names: Sequence[str],
+    *,
+    fraction: float | None = None,
+    split_file: str | Path | None = None,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, str]:
+    """Rows of the labelled subset of a training set, and a tag naming it.
+
+    With ``split_file`` the rows are that file's images (:func:`read_split_file`); a
+    ``fraction`` given as well must match the share the file selects within
+    :data:`SPLIT_FILE_TOLERANCE` (the fraction names the protocol, e.g. ``semi-1pct``).
+    Without one, ``fraction`` of every class is drawn with ``seed``
+    (:func:`per_class_fraction`). The tag (``split_file=NAME:DIGEST`` or
+    ``fraction=F:seed=S``) identifies the subset in fingerprints and records.
+    """
+    if fraction is not None:
+        _check_fraction("fraction", fraction, allow_one=True)
+    if split_file:
+        path = Path(split_file).expanduser()
+        rows = read_split_file(path, sample_names)
+        realised = len(rows) / max(1, len(sample_names))
+        if fraction is not None and not (
+            fraction / SPLIT_FILE_TOLERANCE <= realised <= fraction * SPLIT_FILE_TOLERANCE
+        ):
+            raise ConfigError(
+                f"split file {str(split_file)!r} selects {100 * realised:.3g}% of the training "
+                f"set but fraction is {fraction:g}; set fraction to match (it names the protocol)"
+            )
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        return rows, f"split_file={path.name}:{digest}"
+    if fraction is None:
+        raise ConfigError("a label subset needs a fraction (e.g. fraction=0.01) or a split_file")
+    rows = per_class_fraction(labels, fraction, seed, class_names)
+    return rows, f"fraction={fraction:g}:seed={seed}"

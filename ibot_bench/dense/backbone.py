@@ -1,4 +1,4 @@
-"""Any ViT encoder spec as a multi-scale backbone for mmdet / mmseg (ibot-protocols.md §2).
+"""Any ViT encoder spec as a multi-scale backbone for mmdet / mmseg (docs/protocols.md#detection, docs/protocols.md#segmentation).
 
 The paper's recipe ("Detection", "Semantic segmentation"): the outputs of blocks 3, 5, 7, 11
 (0-based) of a 12-block ViT, reshaped to maps at the patch stride, then a pyramid to strides
@@ -7,7 +7,7 @@ MaxPool2x2. Other patch sizes get the same rule per level: an upsampling factor 
 ``n`` ConvT2x2 with BN-GELU between them, a downsampling factor is one MaxPool (so ViT-T/8
 maps go ConvT2x2, identity, MaxPool2, MaxPool4). Position embeddings are interpolated once to
 the training crop (``img_size``) and, per forward, to any other input size; missing
-interpolation is what cost the reference's linear ADE20K ~19 points (protocols §4).
+interpolation is what cost the reference's linear ADE20K ~19 points (docs/protocols.md#known-problems-of-the-reference).
 
 This module only needs torch; :mod:`ibot_bench.dense.register` puts it in the registries.
 """

@@ -1,4 +1,4 @@
-"""Layer-wise lr decay for mmengine optimizers (ibot-protocols.md §2 "Detection", BEiT rule).
+"""Layer-wise lr decay for mmengine optimizers (docs/protocols.md#detection, BEiT rule).
 
 Every parameter gets ``lr = base_lr * rate ** (L + 1 - i)``: ``i = 0`` for patch embed / cls /
 pos, ``k + 1`` for block ``k``, ``L + 1`` (scale 1) for the pyramid, neck and heads. No weight

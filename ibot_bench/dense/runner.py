@@ -21,10 +21,10 @@ from ibot_bench.dense.runtime import (
     resolve_mm_precision,
     resolve_norm,
 )
-from ibot_bench.encoders import Encoder, load_encoder
+from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 
-# embed_dim -> (layer_decay, drop_path): ibot-protocols.md §2 "Detection" (ViT-S / ViT-B);
+# embed_dim -> (layer_decay, drop_path): docs/protocols.md#detection (ViT-S / ViT-B);
 # ViT-L takes its fine-tuning values
 ARCH_DEFAULTS = {384: (0.75, 0.1), 768: (0.65, 0.2), 1024: (0.75, 0.4)}
 
@@ -54,20 +54,18 @@ class DenseRuntime:
 
 
 def resolve_runtime(
-    encoder_spec: str,
+    enc: Encoder,
     *,
     device: str,
     precision: str,
     norm: str,
     layer_decay: float | None,
     drop_path: float | None,
-    allow_partial: bool = False,
 ) -> DenseRuntime:
-    """Validate the device-dependent options and read the encoder's shape (loads it once)."""
+    """Validate the device-dependent options and read the encoder's shape."""
     dev = resolve_mm_device(device)
     prec = resolve_mm_precision(precision, dev)
     bn = resolve_norm(norm, dev)
-    enc: Encoder = load_encoder(encoder_spec, allow_partial=allow_partial)
     decay, dp = ARCH_DEFAULTS.get(enc.embed_dim, ARCH_DEFAULTS[384])
     runtime = DenseRuntime(
         device=dev,

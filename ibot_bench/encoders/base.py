@@ -1,4 +1,4 @@
-"""The one encoder interface every loader returns (DESIGN.md, "Encoder spec")."""
+"""The one encoder interface every loader returns (docs/design.md#data-path)."""
 
 from __future__ import annotations
 

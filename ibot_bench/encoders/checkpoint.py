@@ -3,7 +3,7 @@
 Reading never runs pickled code: ``torch.load(weights_only=True)`` with a small
 allow-list (what official iBOT/DINO files need), or safetensors. Loading never
 silently skips weights: a key mismatch is a :class:`CheckpointError` listing what
-differs (protocols §1.8: the reference loads with ``strict=False`` and a wrong
+differs (docs/protocols.md#checkpoint-format: the reference loads with ``strict=False`` and a wrong
 key gives random features, a top complaint).
 """
 

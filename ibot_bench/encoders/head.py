@@ -1,4 +1,4 @@
-"""The iBOT/DINO projection head rebuilt from a checkpoint's weights (protocols §1.3).
+"""The iBOT/DINO projection head rebuilt from a checkpoint's weights (docs/protocols.md#projection-head).
 
 MLP (Linear, GELU, ..., Linear) -> L2 normalisation -> ``last_layer`` (Linear without
 bias; weight-norm already folded by the loader). iBOT's ``last_layer2`` projects the

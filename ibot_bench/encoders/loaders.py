@@ -1,14 +1,16 @@
-"""One loader per encoder-spec scheme, registered in :data:`ENCODERS`.
+"""Encoder-spec schemes, registered as objects in :data:`ENCODERS`.
 
-A loader takes the spec's body (what follows ``SCHEME:``) and returns an
-:class:`Encoder` with its :class:`EncoderInfo`; ``load_encoder`` puts it in eval mode.
+Each :class:`EncoderScheme` owns its part of the spec grammar: it parses the body (what
+follows ``SCHEME:``), names the weights file a fingerprint hashes (without building
+anything) and builds the :class:`Encoder` with its :class:`EncoderInfo`. Nothing outside a
+scheme looks at a spec's body.
 """
 
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Protocol
 
 import timm
 import torch
@@ -38,73 +40,106 @@ from ibot_bench.errors import CheckpointError, UserError
 from ibot_bench.registry import Registry
 
 
-class EncoderLoader(Protocol):
-    def __call__(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder: ...
+class EncoderScheme(ABC):
+    """One spec scheme: parse its body, locate its weights, build its encoder."""
+
+    name: str
+    usage: str  # the grammar and a one-line description, for `ibot-bench list`
+
+    def weights_path(self, body: str) -> Path | None:
+        """The file whose hash fingerprints the encoder (None: the spec alone identifies it)."""
+        return None
+
+    def fingerprint(self, body: str, spec: str) -> str:
+        """The encoder's fingerprint without building it: hashing the weights is all it costs."""
+        path = self.weights_path(body)
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(
+                f"checkpoint not found: {path}. Check the path in the encoder spec {spec!r}."
+            )
+        return fingerprint(spec, path)
+
+    @abstractmethod
+    def load(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+        """Build the encoder (``allow_partial``: load checkpoints whose keys don't all match)."""
 
 
-ENCODERS: Registry[EncoderLoader] = Registry("encoder scheme")
+ENCODERS: Registry[EncoderScheme] = Registry("encoder scheme")
 
 
-@ENCODERS.register("random", help="random:ARCH  randomly initialised iBOT ViT (seed 0)")
-def load_random(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+def register_scheme(cls: type[EncoderScheme]) -> type[EncoderScheme]:
+    """Class decorator: register one instance of a scheme under its ``name``."""
+    ENCODERS.add(cls.name, cls(), cls.usage)
+    return cls
+
+
+@register_scheme
+class RandomScheme(EncoderScheme):
     """``random:vit_small[_patchP]``: an iBOT ViT with deterministic (seed 0) random weights."""
-    cfg = parse_vit_arch(body)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+
+    name, usage = "random", "random:ARCH  randomly initialised iBOT ViT (seed 0)"
+
+    def load(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+        cfg = parse_vit_arch(body)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_vit(cfg)
+        return ViTEncoder(model, EncoderInfo(spec, cfg.name, fingerprint(spec), ""))
+
+
+class SSLCheckpointScheme(EncoderScheme):
+    """``SCHEME:PATH[:teacher|student]``: an iBOT/DINO ViT whose shape is read off the weights."""
+
+    def parse(self, body: str) -> tuple[Path, str | None]:
+        """(checkpoint path, ``teacher``/``student`` or None for the default network)."""
+        path, sep, last = body.rpartition(":")
+        if not (sep and last in ("teacher", "student")):
+            path, last = body, None
+        if not path:
+            raise UserError(f"the spec needs a path: {self.name}:PATH[:teacher|student]")
+        return Path(path).expanduser(), last
+
+    def weights_path(self, body: str) -> Path:
+        return self.parse(body)[0]
+
+    def load(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+        path, which = self.parse(body)
+        obj = read_checkpoint(path)
+        state, where = select_state_dict(obj, which, path=path)
+        backbone, head_state, ignored = split_head(strip_prefixes(state))
+        backbone, dropped = drop_classifier(backbone, ("head",))
+        cfg = infer_vit_config(backbone, checkpoint_args(obj))
         model = build_vit(cfg)
-    return ViTEncoder(model, EncoderInfo(spec, cfg.name, fingerprint(spec), ""))
+        report = load_checked(
+            model,
+            backbone,
+            allow_partial=allow_partial,
+            source=f"{path} [{where}]",
+            fix=f"Is it an iBOT/DINO ViT checkpoint? For other models use timm:NAME:{path}.",
+        )
+        extra = {
+            "network": where,
+            "img_size": cfg.img_size,
+            "ignored_keys": ignored + dropped,
+            "has_head": head_state is not None,
+            "partial": not report.ok,
+        }
+        info = EncoderInfo(spec, cfg.name, fingerprint(spec, path), str(path), extra)
+        return ViTEncoder(model, info, head_state)
 
 
-def _split_which(scheme: str, body: str) -> tuple[Path, str | None]:
-    path, sep, last = body.rpartition(":")
-    if not (sep and last in ("teacher", "student")):
-        path, last = body, None
-    if not path:
-        raise UserError(f"the spec needs a path: {scheme}:PATH[:teacher|student]")
-    return Path(path).expanduser(), last
-
-
-def _load_ssl_vit(scheme: str, body: str, spec: str, allow_partial: bool) -> Encoder:
-    """Shared by ``ibot:`` and ``dino:``: a ViT whose shape is read off the weights."""
-    path, which = _split_which(scheme, body)
-    obj = read_checkpoint(path)
-    state, where = select_state_dict(obj, which, path=path)
-    backbone, head_state, ignored = split_head(strip_prefixes(state))
-    backbone, dropped = drop_classifier(backbone, ("head",))
-    cfg = infer_vit_config(backbone, checkpoint_args(obj))
-    model = build_vit(cfg)
-    report = load_checked(
-        model,
-        backbone,
-        allow_partial=allow_partial,
-        source=f"{path} [{where}]",
-        fix=f"Is it an iBOT/DINO ViT checkpoint? For other models use timm:NAME:{path}.",
-    )
-    extra = {
-        "network": where,
-        "img_size": cfg.img_size,
-        "ignored_keys": ignored + dropped,
-        "has_head": head_state is not None,
-        "partial": not report.ok,
-    }
-    info = EncoderInfo(spec, cfg.name, fingerprint(spec, path), str(path), extra)
-    return ViTEncoder(model, info, head_state)
-
-
-@ENCODERS.register(
-    "ibot", help="ibot:PATH[:teacher|student]  iBOT checkpoint (any official layout)"
-)
-def load_ibot(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+@register_scheme
+class IbotScheme(SSLCheckpointScheme):
     """``ibot:PATH[:teacher|student]`` (teacher by default)."""
-    return _load_ssl_vit("ibot", body, spec, allow_partial)
+
+    name, usage = "ibot", "ibot:PATH[:teacher|student]  iBOT checkpoint (any official layout)"
 
 
-@ENCODERS.register(
-    "dino", help="dino:PATH[:teacher|student]  DINO checkpoint (any official layout)"
-)
-def load_dino(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+@register_scheme
+class DinoScheme(SSLCheckpointScheme):
     """``dino:PATH[:teacher|student]`` (teacher by default)."""
-    return _load_ssl_vit("dino", body, spec, allow_partial)
+
+    name, usage = "dino", "dino:PATH[:teacher|student]  DINO checkpoint (any official layout)"
 
 
 def _classifier_names(model: nn.Module) -> tuple[str, ...]:
@@ -153,16 +188,34 @@ def _load_timm_pretrained_offline(name: str) -> tuple[nn.Module, Path]:
     return model, path
 
 
-@ENCODERS.register("timm", help="timm:NAME[:PATH]  any timm model, weights from PATH or cache")
-def load_timm(body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+@register_scheme
+class TimmScheme(EncoderScheme):
     """``timm:NAME[:PATH]``: weights from PATH, else from the local cache (never the network)."""
-    name, _, path_str = body.partition(":")
-    check_model_name(name)
-    if not path_str:
-        model, path = _load_timm_pretrained_offline(name)
-        info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), {"pretrained": True})
-        return wrap_timm_model(model, info)
-    path = Path(path_str).expanduser()
+
+    name, usage = "timm", "timm:NAME[:PATH]  any timm model, weights from PATH or cache"
+
+    def parse(self, body: str) -> tuple[str, Path | None]:
+        """(timm model name, weights file or None for the locally cached pretrained weights)."""
+        name, _, path_str = body.partition(":")
+        return name, Path(path_str).expanduser() if path_str else None
+
+    def weights_path(self, body: str) -> Path | None:
+        name, path = self.parse(body)
+        return path if path is not None else find_cached_weights(name)
+
+    def load(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
+        name, path = self.parse(body)
+        check_model_name(name)
+        if path is None:
+            model, path = _load_timm_pretrained_offline(name)
+            extra = {"pretrained": True}
+            info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
+            return wrap_timm_model(model, info)
+        return _load_timm_checkpoint(name, path, spec, allow_partial)
+
+
+def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool) -> Encoder:
+    """timm model ``name`` with the backbone weights of checkpoint ``path`` (checked)."""
     obj = read_checkpoint(path)
     state, where = select_state_dict(obj, path=path)
     model = create_timm_model(name)

@@ -1,4 +1,4 @@
-"""ViT backbones as in iBOT (protocols §1.1), built from timm, and the ViT encoder wrapper."""
+"""ViT backbones as in iBOT (docs/protocols.md#backbone), built from timm, and the ViT encoder wrapper."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def interpolate_pos_embed_offset(
     old_grid: tuple[int, int],
     num_prefix: int = 1,
 ) -> torch.Tensor:
-    """Bicubic pos-embed resize with DINO/iBOT's offset trick (protocols §5).
+    """Bicubic pos-embed resize with DINO/iBOT's offset trick (docs/protocols.md#reference-subtleties).
 
     The reference passes ``scale_factor=(new + 0.1) / old`` to ``F.interpolate``
     instead of a target size; that changes the sampling grid slightly (final CLS at
@@ -112,7 +112,7 @@ class IbotVisionTransformer(VisionTransformer):
 
 
 def vit_kwargs(cfg: ViTConfig) -> dict[str, Any]:
-    """timm ``VisionTransformer`` arguments of an iBOT ViT (protocols §1.1): pre-norm,
+    """timm ``VisionTransformer`` arguments of an iBOT ViT (docs/protocols.md#backbone): pre-norm,
     LayerNorm eps 1e-6, qkv bias, no layer scale, CLS token, no classifier, any input size."""
     return {
         "img_size": cfg.img_size,
