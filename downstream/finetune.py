@@ -25,7 +25,7 @@ reference's "max accuracy" does. Both always record ``last_*`` and ``best_*``.
 ``pool=mean`` adds ``-avgpool`` to the protocol name.
 
 The training loop, checkpoints (exact resume), DDP and the out-of-memory advice live in
-:mod:`downstream.finetune_engine`; :mod:`downstream.semi_finetune` reuses this module's
+:mod:`ibot_bench.downstream.finetune_engine`; :mod:`ibot_bench.downstream.semi_finetune` reuses this module's
 model and parameter groups.
 """
 

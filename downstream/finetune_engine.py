@@ -1,6 +1,6 @@
 """The training loop of the fine-tuning tasks: data, schedule, checkpoints, DDP, evaluation.
 
-Registers no task; :mod:`downstream.finetune` and :mod:`downstream.semi_finetune` build
+Registers no task; :mod:`ibot_bench.downstream.finetune` and :mod:`ibot_bench.downstream.semi_finetune` build
 the model and its parameter groups and call :func:`fit`. Built from timm's pieces
 (``create_transform`` with RandAugment and random erasing, ``Mixup``, the soft-target /
 label-smoothing losses, ``create_optimizer_v2``, ``CosineLRScheduler`` stepped per
@@ -600,7 +600,7 @@ def fit(
 ) -> tuple[dict[str, float], dict]:
     """Train ``model`` (param ``groups`` with ``lr_scale``) for ``epochs``; return metrics, extra.
 
-    ``cfg`` is a :class:`~downstream.finetune.FinetuneConfig` (or a subclass). Of ``ctx``
+    ``cfg`` is a :class:`~ibot_bench.downstream.finetune.FinetuneConfig` (or a subclass). Of ``ctx``
     only ``work_dir`` (the checkpoint's folder) and ``log`` are used.
     """
     run = build_run(ctx, model, groups, train, cfg, epochs)
