@@ -18,10 +18,10 @@ import statistics
 import time
 
 import torch
-from ibot_bench.downstream.finetune import FinetuneModel, param_groups
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
+from ibot_bench.downstream.finetune import FinetuneModel, param_groups
 from ibot_bench.encoders import load_encoder
 from ibot_bench.layer_decay import set_drop_path
 from ibot_bench.runtime import autocast, bf16_is_fast, resolve_device, resolve_precision

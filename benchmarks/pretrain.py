@@ -24,11 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 # this file is benchmarks/pretrain.py: keep its folder from shadowing the `pretrain` package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from ibot_bench.config import load_config  # noqa: E402
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes  # noqa: E402
 from ibot_bench.pretrain.monitor import ClusterMonitor  # noqa: E402
 from ibot_bench.pretrain.train import Trainer  # noqa: E402
-
-from ibot_bench.config import load_config  # noqa: E402
 from ibot_bench.runtime import bf16_is_fast  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

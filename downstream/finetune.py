@@ -34,11 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ibot_bench.downstream.finetune_engine import fit
 from timm.layers import trunc_normal_
 from torch import nn
 
 from ibot_bench.data import require_classification
+from ibot_bench.downstream.finetune_engine import fit
 from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 from ibot_bench.layer_decay import (

@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from ibot_bench.downstream.live_features import LiveViews, live_views
 from torch import nn
 from torch.nn import functional as F
 
 from ibot_bench.data.subsets import stratified_split
+from ibot_bench.downstream.live_features import LiveViews, live_views
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.runtime import resolve_device

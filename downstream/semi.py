@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ibot_bench.data.subsets import label_subset
 from ibot_bench.downstream.knn import KnnConfig, knn_eval
 from ibot_bench.downstream.linear import LinearConfig, linear_probe
 from ibot_bench.downstream.linear import feature_needs as linear_feature_needs
 from ibot_bench.downstream.live_features import LiveViews, live_views
 from ibot_bench.downstream.logreg import LogregConfig, logreg_eval
-
-from ibot_bench.data.subsets import label_subset
 from ibot_bench.errors import ConfigError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task

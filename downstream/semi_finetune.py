@@ -28,6 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from ibot_bench.data import ClassificationSplit, parse_spec, require_classification
+from ibot_bench.data.subsets import label_subset
 from ibot_bench.downstream.finetune import (
     FinetuneConfig,
     FinetuneModel,
@@ -35,10 +39,6 @@ from ibot_bench.downstream.finetune import (
     resolve_recipe,
 )
 from ibot_bench.downstream.finetune_engine import fit
-from torch import nn
-
-from ibot_bench.data import ClassificationSplit, parse_spec, require_classification
-from ibot_bench.data.subsets import label_subset
 from ibot_bench.encoders import Encoder, build_head
 from ibot_bench.errors import ConfigError, NotApplicableError
 from ibot_bench.layer_decay import set_drop_path

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2 as T
-from ibot_bench.pretrain.config import CropsConfig, per_crop
-from ibot_bench.pretrain.masking import MaskGenerator
 from torch.utils.data import Dataset
 
 from ibot_bench.data.classification import ClassificationSplit
+from ibot_bench.pretrain.config import CropsConfig, per_crop
+from ibot_bench.pretrain.masking import MaskGenerator
 
 
 def _odd_kernel(sigma_max: float) -> int:

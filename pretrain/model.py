@@ -12,10 +12,10 @@ from functools import partial
 from typing import Any, Protocol
 
 import torch
-from ibot_bench.pretrain.head import IbotHead
 from torch import nn
 
 from ibot_bench.encoders.vit import IbotVisionTransformer, ViTConfig, vit_kwargs
+from ibot_bench.pretrain.head import IbotHead
 
 
 class MaskableBackbone(Protocol):

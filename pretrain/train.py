@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from ibot_bench.config import save_config, to_dict
+from ibot_bench.data import load_split, require_classification
+from ibot_bench.data.classification import normalize_batch
+from ibot_bench.distributed import barrier, init_distributed, is_main, world
+from ibot_bench.errors import DatasetError, UserError
 from ibot_bench.pretrain import checkpoint as ckpt
 from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
@@ -33,15 +42,6 @@ from ibot_bench.pretrain.optim import (
     ema_update,
 )
 from ibot_bench.pretrain.schedules import cosine_schedule, teacher_temp_schedule
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
-
-from ibot_bench.config import save_config, to_dict
-from ibot_bench.data import load_split, require_classification
-from ibot_bench.data.classification import normalize_batch
-from ibot_bench.distributed import barrier, init_distributed, is_main, world
-from ibot_bench.errors import DatasetError, UserError
 from ibot_bench.runtime import (
     autocast,
     loader_workers,

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import feature_context
+from sklearn import metrics as skm
+
 from ibot_bench.downstream.cluster import (
     PROTOCOL_HEAD,
     PROTOCOL_KMEANS,
@@ -16,8 +18,6 @@ from ibot_bench.downstream.cluster import (
     clustering_metrics,
     hungarian_accuracy,
 )
-from sklearn import metrics as skm
-
 from ibot_bench.errors import UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS

@@ -6,10 +6,12 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
-import ibot_bench.downstream.finetune_engine as engine
 import pytest
 import torch
 from conftest import make_imagefolder
+
+import ibot_bench.downstream.finetune_engine as engine
+from ibot_bench.config import load_config
 from ibot_bench.downstream.finetune import (
     FinetuneConfig,
     FinetuneModel,
@@ -24,8 +26,6 @@ from ibot_bench.downstream.semi_finetune import (
     semi_finetune_eval,
 )
 from ibot_bench.downstream.semi_finetune import protocol_name as semi_protocol
-
-from ibot_bench.config import load_config
 from ibot_bench.encoders import load_encoder
 from ibot_bench.encoders.vit import ViTConfig, build_vit
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import make_imagefolder
-from ibot_bench.downstream.finetune import FinetuneConfig, finetune_eval
-from ibot_bench.downstream.finetune_engine import CHECKPOINT
 from test_finetune import make_ibot_checkpoint
 
+from ibot_bench.downstream.finetune import FinetuneConfig, finetune_eval
+from ibot_bench.downstream.finetune_engine import CHECKPOINT
 from ibot_bench.tasks import TaskContext
 
 # no drop-path / mixup: their per-rank draws differ by design; augmentation does not

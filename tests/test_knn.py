@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import feature_context
-from ibot_bench.downstream.knn import KnnConfig, knn, knn_classify, rank_classes
 
+from ibot_bench.downstream.knn import KnnConfig, knn, knn_classify, rank_classes
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS

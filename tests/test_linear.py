@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import feature_context
+
 from ibot_bench.downstream.linear import (
     DINOV2_BASE_LRS,
     PAPER_BASE_LRS,
@@ -17,7 +18,6 @@ from ibot_bench.downstream.linear import (
     linear,
     linear_paper,
 )
-
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS
@@ -102,7 +102,6 @@ def test_registered_with_feature_needs():
 
 def test_augment_mode_trains_on_live_augmented_features(tiny_imagefolder):
     from ibot_bench.downstream.live_features import augmented_source
-
     from ibot_bench.features import FeatureConfig, extract_features
 
     cfg = FeatureConfig(img_size=32, num_workers=0, precision="fp32", n_last_blocks=4)

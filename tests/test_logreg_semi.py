@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import feature_context
+from sklearn.linear_model import LogisticRegression
+
+from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
 from ibot_bench.downstream.knn import KnnConfig
 from ibot_bench.downstream.linear import LinearConfig
 from ibot_bench.downstream.logreg import LogregConfig, logreg
 from ibot_bench.downstream.semi import SemiConfig, protocol_name, semi
-from sklearn.linear_model import LogisticRegression
-
-from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS

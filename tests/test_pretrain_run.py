@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from ibot_bench.pretrain.config import PretrainConfig, validate
-from ibot_bench.pretrain.loss import IbotLoss
-from ibot_bench.pretrain.train import Trainer, TrainingDiverged
 
 from ibot_bench.cli import main
 from ibot_bench.config import load_config
 from ibot_bench.encoders import load_encoder
 from ibot_bench.errors import CheckpointError, ConfigError, DatasetError
+from ibot_bench.pretrain.config import PretrainConfig, validate
+from ibot_bench.pretrain.loss import IbotLoss
+from ibot_bench.pretrain.train import Trainer, TrainingDiverged
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "smoke.yaml"
 
@@ -34,7 +34,9 @@ def test_cli_run_writes_official_layout_readable_by_ibot_loader(tmp_path, capsys
     assert "backbone.masked_embed" not in ck["teacher"]
     for key in ("head.mlp.4.weight", "head.last_layer.weight_g", "head.last_layer2.weight_v"):
         assert key in ck["teacher"] and f"module.{key}" in ck["student"]
-    assert len(ck["student"]) == len(ck["teacher"]) + 1  # docs/protocols.md#reference-subtleties: masked_embed only in student
+    assert (
+        len(ck["student"]) == len(ck["teacher"]) + 1
+    )  # docs/protocols.md#reference-subtleties: masked_embed only in student
     assert set(ck["ibot_loss"]) == {"center", "center2"}
 
     teacher = load_encoder(f"ibot:{out}/checkpoint.pth")

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ibot_bench.encoders.vit import ViTConfig
 from ibot_bench.pretrain.head import IbotHead
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import (
@@ -26,9 +29,6 @@ from ibot_bench.pretrain.optim import (
     param_groups,
 )
 from ibot_bench.pretrain.schedules import cosine_schedule, teacher_temp_schedule
-from torch import nn
-
-from ibot_bench.encoders.vit import ViTConfig
 
 TINY = ViTConfig(16, 1, 2, patch_size=4, img_size=16)
 
@@ -155,7 +155,9 @@ def test_cosine_schedule_endpoints_and_warmup():
     s = cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=2)
     assert len(s) == 20
     assert s[0] == 0.0 and s[9] == pytest.approx(1.0)  # linear warm-up reaches base ...
-    assert s[10] == pytest.approx(1.0)  # ... and the cosine starts at base again (docs/protocols.md#reference-subtleties)
+    assert s[10] == pytest.approx(
+        1.0
+    )  # ... and the cosine starts at base again (docs/protocols.md#reference-subtleties)
     assert np.all(np.diff(s[:10]) > 0) and np.all(np.diff(s[10:]) < 0)
     assert s[-1] > 0.1 and s[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 9 / 10)))
     flat = cosine_schedule(0.996, 1.0, 2, 3)

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ibot_bench.downstream.detection.models import build_detection_config, check_categories
-
 from ibot_bench.data.coco import CocoDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
+from ibot_bench.downstream.detection.models import build_detection_config, check_categories
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 

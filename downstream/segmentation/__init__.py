@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ibot_bench.downstream.segmentation.models import build_segmentation_config
-
 from ibot_bench.data.ade20k import ADE20KDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
+from ibot_bench.downstream.segmentation.models import build_segmentation_config
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
