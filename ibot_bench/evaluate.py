@@ -8,6 +8,7 @@ encoder, the splits, its folders and seed). One record is written per run (with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -65,10 +66,15 @@ class EvalPlan:
             self.splits[name] = load_split(self.data_spec, name)
         return self.splits[name]
 
+    @functools.cached_property
+    def encoder_fingerprint(self) -> str:
+        """The encoder's fingerprint (hashes its weights file once per plan)."""
+        return encoder_fingerprint(self.encoder_spec)
+
     def resume_key(self) -> tuple[str, str, str, str]:
         """(task, encoder fingerprint, train-set fingerprint, protocol hash), no model loaded."""
         data_fp = self.split("train").fingerprint()
-        return (self.task.name, encoder_fingerprint(self.encoder_spec), data_fp, self.protocol_hash)
+        return (self.task.name, self.encoder_fingerprint, data_fp, self.protocol_hash)
 
 
 def plan_eval(
@@ -141,7 +147,7 @@ def execute(
     task, cfg = plan.task, plan.cfg
     output_dir = Path(output_dir)
     feature_config = FeatureConfig(**to_dict(cfg.features))
-    enc_fp, data_fp = encoder_fingerprint(plan.encoder_spec), plan.split("train").fingerprint()
+    enc_fp, data_fp = plan.encoder_fingerprint, plan.split("train").fingerprint()
     run_id = f"{task.name}__{enc_fp[:12]}__{data_fp[:12]}__{plan.protocol_hash}"
     feature_sets: dict[str, FeatureSet] = {}  # extracted once, shared by every seed
     started = time.perf_counter()
