@@ -26,7 +26,7 @@ EXAMPLES = {
     "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small",
     "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
     "pretrain": "ibot-bench pretrain --config quick --output out/quick optim.epochs=4",
-    "config": "ibot-bench config show linear --config finetune_quick epochs=2  (any task)\n"
+    "config": "ibot-bench config show linear epochs=10 features.img_size=64\n"
     "  ibot-bench config show finetune --config tasks/finetune_vit_small.yaml lr=1e-3",
     "setup-dense": "ibot-bench setup-dense",
 }
@@ -52,13 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     add("list", "list registered encoder schemes, datasets, tasks and suites")
     add("version", "print the version of ibot-bench and its main dependencies")
 
-    data = add("data", "dataset utilities")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    synth = data_sub.add_parser(
+    def add_action(
+        parent: argparse.ArgumentParser, name: str, help: str
+    ) -> argparse.ArgumentParser:
+        """``ibot-bench PARENT NAME``: a command's single action, with its parent's example."""
+        actions = parent.add_subparsers(dest=f"{parent.prog.split()[-1]}_command", required=True,
+                                        metavar="ACTION")  # fmt: skip
+        return actions.add_parser(
+            name,
+            help=help,
+            epilog=parent.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    synth = add_action(
+        add("data", "dataset utilities"),
         "synth",
-        help="write the synthetic shapes dataset (ImageFolder, COCO and ADE20K layouts) to OUT",
-        epilog="Example:\n  " + EXAMPLES["data"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "write the synthetic shapes dataset (ImageFolder, COCO and ADE20K layouts) to OUT",
     )
     synth.add_argument("out", help="output folder (must not exist or be empty)")
     synth.add_argument("--classes", type=int, default=10, help="number of shape classes (<= 12)")
@@ -125,13 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
 
-    conf = add("config", "show configs: a task's full effective config as YAML")
-    conf_sub = conf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = conf_sub.add_parser(
+    show = add_action(
+        add("config", "show configs: a task's full effective config as YAML"),
         "show",
-        help="print TASK's effective config (defaults <- --config file <- overrides) as YAML",
-        epilog="Example:\n  " + EXAMPLES["config"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "print TASK's effective config (defaults <- --config file <- overrides) as YAML",
     )
     show.add_argument("task", help="task name (see `ibot-bench list`)")
     show.add_argument("--config", default=None, help="task config: a YAML path or a shipped name")
