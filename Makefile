@@ -22,7 +22,7 @@ install: $(STAMP)
 # dense tasks: mmdet + mmseg, and mmcv 2.1.0 with ops built for this torch (about 13 minutes
 # on 2 cores the first time; the wheel is cached in ~/.cache/ibot-bench/wheels and reused)
 $(DENSE_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,dense]'
+	$(BIN)/python -m pip install -q -e '.[dev,dense,slurm]'
 	$(BIN)/ibot-bench setup-dense
 	touch $(DENSE_STAMP)
 

@@ -28,7 +28,7 @@ from ibot_bench.config import load_config  # noqa: E402
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes  # noqa: E402
 from ibot_bench.pretrain.monitor import ClusterMonitor  # noqa: E402
 from ibot_bench.pretrain.train import Trainer  # noqa: E402
-from ibot_bench.runtime import bf16_is_fast  # noqa: E402
+from ibot_bench.runtime import bf16_is_fast, resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -40,14 +40,22 @@ CASES = {
 }
 
 
-def matmul_peak(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
-    """FLOP/s of an n^3 matmul (best of ``repeats``)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int, device: torch.device, repeats: int = 3) -> float:
+    """FLOP/s of an n^3 matmul on ``device`` (best of ``repeats``)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     torch.mm(a[:256, :256], b[:256, :256])
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -63,7 +71,13 @@ def fake_batch(cfg: PretrainConfig, batch: int, patch: int) -> tuple:
 
 
 def bench(
-    name: str, precision: str, steps: int, out: Path, batch: int = 0, flop_img: float = 0.0
+    name: str,
+    precision: str,
+    steps: int,
+    out: Path,
+    batch: int = 0,
+    flop_img: float = 0.0,
+    device: str = "cpu",
 ) -> dict:
     path, overrides = CASES[name]
     overrides = [*overrides, f"optim.batch_size={batch}"] if batch else overrides
@@ -77,6 +91,7 @@ def bench(
             "progress=false",
             "data=synthetic:shapes",
             "save_init=false",
+            f"device={device}",
         ],
     )
     trainer = Trainer(cfg)
@@ -88,9 +103,11 @@ def bench(
             trainer._step(batch, 0, 0, monitor)
         flop_img = counter.get_total_flops() / trainer.batch
     flops = flop_img * trainer.batch
+    sync(trainer.device)
     t = time.perf_counter()
     for _ in range(steps):
         trainer._step(batch, 0, 0, monitor)
+    sync(trainer.device)
     dt = (time.perf_counter() - t) / steps
     g, loc = crop_sizes(cfg)
     return {
@@ -116,17 +133,19 @@ def main() -> None:
         "--peak-size", type=int, default=0, help="matmul size (default 4096; 1024 if bf16 is slow)"
     )
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--out", default="/tmp/ibot-bench-pretrain-bench")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = resolve_device(args.device)
     # emulated bf16 (no AMX) runs a 4096^3 matmul for minutes: measure a 1024^3 one there
     args.peak_size = args.peak_size or (4096 if bf16_is_fast(device) else 1024)
-    peak16 = matmul_peak(torch.bfloat16, args.peak_size)
-    peak32 = matmul_peak(torch.float32, args.peak_size)
+    peak16 = matmul_peak(torch.bfloat16, args.peak_size, device)
+    peak32 = matmul_peak(torch.float32, args.peak_size, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"cpu, {torch.get_num_threads()} threads, bf16 fast path (AMX): {bf16_is_fast(device)}; "
+        f"{where}, {torch.get_num_threads()} threads, fast bf16: {bf16_is_fast(device)}; "
         f"{args.peak_size}^3 matmul peak: bf16 {peak16 / 1e9:.1f} GFLOP/s, "
         f"fp32 {peak32 / 1e9:.1f} GFLOP/s"
     )
@@ -139,7 +158,7 @@ def main() -> None:
         for precision in args.precisions:
             batch = args.bf16_batch if precision == "bf16" and name == "vit_small" else 0
             out = Path(args.out) / f"{name}_{precision}"
-            r = bench(name, precision, args.steps, out, batch, flop_img)
+            r = bench(name, precision, args.steps, out, batch, flop_img, str(device))
             flop_img = r["gflop_img"] * 1e9
             print(
                 f"| {r['case']} | {precision} | {r['img_s']:.2f} | {r['gflop_img']:.1f} | "

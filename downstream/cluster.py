@@ -30,6 +30,7 @@ from sklearn import metrics as skm
 from ibot_bench.encoders import build_head
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.faiss_device import faiss_device
+from ibot_bench.features import cls_feature
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,12 @@ def cluster(ctx: TaskContext, cfg: ClusterConfig) -> TaskOutput:
     log.info(
         "cluster: k-means K=%d on %d images, faiss on %s", k, len(pred), "gpu" if gpu else "cpu"
     )
-    extra = {"k": k, "faiss_device": "gpu" if gpu else "cpu", "num_images": len(pred)}
+    extra = {
+        "k": k,
+        "faiss_device": "gpu" if gpu else "cpu",
+        "num_images": len(pred),
+        "feature": cls_feature(test),
+    }
     return TaskOutput(clustering_metrics(pred, test.labels), PROTOCOL_KMEANS, extra)
 
 
@@ -153,7 +159,7 @@ def cluster_head(ctx: TaskContext, cfg: ClusterHeadConfig) -> TaskOutput:
         )
     test = ctx.features("val")
     head = build_head(head_state).eval()
-    feats = torch.from_numpy(np.ascontiguousarray(test.cls, dtype=np.float32))
+    feats = torch.from_numpy(np.array(test.cls, dtype=np.float32))  # a copy: cache is read-only
     with torch.inference_mode():
         pred = torch.cat([head(chunk).argmax(-1) for chunk in feats.split(cfg.batch_size)])
     pred = pred.numpy().astype(np.int64)

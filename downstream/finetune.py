@@ -19,6 +19,14 @@ is bilinear (``eval_interpolation``). The warm-up starts at ``warmup_lr``. Input
 ImageNet mean/std the encoders were pretrained with (the BEiT script's default is
 Inception's 0.5/0.5 unless ``--imagenet_default_mean_and_std``).
 
+Any timm model: layer-wise lr decay follows :func:`ibot_bench.layer_decay.layer_plan` —
+the paper's rule for ViTs, timm's ``group_matcher`` blocks for other models (ResNets,
+ConvNeXts, ...), one lr group where no blocks are known (layer decay off); drop-path rises
+over whatever residual blocks have a drop-path slot (none: not applied). The record's
+``extra`` says what was used: ``layer_decay_mode`` (``vit-blocks`` |
+``timm-group-matcher`` | ``none``), ``layer_decay`` (the rate applied, 1.0 when off),
+``drop_path`` and ``drop_path_blocks``.
+
 Protocols: ``finetune`` reports the last epoch's top-1/top-5 (no selection on the
 evaluation set); ``finetune-best`` (``report=best``) reports the best epoch's, as the
 reference's "max accuracy" does. Both always record ``last_*`` and ``best_*``.
@@ -43,9 +51,9 @@ from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 from ibot_bench.layer_decay import (
     NO_WEIGHT_DECAY,
-    backbone_layer_ids,
     check_layer_decay,
     is_vit,
+    layer_plan,
     set_drop_path,
 )
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
@@ -140,14 +148,18 @@ def param_groups(
 ) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (L + 1 - layer_id)`` (BEiT / iBOT).
 
-    Parameters under ``backbone_prefix`` get :func:`backbone_layer_ids`; all others (the
-    new head, a kept projection layer) are at ``L + 1`` (scale 1). No weight decay on
+    Parameters under ``backbone_prefix`` get :func:`~ibot_bench.layer_decay.layer_plan`'s
+    ids; all others (the new head, a kept projection layer) are at ``L + 1`` (scale 1); a
+    backbone without known blocks (mode ``none``) is one group at scale 1. No weight decay on
     1-D parameters (biases, norms), on names ending in ``.bias``, nor on pos_embed /
     cls_token (and timm's ``no_weight_decay()`` names). Each group carries
     ``layer_id`` and ``param_names`` for inspection.
     """
     backbone = model.get_submodule(backbone_prefix.rstrip("."))
-    ids, depth = backbone_layer_ids(backbone)
+    plan = layer_plan(backbone)
+    ids, depth = plan.ids, plan.depth
+    if plan.mode == "none":
+        layer_decay = 1.0  # no blocks to decay over: one lr for the whole backbone
     skip = NO_WEIGHT_DECAY | set(getattr(backbone, "no_weight_decay", set)())
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -210,26 +222,57 @@ def protocol_name(base: str, cfg: FinetuneConfig) -> str:
     )
 
 
+def prepare_backbone(ctx: TaskContext, encoder: Encoder, recipe: Recipe) -> dict:
+    """Set drop-path on ``encoder.model``; returns what layer decay and drop-path will do.
+
+    The returned record (``layer_decay_mode``, ``layer_decay``, ``layer_decay_layers``,
+    ``drop_path``, ``drop_path_blocks``) goes into the task's ``extra``; rates that cannot
+    apply to this model (no blocks known, no drop-path slots) are logged and recorded as
+    what was actually used.
+    """
+    backbone = encoder.model
+    plan = layer_plan(backbone)
+    blocks = set_drop_path(backbone, recipe.drop_path)
+    decay = recipe.layer_decay if plan.mode != "none" else 1.0
+    if plan.mode == "none" and recipe.layer_decay != 1.0:
+        ctx.log(
+            f"finetune: {encoder.info.arch} has no blocks timm can group (no group_matcher): "
+            f"layer_decay={recipe.layer_decay} not applied, one lr for the backbone"
+        )
+    if not blocks and recipe.drop_path > 0:
+        ctx.log(
+            f"finetune: {encoder.info.arch} has no residual blocks with a drop-path slot: "
+            f"drop_path={recipe.drop_path} not applied"
+        )
+    return {
+        "layer_decay_mode": plan.mode,
+        "layer_decay": decay,
+        "layer_decay_layers": plan.depth + 2,  # stem/blocks 0..L, head L + 1
+        "drop_path": recipe.drop_path if blocks else 0.0,
+        "drop_path_blocks": blocks,
+    }
+
+
 def finetune_eval(ctx: TaskContext, cfg: FinetuneConfig) -> tuple[dict[str, float], dict]:
     """Fine-tune ``ctx.encoder_spec`` on ``ctx.data_spec`` train, evaluate on val."""
     train = require_classification(ctx.split("train"), ctx.data_spec)
     val = ctx.split("val")
     encoder = ctx.encoder()
     recipe = resolve_recipe(cfg, encoder)
-    backbone = encoder.model
-    set_drop_path(backbone, recipe.drop_path)
+    applied = prepare_backbone(ctx, encoder, recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = FinetuneModel(
-            backbone, len(train.class_names), cfg.pool, head_init_scale=cfg.head_init_scale
+            encoder.model, len(train.class_names), cfg.pool, head_init_scale=cfg.head_init_scale
         )
     groups = param_groups(model, cfg.weight_decay, recipe.layer_decay)
     metrics, extra = fit(ctx, model, groups, train, val, cfg, recipe.epochs)
     extra["recipe"] = recipe.__dict__
+    extra.update(applied)
     return metrics, extra
 
 
-@register_task("finetune", FinetuneConfig)
+@register_task("finetune", FinetuneConfig, distributed=True)
 def finetune(ctx: TaskContext, cfg: FinetuneConfig) -> TaskOutput:
     """Full fine-tuning with layer-wise lr decay (BEiT recipe, docs/protocols.md#full-fine-tuning)."""
     metrics, extra = finetune_eval(ctx, cfg)

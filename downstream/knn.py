@@ -236,6 +236,7 @@ def knn_eval(train: FeatureSet, test: FeatureSet, cfg: KnnConfig) -> tuple[dict[
         "k_effective": {str(k): v for k, v in result.k_effective.items()},
         "bank_size": len(train),
         "num_queries": len(test),
+        "feature": {"variant": "cls", "source": train.layout["cls"]},
     }
     return knn_metrics(result, test.labels), extra
 

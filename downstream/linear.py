@@ -10,9 +10,16 @@ backbone every epoch, dino#141).
 
 Feature variants (docs/protocols.md#default-features):
 
-- ``cls``: final-block CLS (D);
-- ``cls_last4``: concatenated CLS of the last 4 blocks (4D; the paper's ViT-S feature);
+- ``cls``: final-block CLS (D); the pooled features for encoders without a CLS token;
+- ``cls_last4``: concatenated CLS of the last min(4, depth) blocks (4D for the paper's
+  ViT-S feature; a 2-block ViT gives 2D);
 - ``cls_patch``: [final CLS, mean patch token] (2D; the paper's ViT-B/L feature).
+
+Encoders without a CLS token (timm CNNs) have neither a CLS per block nor a CLS distinct
+from the mean patch feature: ``cls_last4`` and ``cls_patch`` are skipped for them, with a
+logged note, as long as another requested variant remains (requesting only unavailable
+variants is an error). ``extra["variants"]`` records the variants requested, used and
+skipped (with the reason) and the number of blocks ``cls_last4`` used.
 
 Learning-rate grid (default, DINOv2's): 13 base lrs 1e-5, 2e-5, 5e-5, ..., 5e-2, 0.1,
 each multiplied by ``batch_size / 256``.
@@ -35,10 +42,12 @@ the protocol name then ends in ``-aug`` (the paper's published linear numbers ar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +56,9 @@ from torch.nn import functional as F
 
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.downstream.live_features import LiveViews, live_views
+from ibot_bench.encoders.base import DEFAULT_LAST_BLOCKS
 from ibot_bench.errors import ConfigError, UserError
-from ibot_bench.features import FeatureSet
+from ibot_bench.features import FeatureSet, feature_layout
 from ibot_bench.runtime import resolve_device
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
@@ -139,22 +149,74 @@ class LinearHeads(nn.Module):
         return torch.cat(outs)[self.restore]
 
 
-def check_variants(fs: FeatureSet, features: list[str]) -> dict[str, int]:
-    """Dimension of every requested feature variant of ``fs``; clear errors when one is missing."""
+def _check_known(features: list[str]) -> None:
     if not features:
         raise ConfigError(f"variants must name at least one of {', '.join(FEATURE_VARIANTS)}")
     unknown = [f for f in features if f not in FEATURE_VARIANTS]
     if unknown:
         raise ConfigError(f"unknown feature variant(s) {unknown}; known: {list(FEATURE_VARIANTS)}")
+
+
+def last_blocks_expected(fs: FeatureSet) -> int:
+    """Blocks ``cls_last4`` reads: min(4, depth), or 4 when the depth is unknown."""
+    depth = feature_layout(fs).get("num_blocks")
+    return min(DEFAULT_LAST_BLOCKS, int(depth)) if depth else DEFAULT_LAST_BLOCKS
+
+
+def unavailable_variants(fs: FeatureSet, features: list[str]) -> dict[str, str]:
+    """Requested variants this encoder cannot have at all (no CLS token), with the reason."""
+    layout = feature_layout(fs)
+    reasons = {}
+    if "cls_last4" in features and not layout.get("block_features", True):
+        reasons["cls_last4"] = (
+            "the encoder has no CLS token per block (pooled features only), so there is no "
+            "CLS of the last blocks"
+        )
+    if "cls_patch" in features and not layout.get("cls_token", True):
+        reasons["cls_patch"] = (
+            "the encoder has no CLS token: its cls feature is already the pooled patch "
+            "features, so [cls, mean patch] would repeat it"
+        )
+    return reasons
+
+
+def usable_variants(fs: FeatureSet, features: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``(variants to train, {skipped variant: reason})`` for the encoder of ``fs``.
+
+    Variants the encoder cannot have (:func:`unavailable_variants`) are skipped while another
+    requested variant remains; requesting only such variants is a :class:`UserError`.
+    """
+    features = list(dict.fromkeys(features))
+    _check_known(features)
+    skipped = unavailable_variants(fs, features)
+    used = [f for f in features if f not in skipped]
+    if not used:
+        why = "; ".join(f"{f}: {r}" for f, r in skipped.items())
+        raise UserError(
+            f"none of the requested feature variants {features} exists for this encoder ({why}); "
+            "use variants=[cls]"
+        )
+    return used, skipped
+
+
+def check_variants(fs: FeatureSet, features: list[str]) -> dict[str, int]:
+    """Dimension of every requested feature variant of ``fs``; clear errors when one is missing."""
+    _check_known(features)
     d = fs.cls.shape[1] if fs.cls.ndim == 2 else 0
-    dims = {"cls": d, "cls_last4": 4 * d, "cls_patch": 2 * d}
     if d == 0:
         raise UserError(f"feature set has no CLS features (shape {fs.cls.shape})")
-    if "cls_last4" in features and (fs.cls_last_n.ndim != 2 or fs.cls_last_n.shape[1] != 4 * d):
+    unavailable = unavailable_variants(fs, features)
+    if unavailable:
+        why = "; ".join(f"{f}: {r}" for f, r in unavailable.items())
+        raise UserError(f"feature variant(s) {list(unavailable)} not available: {why}")
+    n = last_blocks_expected(fs)
+    dims = {"cls": d, "cls_last4": n * d, "cls_patch": 2 * d}
+    if "cls_last4" in features and (fs.cls_last_n.ndim != 2 or fs.cls_last_n.shape[1] != n * d):
         raise UserError(
-            f"feature variant 'cls_last4' needs the CLS of the last 4 blocks (4 x {d} = {4 * d} "
-            f"columns in cls_last_n), got shape {fs.cls_last_n.shape}; extract features with "
-            "n_last_blocks=4 or drop 'cls_last4' from variants"
+            f"feature variant 'cls_last4' needs the CLS of the last min(4, depth) = {n} blocks "
+            f"({n} x {d} = {n * d} columns in cls_last_n), got shape {fs.cls_last_n.shape}; "
+            f"extract features with features.n_last_blocks unset (or n_last_blocks={n}) or drop "
+            "'cls_last4' from variants"
         )
     if "cls_patch" in features and (fs.patch_mean.ndim != 2 or fs.patch_mean.shape[1] != d):
         raise UserError(
@@ -162,6 +224,29 @@ def check_variants(fs: FeatureSet, features: list[str]) -> dict[str, int]:
             f"got {fs.patch_mean.shape}; drop 'cls_patch' from variants"
         )
     return {f: dims[f] for f in features}
+
+
+def resolve_variants(train: FeatureSet, test: FeatureSet, cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """``cfg`` restricted to the variants this encoder has, and the record of that choice.
+
+    The record (``extra["variants"]``): ``requested``, ``used``, ``skipped`` (variant ->
+    reason), ``cls`` (what the cls feature is) and ``cls_last4_blocks`` (blocks in
+    ``cls_last4`` when used).
+    """
+    used, skipped = usable_variants(train, cfg.variants)
+    for name, reason in skipped.items():
+        log.info("linear: feature variant %s skipped: %s", name, reason)
+    check_variants(train, used)
+    check_variants(test, used)
+    layout = feature_layout(train)
+    record = {
+        "requested": list(cfg.variants),
+        "used": used,
+        "skipped": skipped,
+        "cls": layout["cls"],
+        "cls_last4_blocks": last_blocks_expected(train) if "cls_last4" in used else None,
+    }
+    return dataclasses.replace(cfg, variants=used), record
 
 
 def feature_batch(
@@ -301,8 +386,7 @@ def linear_probe(
     Reused by ``semi`` as a plain function.
     """
     _check_config(cfg)
-    check_variants(train, cfg.variants)
-    check_variants(test, cfg.variants)
+    cfg, variants = resolve_variants(train, test, cfg)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     fit_rows, val_rows = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
     model = train_heads(train, fit_rows, specs, num_classes, cfg, views=views)
@@ -322,6 +406,7 @@ def linear_probe(
         "refit": cfg.refit,
         "num_train": len(fit_rows),
         "num_val": len(val_rows),
+        "variants": variants,
     }
     return _test_metrics(top1[best], top5[best], num_classes), extra
 
@@ -338,8 +423,7 @@ def linear_probe_paper(
     _check_config(cfg)
     if cfg.eval_every < 1:
         raise ConfigError(f"eval_every must be >= 1, got {cfg.eval_every}")
-    check_variants(train, cfg.variants)
-    check_variants(test, cfg.variants)
+    cfg, variants = resolve_variants(train, test, cfg)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     test_rows = np.arange(len(test))
     best = {"top1": -1.0}
@@ -360,13 +444,33 @@ def linear_probe_paper(
         "chosen_head": {**specs[best["head"]].as_dict(), "epoch": best["epoch"]},
         "heads": [{**s.as_dict(), "best_test_top1": float(v)} for s, v in zip(specs, per_head)],
         "selection": "max over heads and epochs on the test set (reference protocol)",
+        "variants": variants,
     }
     return _test_metrics(best["top1"], best["top5"], num_classes), extra
 
 
-def feature_needs(cfg: LinearBaseConfig) -> dict[str, int]:
-    """The ``cls_last4`` variant needs the CLS of the last 4 blocks from the feature engine."""
-    return {"n_last_blocks": 4} if "cls_last4" in cfg.variants else {}
+def variants_need(variants: list[str], features: Any = None) -> dict[str, int | None]:
+    """Feature settings the linear ``variants`` need, given the user's ``features`` settings.
+
+    ``cls_last4`` is the CLS of the last min(4, depth) blocks: ``n_last_blocks`` unset (None,
+    resolved per encoder by the feature engine) gives it; an explicit value must be 4 (the
+    paper's count), anything else is refused before any work.
+    """
+    if "cls_last4" not in variants:
+        return {}
+    explicit = getattr(features, "n_last_blocks", None) if features is not None else None
+    return {"n_last_blocks": None if explicit is None else DEFAULT_LAST_BLOCKS}
+
+
+def feature_needs(cfg: LinearBaseConfig) -> dict[str, int | None]:
+    """What ``cfg.variants`` need (see :func:`variants_need`); ``cfg`` may carry ``features``."""
+    return variants_need(cfg.variants, getattr(cfg, "features", None))
+
+
+def log_skipped(ctx: TaskContext, extra: dict, task: str = "linear") -> None:
+    """Tell the user which feature variants were skipped for this encoder, and why."""
+    for name, reason in (extra.get("variants") or {}).get("skipped", {}).items():
+        ctx.log(f"{task}: feature variant {name} skipped: {reason}")
 
 
 @register_task("linear", LinearConfig, features=feature_needs)
@@ -374,6 +478,7 @@ def linear(ctx: TaskContext, cfg: LinearConfig) -> TaskOutput:
     """Linear probes, head chosen on a held-out split (docs/protocols.md#linear-probe)."""
     train, test = ctx.features("train"), ctx.features("val")
     metrics, extra = linear_probe(train, test, cfg, live_views(ctx, cfg))
+    log_skipped(ctx, extra)
     return TaskOutput(metrics=metrics, protocol=protocol_name("linear", cfg), extra=extra)
 
 
@@ -382,6 +487,7 @@ def linear_paper(ctx: TaskContext, cfg: LinearPaperConfig) -> TaskOutput:
     """Linear probes, max over heads and epochs on test as the reference (docs/protocols.md#linear-probe)."""
     train, test = ctx.features("train"), ctx.features("val")
     metrics, extra = linear_probe_paper(train, test, cfg, live_views(ctx, cfg))
+    log_skipped(ctx, extra, "linear-paper")
     return TaskOutput(metrics=metrics, protocol=protocol_name("linear-paper", cfg), extra=extra)
 
 

@@ -46,6 +46,7 @@ def augmented_source(
     images = np.array([index[name] for name in train.sample_names])
     crop = ctx.feature_config.img_size or data.default_img_size
     encoder = ctx.encoder().to(device).eval()
+    n_blocks = encoder.resolve_last_blocks(ctx.feature_config.n_last_blocks)
     precision = resolve_precision(device, ctx.feature_config.precision)
     augment = T.Compose(
         [
@@ -60,7 +61,7 @@ def augmented_source(
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch_gen)))
             batch = torch.stack([augment(data.read(int(i))) for i in images[rows]])
         with torch.inference_mode(), autocast(device, precision):
-            out = encoder.forward_features(normalize_batch(batch.to(device)), n_last_blocks=4)
+            out = encoder.forward_features(normalize_batch(batch.to(device)), n_blocks)
         cls = out["cls"].float().clone()
         return {
             "cls": cls,

@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.errors import ConfigError, UserError
-from ibot_bench.features import FeatureSet
+from ibot_bench.features import FeatureSet, cls_feature
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def logreg_eval(
         "best_C": best_c,
         "val_top1": {f"{c:g}": v for c, v in scores.items()},
         "converged": converged,
+        "feature": cls_feature(train),
     }
     return metrics, extra
 

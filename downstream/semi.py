@@ -26,8 +26,7 @@ import numpy as np
 
 from ibot_bench.data.subsets import label_subset
 from ibot_bench.downstream.knn import KnnConfig, knn_eval
-from ibot_bench.downstream.linear import LinearConfig, linear_probe
-from ibot_bench.downstream.linear import feature_needs as linear_feature_needs
+from ibot_bench.downstream.linear import LinearConfig, linear_probe, log_skipped, variants_need
 from ibot_bench.downstream.live_features import LiveViews, live_views
 from ibot_bench.downstream.logreg import LogregConfig, logreg_eval
 from ibot_bench.errors import ConfigError
@@ -107,9 +106,11 @@ def semi_eval(
     return metrics, extra
 
 
-def feature_needs(cfg: SemiConfig) -> dict[str, int]:
-    """What the linear method needs, when it runs."""
-    return linear_feature_needs(cfg.linear) if "linear" in cfg.methods else {}
+def feature_needs(cfg: SemiConfig) -> dict[str, int | None]:
+    """What the linear method needs, when it runs (``cfg`` may carry ``features``)."""
+    if "linear" not in cfg.methods:
+        return {}
+    return variants_need(cfg.linear.variants, getattr(cfg, "features", None))
 
 
 @register_task("semi", SemiConfig, features=feature_needs)
@@ -117,4 +118,6 @@ def semi(ctx: TaskContext, cfg: SemiConfig) -> TaskOutput:
     """Frozen kNN / linear / log. regression on 1% or 10% of labels (docs/protocols.md#semi-supervised)."""
     views = live_views(ctx, _method_config(cfg, "linear"))
     metrics, extra = semi_eval(ctx.features("train"), ctx.features("val"), cfg, views)
+    if "linear" in extra:
+        log_skipped(ctx, extra["linear"], "semi linear")
     return TaskOutput(metrics=metrics, protocol=protocol_name(cfg.fraction), extra=extra)

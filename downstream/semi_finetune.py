@@ -11,7 +11,10 @@ training ``seeds`` do not change the labels).
   new ``Linear(2048, C)`` — the reference's ``--finetune_head_layer 1``. An encoder without
   a head cannot run it: :class:`~ibot_bench.errors.NotApplicableError` (the suite runner
   reports ``n/a``), never a silent switch to the other variant.
-- ``from_head=false``: a new ``Linear(D, C)`` on the CLS token.
+- ``from_head=false``: a new ``Linear(D, C)`` on the CLS token (the pooled features of an
+  encoder without one, e.g. a timm CNN: any timm model runs this variant, with drop-path
+  and layer decay applied as :mod:`ibot_bench.downstream.finetune` does and recorded the
+  same way, ``extra["layer_decay_mode"]``, ``extra["drop_path_blocks"]``).
 
 Recipe (the reference's DeiT-based script): AdamW, lr ``5e-6 x batch_size / 512``, wd 0.05,
 1000 epochs, 5 warm-up epochs, EMA 0.99996, drop-path 0.1, no layer decay, and DeiT's
@@ -36,12 +39,12 @@ from ibot_bench.downstream.finetune import (
     FinetuneConfig,
     FinetuneModel,
     param_groups,
+    prepare_backbone,
     resolve_recipe,
 )
 from ibot_bench.downstream.finetune_engine import fit
 from ibot_bench.encoders import Encoder, build_head
 from ibot_bench.errors import ConfigError, NotApplicableError
-from ibot_bench.layer_decay import set_drop_path
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 
@@ -114,12 +117,11 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
     proj, proj_dim = None, None
     if cfg.from_head:
         proj, proj_dim = head_first_layer(encoder)
-    backbone = encoder.model
-    set_drop_path(backbone, recipe.drop_path)
+    applied = prepare_backbone(ctx, encoder, recipe)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = FinetuneModel(
-            backbone, len(full.class_names), cfg.pool, proj, proj_dim, cfg.head_init_scale
+            encoder.model, len(full.class_names), cfg.pool, proj, proj_dim, cfg.head_init_scale
         )
     groups = param_groups(model, cfg.weight_decay, recipe.layer_decay)
     metrics, extra = fit(ctx, model, groups, train, val, cfg, recipe.epochs)
@@ -128,11 +130,12 @@ def semi_finetune_eval(ctx: TaskContext, cfg: SemiFinetuneConfig) -> tuple[dict[
         subset=train.meta.get("subset"),
         subset_size=len(train),
         full_train_size=len(full),
+        **applied,
     )
     return metrics, extra
 
 
-@register_task("semi-finetune", SemiFinetuneConfig)
+@register_task("semi-finetune", SemiFinetuneConfig, distributed=True)
 def semi_finetune(ctx: TaskContext, cfg: SemiFinetuneConfig) -> TaskOutput:
     """End-to-end fine-tuning on 1% / 10% of labels, from the projection head or not (docs/protocols.md#semi-supervised)."""
     metrics, extra = semi_finetune_eval(ctx, cfg)

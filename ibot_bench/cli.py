@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
+from ibot_bench.launch import add_launcher_args, maybe_submit
 
 EXAMPLES = {
     "list": "ibot-bench list",
@@ -68,15 +69,31 @@ def _parser() -> argparse.ArgumentParser:
     synth = add_action(
         add("data", "dataset utilities"),
         "synth",
-        "write the synthetic shapes dataset (ImageFolder, COCO and ADE20K layouts) to OUT",
+        "write the synthetic shapes dataset to OUT in the real ImageNet (with SimCLRv2's "
+        "1percent.txt / 10percent.txt), COCO 2017 and ADEChallengeData2016 layouts, so that "
+        "`ibot-bench run --suite full --data-root OUT` runs on it",
     )
-    synth.add_argument("out", help="output folder (must not exist or be empty)")
+    synth.add_argument(
+        "out", help="output folder: new or empty, or one written by data synth (--overwrite)"
+    )
     synth.add_argument("--classes", type=int, default=10, help="number of shape classes (<= 12)")
     synth.add_argument("--size", type=int, default=64, help="image size in pixels")
-    synth.add_argument("--train", type=int, default=100, help="training images per class")
+    synth.add_argument(
+        "--train",
+        type=int,
+        default=200,
+        help="training images per class (default 200: 1percent.txt then lists exactly 1%% of "
+        "them, 2 per class, the fewest with which semi can hold some out; >= 80 passes "
+        "semi's 1.25x share check)",
+    )
     synth.add_argument("--val", type=int, default=25, help="validation images per class")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
+    synth.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a synthetic set written to OUT before: only what data synth wrote there "
+        "(listed in OUT/synthetic.json) is replaced; it refuses if those folders hold other files",
+    )
 
     feats = add("features", "extract and cache frozen features; print shape, speed, cache path")
     _add_encoder_data(feats)
@@ -100,9 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", default=None, help="results folder (default: results/<suite>)")
     run.add_argument("--force", action="store_true", help="rerun evaluations already recorded")
     run.add_argument(
+        "--profile",
+        default=None,
+        help="shrink every entry (`tiny`: CPU seconds, for checking a suite end to end; its "
+        "records form leaderboard groups of their own)",
+    )
+    run.add_argument(
         "--pretrain", default=None, help="pretrain config used when no --encoder (quick, demo)"
     )
     run.add_argument("--cache-dir", default=None, help="feature cache (default: $IBOT_BENCH_CACHE)")
+    add_launcher_args(run)
 
     rep = add("report", "merge result folders into one leaderboard (CSV, Markdown, heatmap)")
     rep.add_argument("dirs", nargs="+", help="result folders holding records/")
@@ -134,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         "--resume", default=None, help="checkpoint to resume (default: OUTPUT/checkpoint.pth)"
     )
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
+    add_launcher_args(pre)
 
     show = add_action(
         add("config", "show configs: a task's full effective config as YAML"),
@@ -180,11 +205,12 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(f"{title}:")
         for name in registry:
             print(f"  {name:14s} {registry.help(name)}")
-    from ibot_bench.suites import SUITES
+    from ibot_bench.suites import PROFILES, SUITES
 
-    print("suites:")
-    for name in SUITES:
-        print(f"  {name:14s} {SUITES.help(name)}")
+    for title, registry in (("suites", SUITES), ("suite profiles (run --profile)", PROFILES)):
+        print(f"{title}:")
+        for name in registry:
+            print(f"  {name:14s} {registry.help(name)}")
 
 
 def _cmd_version(args: argparse.Namespace) -> None:
@@ -195,7 +221,7 @@ def _cmd_version(args: argparse.Namespace) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from ibot_bench.data.synthetic import write_synthetic
+    from ibot_bench.data.synthetic import ADE20K_DIR, write_synthetic
 
     meta = write_synthetic(
         args.out,
@@ -206,9 +232,32 @@ def _cmd_data(args: argparse.Namespace) -> None:
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}: {len(meta['classes'])} classes, {args.size}px")
-    for layout, spec in (("imagenet", "imagefolder"), ("coco", "coco"), ("ade20k", "ade20k")):
+    counts = meta["counts"]
+    print(
+        f"wrote {args.out}: {len(meta['classes'])} classes, {args.size}px, "
+        f"{counts['train']} train / {counts['val']} val images"
+    )
+    for spec, layout in (("imagefolder", "imagenet"), ("coco", "coco"), ("ade20k", ADE20K_DIR)):
         print(f"  {spec}:{args.out}/{layout}")
+    for name, info in meta["split_files"].items():
+        share = f"{100 * info['share']:.3g}% of train"
+        print(f"  {args.out}/{info['path']}: {info['images']} images ({share})")
+        if not info["accepted"]:
+            print(
+                f"  warning: with {args.train} training images per class {name} cannot list "
+                f"{100 * info['fraction']:g}% (within 1.25x) and at least one image per class, "
+                f"so semi with fraction={info['fraction']:g} will reject it; --train 200 "
+                "(the default) gives exactly 1% and 10%.",
+                file=sys.stderr,
+            )
+        elif info["per_class"][0] < 2:
+            print(
+                f"  note: {name} lists one image for some classes, too few for the semi task "
+                "to hold some out for choosing its hyperparameters; --train 200 (the default) "
+                "gives 2 per class in 1percent.txt.",
+                file=sys.stderr,
+            )
+    print(f"  ibot-bench run --suite full --data-root {args.out}")
 
 
 def _cmd_features(args: argparse.Namespace) -> None:
@@ -263,6 +312,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _print_board(table, title: str) -> None:
     """The leaderboard on the terminal: one table per group, metrics as rows (fits narrow)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -271,22 +321,26 @@ def _print_board(table, title: str) -> None:
         return
     for group in table.columns.get_level_values(0).unique():
         part = table[group].dropna(how="all").T
-        t = Table(title=f"{title}: {group}")
+        t = Table(title=escape(f"{title}: {group}"))  # names are text, never rich markup
         t.add_column("protocol metric")
         for encoder in part.columns:
-            t.add_column(encoder, justify="right")
+            t.add_column(escape(str(encoder)), justify="right")
         for metric, row in part.iterrows():
-            t.add_row(metric, *("-" if v != v else f"{v:.2f}" for v in row))
+            t.add_row(escape(str(metric)), *("-" if v != v else f"{v:.2f}" for v in row))
         console.print(t)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ibot_bench.distributed import is_main
     from ibot_bench.leaderboard import write_reports
-    from ibot_bench.suites import load_suite, pretrain_encoders, run_suite
+    from ibot_bench.suites import load_profile, load_suite, pretrain_encoders, run_suite
 
     overrides = [f"data_root={args.data_root}"] if args.data_root else []
     suite = load_suite(args.suite, overrides)
+    profile = load_profile(args.profile)
     output = args.output or f"results/{suite.name}"
+    if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
+        return launched
     pretrain_name = args.pretrain or suite.pretrain
     if args.encoder:
         encoders = args.encoder
@@ -298,8 +352,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
     tasks = args.tasks.split(",") if args.tasks else None
     outcomes = run_suite(
-        suite, encoders, output, tasks=tasks, force=args.force, cache_dir=args.cache_dir
+        suite,
+        encoders,
+        output,
+        tasks=tasks,
+        force=args.force,
+        cache_dir=args.cache_dir,
+        profile=profile,
     )
+    failed = [o for o in outcomes if o.status in ("failed", "missing data")]
+    if not is_main():  # under torchrun rank 0 reports for all
+        return 1 if failed else 0
     table, errors = write_reports([output], output)
     for path, err in errors:
         print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
@@ -308,7 +371,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     print(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; results in {output}/")
-    failed = [o for o in outcomes if o.status in ("failed", "missing data")]
     for o in failed:
         print(f"  {o.status}: {o.task} on {o.dataset} with {o.encoder}: {o.message}")
     return 1 if failed else 0
@@ -334,7 +396,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(html)
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> None:
+def _cmd_pretrain(args: argparse.Namespace) -> int | None:
     from ibot_bench.config import load_config
     from ibot_bench.pretrain.config import PretrainConfig
     from ibot_bench.pretrain.train import pretrain
@@ -343,6 +405,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     if args.output is not None:
         overrides.append(f"output_dir={args.output}")
     cfg = load_config(PretrainConfig, args.config, overrides, kind="pretrain")
+    if (launched := maybe_submit(args, cfg.output_dir)) is not None:  # --launcher slurm|local
+        return launched
     summary = pretrain(cfg, resume=args.resume)
     if not summary["is_main"]:
         return

@@ -9,15 +9,23 @@ import torch.distributed as dist
 
 
 def init_distributed() -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
+
+    Each process takes GPU ``LOCAL_RANK`` (modulo the GPUs there are) and the group uses
+    nccl; with fewer GPUs than processes on a node (nccl refuses two ranks on one GPU), or
+    none, it uses gloo.
+    """
     if (
         dist.is_available()
         and not dist.is_initialized()
         and int(os.environ.get("WORLD_SIZE", 1)) > 1
     ):
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            gpus = torch.cuda.device_count()
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % gpus)
+            if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) <= gpus:
+                backend = "nccl"
         dist.init_process_group(backend)
 
 
@@ -67,3 +75,21 @@ def gather_rows(local: torch.Tensor, n_total: int, chunk: int = 1 << 16) -> torc
             take = max(0, min(stop, sizes[r]) - start)
             out[lo : lo + take] = p[:take].cpu()
     return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` of rank ``src`` on every rank (picklable objects; world size 1: ``obj``)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` is true on every rank (world size 1: ``flag``)."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

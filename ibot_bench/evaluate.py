@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import pickle
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -20,8 +22,9 @@ from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config, to_dict
 from ibot_bench.data import ClassificationSplit, load_split
-from ibot_bench.distributed import is_main
+from ibot_bench.distributed import broadcast_object, init_distributed, is_main, world
 from ibot_bench.encoders import encoder_fingerprint
+from ibot_bench.errors import ConfigError
 from ibot_bench.features import FeatureConfig, FeatureSet
 from ibot_bench.records import ResultRecord, config_hash, mean_std
 from ibot_bench.runtime import resolve_device
@@ -89,8 +92,24 @@ def plan_eval(
     task = discover_tasks().get(task_name)
     cfg = load_config(eval_schema(task), config_path, overrides, kind="tasks")
     check_feature_needs(task, cfg, FeatureConfig(**to_dict(cfg.features)))
+    check_batch_split(task, cfg)
     splits = {} if splits is None else splits
     return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec, splits)
+
+
+def check_batch_split(task: TaskDef, cfg: Any) -> None:
+    """A task training on every process splits its global ``batch_size`` over them (and its
+    ``accum_steps``): refuse one that doesn't divide, before any work."""
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # the launcher's, known before init
+    if not task.distributed or "batch_size" not in cfg:
+        return
+    parts = processes * int(cfg.get("accum_steps", 1))
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            f"{task.name}: batch_size={cfg.batch_size} (global) does not split over {processes} "
+            f"process(es) x accum_steps={cfg.get('accum_steps', 1)}; use a multiple of {parts}, "
+            f"e.g. batch_size={parts * max(1, round(cfg.batch_size / parts))}"
+        )
 
 
 def record_key(record: ResultRecord) -> tuple[str, str, str, str]:
@@ -133,6 +152,47 @@ def combine_seeds(outputs: list[TaskOutput], seeds: list[int]) -> tuple[dict[str
     return metrics, {"per_seed": [o.extra for o in outputs]}
 
 
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` if it can cross to other ranks, else a RuntimeError with its text."""
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def run_task(task: TaskDef, ctx: TaskContext, cfg: Any) -> TaskOutput:
+    """Run ``task`` once, whatever the number of processes.
+
+    Single process, or a ``distributed`` task (DDP fine-tuning, mmengine): the function runs
+    on every rank. Any other task runs on rank 0 only, while the other ranks serve it: each
+    time it asks for features not extracted yet, rank 0 announces the split and every rank
+    joins the sharded extraction; at the end rank 0 sends its output (or its error) to all,
+    so every rank returns (or raises) the same and the suite goes on in step.
+    """
+    rank, world_size = world()
+    if world_size == 1 or task.distributed:
+        return task.fn(ctx, cfg)
+    if rank == 0:
+        ctx.announce = lambda split: broadcast_object(("features", split))
+        try:
+            result: tuple[str, Any] = ("ok", task.fn(ctx, cfg))
+        except BaseException as exc:
+            broadcast_object(("done", ("error", _picklable(exc))))
+            raise
+        broadcast_object(("done", result))
+        return result[1]
+    while True:
+        kind, value = broadcast_object(None)  # type: ignore[misc]
+        if kind == "features":
+            ctx.features(value)
+            continue
+        status, out = value
+        if status == "error":
+            raise out
+        return out
+
+
 def execute(
     plan: EvalPlan,
     *,
@@ -141,9 +201,14 @@ def execute(
     cache_dir: str | Path | None = None,
     allow_partial: bool = False,
     dataset_group: str | None = None,
+    profile: str = "",
     log: Callable[[str], None] = print,
 ) -> ResultRecord:
-    """Run ``plan`` once per seed and write its record under ``output_dir/records`` (rank 0)."""
+    """Run ``plan`` once per seed and write its record under ``output_dir/records`` (rank 0).
+
+    Under torchrun every rank calls this with the same plan (see :func:`run_task`).
+    """
+    init_distributed()
     task, cfg = plan.task, plan.cfg
     output_dir = Path(output_dir)
     feature_config = FeatureConfig(**to_dict(cfg.features))
@@ -169,7 +234,7 @@ def execute(
             fingerprint=enc_fp,
         )
         torch.manual_seed(seed)
-        outputs.append(task.fn(ctx, task_config(plan, seed)))
+        outputs.append(run_task(task, ctx, task_config(plan, seed)))
         contexts.append(ctx)
 
     metrics, details = combine_seeds(outputs, list(cfg.seeds))
@@ -197,6 +262,7 @@ def execute(
         seed=int(cfg.seeds[0]),
         device=device_name(resolve_device(feature_config.device)),
         wall_time_s=time.perf_counter() - started,
+        profile=profile,
     )
     if is_main():  # under torchrun every rank computed the same record; one writes it
         path = record.write(output_dir)

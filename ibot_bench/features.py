@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 
 from ibot_bench.data import cache_root, load_split, require_classification
 from ibot_bench.data.classification import ClassificationSplit, EvalTransform, normalize_batch
-from ibot_bench.distributed import barrier, gather_rows, init_distributed, shard_range, world
+from ibot_bench.distributed import (
+    all_ranks,
+    barrier,
+    gather_rows,
+    init_distributed,
+    shard_range,
+    world,
+)
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
 from ibot_bench.errors import DatasetError, UserError
 from ibot_bench.runtime import (
@@ -34,11 +41,14 @@ from ibot_bench.runtime import (
 class FeatureSet:
     """Frozen features of one dataset split, in dataset order.
 
-    ``cls`` is the final-norm CLS (N, D); ``patch_mean`` the mean final-norm patch
-    token (N, D); ``cls_last_n`` the concatenated CLS of the last n blocks (N, n*D);
-    ``labels`` (N,) int64; ``class_names`` index -> name; ``sample_names`` the dataset's
-    name of each row's image. Arrays are float32 numpy (possibly memory-mapped); tasks
-    convert to torch as they need. ``meta`` is provenance (cache key, encoder, speed).
+    ``cls`` is the final-norm CLS (N, D) (the pooled features for encoders without a CLS
+    token, e.g. CNNs); ``patch_mean`` the mean final-norm patch token (N, D);
+    ``cls_last_n`` the concatenated CLS of the last n blocks (N, n*D; n = min(4, depth) by
+    default, 0 columns for encoders without per-block CLS); ``labels`` (N,) int64;
+    ``class_names`` index -> name; ``sample_names`` the dataset's name of each row's image.
+    Arrays are float32 numpy (possibly memory-mapped); tasks convert to torch as they need.
+    ``meta`` is provenance (cache key, encoder, speed) and ``meta["layout"]`` what the
+    arrays are (:func:`feature_layout`).
     """
 
     cls: np.ndarray
@@ -55,6 +65,11 @@ class FeatureSet:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def layout(self) -> dict:
+        """See :func:`feature_layout`."""
+        return feature_layout(self)
 
     def subset(self, indices: np.ndarray) -> FeatureSet:
         """Rows ``indices`` (e.g. a 1% label subset or a validation hold-out)."""
@@ -76,7 +91,10 @@ class FeatureConfig:
     img_size: int | None = None  # centre-crop size; None = the dataset's default (224 for IN)
     crop_pct: float = 0.875  # resize shorter side to img_size / crop_pct first (256 -> 224)
     interpolation: str = "bicubic"
-    n_last_blocks: int = 4  # CLS of the last n blocks for the linear probe
+    # CLS of the last n blocks for the linear probe; None = min(4, the encoder's depth), or
+    # none for encoders without a CLS token per block (CNNs); the count used is recorded in
+    # the features' meta["layout"]
+    n_last_blocks: int | None = None
     batch_size: int = 64
     num_workers: int = -1  # -1: automatic (CPU count based)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
@@ -86,6 +104,35 @@ class FeatureConfig:
 
 
 CACHE_VERSION = 1
+
+
+def feature_layout(fs: FeatureSet) -> dict:
+    """What ``fs``'s arrays are: ``cls`` (its source), ``cls_token``, ``block_features``,
+    ``num_blocks`` (None if unknown) and ``n_last_blocks`` (the blocks in ``cls_last_n``).
+
+    From ``meta["layout"]`` (written by :func:`extract_features`); for feature sets without
+    it (built by hand, or cached before it was recorded) inferred from the array shapes,
+    assuming a ViT with a CLS token.
+    """
+    layout = fs.meta.get("layout")
+    if layout:
+        return dict(layout)
+    d = fs.cls.shape[1] if fs.cls.ndim == 2 else 0
+    width = fs.cls_last_n.shape[1] if fs.cls_last_n.ndim == 2 else 0
+    return {
+        "cls": "final-norm CLS token",
+        "cls_token": True,
+        "block_features": True,
+        "num_blocks": None,
+        "n_last_blocks": width // d if d else 0,
+    }
+
+
+def cls_feature(fs: FeatureSet) -> dict:
+    """The record of a task that uses ``fs.cls``: which feature that is for this encoder."""
+    return {"variant": "cls", "source": feature_layout(fs)["cls"]}
+
+
 ARRAYS = ("cls", "patch_mean", "cls_last_n", "labels")
 
 
@@ -201,13 +248,15 @@ def extract_features(
         "skip_corrupt": cfg.skip_corrupt,
     }
     path = Path(cache_dir or cache_root() / "features") / cache_key(key_parts)
-    if not refresh and (path / "meta.json").is_file():
+    init_distributed()
+    rank, world_size = world()
+    # a hit only if every rank has one (e.g. nodes without a shared cache folder): the
+    # extraction below is collective, so all ranks must take the same branch
+    if all_ranks(not refresh and (path / "meta.json").is_file()):
         meta = json.loads((path / "meta.json").read_text())
         log(f"features: cache hit {path}")
         return _load_cached(path, meta)
 
-    init_distributed()
-    rank, world_size = world()
     if rank == 0:  # fail before the expensive part, not after it
         shutil.rmtree(_make_temp_dir(path))
     if encoder is None:
@@ -215,13 +264,16 @@ def extract_features(
     elif not isinstance(encoder, Encoder):
         encoder = encoder()
     encoder = encoder.to(device).eval()
+    n_last_blocks = encoder.resolve_last_blocks(cfg.n_last_blocks)
+    layout = encoder.layout(cfg.n_last_blocks)
     if cfg.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     if rank == 0:
         log(
             f"features: {encoder_spec} on {data_spec} [{split}], {len(data)} images, "
             f"{transform.crop}px, device {device}, precision {precision} "
-            f"({'bf16 fast here' if bf16_is_fast(device) else 'no fast bf16 here'})"
+            f"({'bf16 fast here' if bf16_is_fast(device) else 'no fast bf16 here'}), "
+            f"cls = {layout['cls']}, cls_last_n = CLS of the last {n_last_blocks} block(s)"
         )
     rows = shard_range(len(data), rank, world_size)
     workers = loader_workers(cfg.num_workers, device, world_size)
@@ -246,7 +298,7 @@ def extract_features(
             x = normalize_batch(images.to(device, non_blocking=True))
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            feats = encoder.forward_features(x, n_last_blocks=cfg.n_last_blocks)
+            feats = encoder.forward_features(x, n_last_blocks=n_last_blocks)
             local = row_idx - rows.start
             for name in ("cls", "patch_mean", "cls_last_n"):
                 value = feats[name].float().cpu()
@@ -257,7 +309,10 @@ def extract_features(
             bar.update(len(row_idx))
     elapsed = time.perf_counter() - start
     ok = gather_rows(ok, len(data))
-    arrays = {name: gather_rows(t, len(data)).numpy() for name, t in out.items()}
+    arrays = {  # nothing to gather for an empty feature (cls_last_n with 0 blocks)
+        name: (gather_rows(t, len(data)) if t.shape[1] else t.new_zeros(len(data), 0)).numpy()
+        for name, t in out.items()
+    }
     keep = ok.numpy()
     skipped = [data.sample_names[i] for i in np.flatnonzero(~keep)]
     if skipped:
@@ -273,6 +328,7 @@ def extract_features(
         "sample_names": [s for s, k in zip(data.sample_names, keep) if k],
         "skipped": skipped,
         "key": key_parts,
+        "layout": layout,
         "images_per_s": n * world_size / max(elapsed, 1e-9),
         "world_size": world_size,
         "device": str(device),

@@ -34,6 +34,12 @@ def load_records(dirs: Iterable[str | Path]) -> tuple[list[ResultRecord], list[t
     return records, errors
 
 
+def group_label(record: ResultRecord) -> str:
+    """The record's comparability group; a shrunk profile's records form groups of their own."""
+    group = record.dataset.get("group") or record.dataset.get("spec", "")
+    return f"{group} [profile {record.profile}]" if record.profile else group
+
+
 def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
     """One row per (record, metric) with every setting that changes the number."""
     rows = []
@@ -48,7 +54,7 @@ def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
                     "task": r.task,
                     "protocol": r.protocol,
                     "dataset": r.dataset.get("spec", ""),
-                    "group": r.dataset.get("group") or r.dataset.get("spec", ""),
+                    "group": group_label(r),
                     "dataset_fingerprint": r.dataset.get("fingerprint", "")[:12],
                     "metric": metric,
                     "value": value,

@@ -38,6 +38,7 @@ class ResultRecord:
     wall_time_s: float = 0.0
     timestamp: str = ""
     schema_version: int = SCHEMA_VERSION
+    profile: str = ""  # a suite profile (e.g. "tiny") that shrank the protocol; "" = as specified
 
     def __post_init__(self) -> None:
         if not self.versions:

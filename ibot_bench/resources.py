@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ibot_bench.errors import ConfigError
 
-CONFIG_KINDS = ("suites", "tasks", "pretrain")
+CONFIG_KINDS = ("suites", "tasks", "pretrain", "profiles")
 
 
 def config_dir() -> Path:

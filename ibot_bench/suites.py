@@ -19,12 +19,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config
+from ibot_bench.distributed import barrier, init_distributed, is_main
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
 from ibot_bench.io import atomic_write_text
 from ibot_bench.records import read_records
 from ibot_bench.registry import Registry
 from ibot_bench.resources import resolve_config, shipped_configs
+from ibot_bench.tasks import discover_tasks
 
 
 @dataclass
@@ -54,9 +56,36 @@ class SuiteConfig:
     entries: list[SuiteEntry] = field(default_factory=list)
 
 
+@dataclass
+class ProfileConfig:
+    """A suite profile: overrides applied after every entry's own (``configs/profiles/``)."""
+
+    name: str = ""
+    description: str = ""
+    # task name -> key=value overrides; "*" applies to every task
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+
+    def for_task(self, task: str) -> list[str]:
+        return [*self.overrides.get("*", []), *self.overrides.get(task, [])]
+
+
 SUITES: Registry[Path] = Registry("suite")
 for _name, _path in shipped_configs("suites").items():
     SUITES.add(_name, _path, OmegaConf.load(_path).get("description", ""))
+PROFILES: Registry[Path] = Registry("profile")
+for _name, _path in shipped_configs("profiles").items():
+    PROFILES.add(_name, _path, OmegaConf.load(_path).get("description", ""))
+
+
+def load_profile(name: str | None) -> ProfileConfig:
+    """A shipped profile by name (``tiny``); None or "" = no profile."""
+    if not name:
+        return ProfileConfig()
+    profile = OmegaConf.to_object(load_config(ProfileConfig, PROFILES.get(name)))
+    unknown = sorted(set(profile.overrides) - {"*"} - set(discover_tasks()))
+    if unknown:
+        raise ConfigError(f"profile {name!r} names unknown tasks {unknown}")
+    return profile
 
 
 def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
@@ -117,9 +146,13 @@ class Outcome:
 
 
 def plan_suite(
-    cfg: SuiteConfig, encoders: Sequence[str], tasks: Sequence[str] | None = None
+    cfg: SuiteConfig,
+    encoders: Sequence[str],
+    tasks: Sequence[str] | None = None,
+    profile: ProfileConfig | None = None,
 ) -> list[tuple[EvalPlan | None, SuiteEntry, str, str]]:
     """(plan or None if invalid, entry, encoder, error) for every encoder x entry."""
+    profile = profile or ProfileConfig()
     known = sorted({e.task for e in cfg.entries})
     unknown = sorted(set(tasks or ()) - set(known))
     if unknown:
@@ -137,7 +170,7 @@ def plan_suite(
                     encoder,
                     spec,
                     config_path(entry),
-                    entry.overrides,
+                    [*entry.overrides, *profile.for_task(entry.task)],
                     splits.setdefault(spec, {}),
                 )
                 plans.append((plan, entry, encoder, ""))
@@ -154,14 +187,26 @@ def run_suite(
     tasks: Sequence[str] | None = None,
     force: bool = False,
     cache_dir: str | Path | None = None,
+    profile: ProfileConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Outcome]:
-    """Run every (encoder, entry) not already recorded; one failure never stops the rest."""
+    """Run every (encoder, entry) not already recorded; one failure never stops the rest.
+
+    Under torchrun every rank runs this loop in step (the same plans, skips and outcomes);
+    each evaluation decides how to use the ranks (:func:`ibot_bench.evaluate.run_task`) and
+    rank 0 alone writes records, outcomes and messages.
+    """
+    init_distributed()
+    main_rank = is_main()
+    log = log if main_rank else (lambda _msg: None)
     output_dir = Path(output_dir)
-    save_config(cfg, output_dir, "suite.yaml")
+    profile = profile or ProfileConfig()
+    if main_rank:
+        save_config(cfg, output_dir, "suite.yaml")
     done_keys = {record_key(r) for r in read_records(output_dir)[0]}
+    barrier()  # no rank reads the records while rank 0 may be writing one
     outcomes: list[Outcome] = []
-    planned = plan_suite(cfg, encoders, tasks)
+    planned = plan_suite(cfg, encoders, tasks, profile)
     for i, (plan, entry, encoder, error) in enumerate(planned, 1):
         ds = cfg.datasets[entry.dataset]
         outcome = Outcome(encoder, entry.task, entry.dataset, "failed", error)
@@ -181,6 +226,7 @@ def run_suite(
                     output_dir=output_dir,
                     cache_dir=cache_dir,
                     dataset_group=ds.group,
+                    profile=profile.name,
                     log=log,
                 )
                 done_keys.add(record_key(record))
@@ -191,12 +237,14 @@ def run_suite(
             outcome.message = str(exc)
         except Exception as exc:  # one broken evaluation must not lose the others
             outcome.message = f"{type(exc).__name__}: {exc}"
-            (output_dir / "errors").mkdir(parents=True, exist_ok=True)
-            name = f"{entry.task}__{entry.dataset}__{i}.txt"
-            (output_dir / "errors" / name).write_text(traceback.format_exc())
+            if main_rank:
+                name = f"{entry.task}__{entry.dataset}__{i}.txt"
+                atomic_write_text(output_dir / "errors" / name, traceback.format_exc())
         outcome.seconds = time.perf_counter() - start
         log(f"{prefix}: {outcome.status}{' - ' + outcome.message if outcome.message else ''}")
         outcomes.append(outcome)
-    text = json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2)
-    atomic_write_text(output_dir / "outcomes.json", text)
+    if main_rank:
+        text = json.dumps([dataclasses.asdict(o) for o in outcomes], indent=2)
+        atomic_write_text(output_dir / "outcomes.json", text)
+    barrier()
     return outcomes

@@ -57,6 +57,9 @@ class TaskContext:
     splits: dict[str, ClassificationSplit | DenseSplit] = field(default_factory=dict)
     feature_sets: dict[str, FeatureSet] = field(default_factory=dict)
     fingerprint: str | None = None  # the encoder's; computed (a file hash) when first needed
+    # called before features of a split are first extracted (the runner uses it under torchrun
+    # to have the other ranks join the sharded extraction while rank 0 runs a frozen task)
+    announce: Callable[[str], None] | None = None
     _encoder: Encoder | None = field(default=None, init=False, repr=False)
 
     def split(self, name: str) -> ClassificationSplit | DenseSplit:
@@ -81,6 +84,8 @@ class TaskContext:
     def features(self, split: str) -> FeatureSet:
         """Frozen features of ``split`` under :attr:`feature_config`, from the cache if there."""
         if split not in self.feature_sets:
+            if self.announce is not None:
+                self.announce(split)
             self.feature_sets[split] = extract_features(
                 self.encoder_spec,
                 self.data_spec,
@@ -122,6 +127,9 @@ class TaskDef:
     # the last 4 blocks); the runner checks them against the user's feature config
     feature_needs: FeatureNeeds | None = None
     help: str = ""
+    # True: the task uses every process itself (DDP fine-tuning, mmengine); False: under
+    # torchrun it runs once, on rank 0, the other ranks only sharing feature extraction
+    distributed: bool = False
 
     def needs(self, cfg: Any) -> dict[str, Any]:
         return dict(self.feature_needs(cfg)) if self.feature_needs else {}
@@ -131,17 +139,21 @@ TASKS: Registry[TaskDef] = Registry("task")
 
 
 def register_task(
-    name: str, config_cls: type, help: str = "", features: FeatureNeeds | None = None
+    name: str,
+    config_cls: type,
+    help: str = "",
+    features: FeatureNeeds | None = None,
+    distributed: bool = False,
 ) -> Callable[[Callable[..., TaskOutput]], Callable[..., TaskOutput]]:
     """Decorator: register ``fn(ctx, cfg)`` as task ``name`` with its config dataclass.
 
     ``features(cfg) -> {FeatureConfig field: value}`` declares feature settings the task
-    needs for that config.
+    needs for that config; ``distributed=True`` marks a task that uses every process itself.
     """
 
     def deco(fn: Callable[..., TaskOutput]) -> Callable[..., TaskOutput]:
         doc = help or (fn.__doc__ or "").strip().split("\n")[0]
-        TASKS.add(name, TaskDef(name, fn, config_cls, features, doc), doc)
+        TASKS.add(name, TaskDef(name, fn, config_cls, features, doc, distributed), doc)
         return fn
 
     return deco

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ibot_bench.encoders import ENCODERS, build_head, load_encoder
 from ibot_bench.encoders.checkpoint import _HASH_CACHE, fingerprint
-from ibot_bench.errors import CheckpointError, UserError
+from ibot_bench.errors import CheckpointError, NotApplicableError, UserError
 
 DIM, DEPTH, PATCH, IMG, OUT = 192, 2, 8, 32, 32
 
@@ -126,6 +126,22 @@ def test_ibot_full_checkpoint(ckpt_dir, nets, which):
         assert "masked_embed" in enc.info.extra["ignored_keys"]
 
 
+def test_shallow_vit_uses_min_4_depth_last_blocks(ckpt_dir, nets):
+    enc = load_encoder(f"ibot:{ckpt_dir / 'checkpoint.pth'}")
+    assert enc.cls_token and enc.block_features and enc.plain_vit
+    assert enc.default_last_blocks() == DEPTH == enc.resolve_last_blocks(None)  # min(4, 2)
+    assert enc.resolve_last_blocks(1) == 1
+    assert enc.layout()["n_last_blocks"] == DEPTH and enc.layout(1)["n_last_blocks"] == 1
+    assert load_encoder("random:vit_tiny_patch8").default_last_blocks() == 4
+    with torch.no_grad():
+        none = enc.forward_features(X, n_last_blocks=0)
+    assert none["cls_last_n"].shape == (2, 0)
+    torch.testing.assert_close(none["cls"], reference(nets["teacher"], X, ())["cls"])
+    with pytest.raises(UserError, match=r"must be in 0\.\.2 .*leave features.n_last_blocks unset"):
+        enc.forward_features(X, n_last_blocks=4)
+    enc.require_plain_vit("detection")
+
+
 def test_head_state_and_build_head(ckpt_dir, nets):
     enc = load_encoder(f"ibot:{ckpt_dir / 'checkpoint.pth'}")
     hs, raw = enc.head_state, nets["head"]
@@ -232,6 +248,13 @@ def test_timm_cnn_from_file(tmp_path):
         enc.forward_features(x, n_last_blocks=2)
     with pytest.raises(UserError, match="out of range"):
         enc.forward_features(x, dense_blocks=(5,))
+    # no CLS token: pooled features only, no last-blocks CLS by default, no dense adapter
+    assert not (enc.cls_token or enc.block_features or enc.plain_vit)
+    assert enc.default_last_blocks() == 0 and enc.layout()["cls"].startswith("pooled")
+    with torch.no_grad():
+        assert enc.forward_features(x, n_last_blocks=0)["cls_last_n"].shape == (2, 0)
+    with pytest.raises(NotApplicableError, match="plain ViT"):
+        enc.require_plain_vit("segmentation")
 
 
 def test_timm_pretrained_only_from_cache(tmp_path, monkeypatch):

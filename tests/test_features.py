@@ -107,3 +107,20 @@ def test_precision_choice_is_explicit():
         runtime.resolve_precision(cpu, "fp16")
     with pytest.raises(UserError, match="unknown"):
         runtime.resolve_precision(cpu, "int8")
+
+
+def test_default_last_blocks_resolved_per_encoder_and_recorded(tiny_imagefolder, tmp_path):
+    spec = f"imagefolder:{tiny_imagefolder}"
+    assert FeatureConfig().n_last_blocks is None  # min(4, depth), resolved per encoder
+    feats = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    assert feats.meta["layout"]["n_last_blocks"] == 4 and feats.meta["key"]["n_last_blocks"] is None
+    assert feats.layout["cls_token"] and feats.layout["num_blocks"] == 12
+    hit = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    assert hit.meta["cache_hit"] and hit.layout == feats.layout
+    two = FeatureConfig(img_size=32, batch_size=5, num_workers=0, precision="fp32", n_last_blocks=2)
+    explicit = extract_features(ENC, spec, "val", two, cache_dir=tmp_path, progress=False)
+    assert explicit.cls_last_n.shape == (12, 2 * 192) and explicit.layout["n_last_blocks"] == 2
+    legacy = features_mod.FeatureSet(
+        feats.cls, feats.patch_mean, feats.cls_last_n, feats.labels, feats.class_names
+    )  # no meta (built by hand, or cached before layouts were recorded): inferred
+    assert legacy.layout["n_last_blocks"] == 4 and legacy.layout["num_blocks"] is None

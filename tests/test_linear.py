@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -94,10 +95,47 @@ def test_missing_feature_variant_is_a_clear_error():
 
 
 def test_registered_with_feature_needs():
+    # cls_last4 = CLS of the last min(4, depth) blocks: the default (None, resolved per
+    # encoder) gives it; an explicit features.n_last_blocks must be the paper's 4
     for name, cls in [("linear", LinearConfig), ("linear-paper", LinearPaperConfig)]:
         task = TASKS.get(name)
-        assert task.config_cls is cls and task.needs(cls()) == {"n_last_blocks": 4}
+        assert task.config_cls is cls and task.needs(cls()) == {"n_last_blocks": None}
         assert task.needs(cls(variants=["cls"])) == {}
+        for explicit in (2, 4):
+            with_features = SimpleNamespace(
+                variants=["cls", "cls_last4"], features=SimpleNamespace(n_last_blocks=explicit)
+            )
+            assert task.needs(with_features) == {"n_last_blocks": 4}
+
+
+def test_cls_last4_is_the_last_min_4_depth_blocks():
+    shallow = blobs(120, seed=3, last_blocks=2)
+    shallow.meta["layout"] = {**shallow.layout, "num_blocks": 2}
+    out = linear(feature_context(shallow, shallow), LinearConfig(**{**FAST, "epochs": 1}))
+    assert out.extra["variants"]["used"] == ["cls", "cls_last4", "cls_patch"]
+    assert out.extra["variants"]["cls_last4_blocks"] == 2 and not out.extra["variants"]["skipped"]
+    deep = blobs(120, seed=3, last_blocks=2)
+    deep.meta["layout"] = {**deep.layout, "num_blocks": 12}  # 12 blocks: 4 expected
+    with pytest.raises(UserError, match=r"min\(4, depth\) = 4 blocks"):
+        linear(feature_context(deep, deep), LinearConfig(**FAST))
+
+
+def test_variants_without_a_cls_token_are_skipped_with_a_note():
+    pooled = blobs(120, seed=4, last_blocks=1)
+    pooled.cls_last_n = pooled.cls_last_n[:, :0]
+    no_cls = {"cls": "pooled features (no CLS token)", "cls_token": False}
+    pooled.meta["layout"] = {**pooled.layout, **no_cls, "block_features": False}
+    notes = []
+    ctx = feature_context(pooled, pooled, log=notes.append)
+    out = linear(ctx, LinearConfig(**{**FAST, "epochs": 1}))  # default variants
+    record = out.extra["variants"]
+    assert record["requested"] == ["cls", "cls_last4", "cls_patch"] and record["used"] == ["cls"]
+    assert set(record["skipped"]) == {"cls_last4", "cls_patch"}
+    assert record["cls_last4_blocks"] is None and record["cls"].startswith("pooled")
+    assert {h["feature"] for h in out.extra["heads"]} == {"cls"}
+    assert any("cls_last4 skipped" in n for n in notes)
+    with pytest.raises(UserError, match="none of the requested feature variants"):
+        linear(ctx, LinearConfig(**FAST, variants=["cls_last4"]))
 
 
 def test_augment_mode_trains_on_live_augmented_features(tiny_imagefolder):

@@ -85,7 +85,7 @@ def test_cluster_head_loads_the_encoder_once_through_the_runner(
 def test_the_runner_asks_the_task_for_its_features(tiny_imagefolder):
     data = f"imagefolder:{tiny_imagefolder}"
     plan = plan_eval("linear", "random:vit_tiny_patch8", data, overrides=["variants=[cls]"])
-    assert plan.config["features"]["n_last_blocks"] == 4  # the user's (default) setting stands
+    assert plan.config["features"]["n_last_blocks"] is None  # the user's (default) setting stands
     plan_eval("linear", "random:vit_tiny_patch8", data, overrides=["variants=[cls]",
               "features.n_last_blocks=2"])  # fmt: skip
     with pytest.raises(UserError, match="needs features.n_last_blocks=4"):

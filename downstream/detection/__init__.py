@@ -51,6 +51,7 @@ class DetectionConfig:
     clip_grad: float | None = None
     rois_per_image: int = 512  # RoIs sampled per image for the box/mask heads (mmdet's 512)
     proposals_per_image: int = 1000  # RPN proposals kept per image (train and test)
+    train_images: int | None = None  # train on the first N images only (smoke runs); None: all
     classes: list[str] | None = None  # None: the annotation file's categories, in id order
     multiscale: bool = True  # Swin/iBOT multi-scale + crop training; false: one resize
     img_scale: list[int] = field(default_factory=lambda: [1333, 800])  # test (long, short)
@@ -83,6 +84,11 @@ def validate(cfg: DetectionConfig) -> None:
         raise ConfigError("epochs, batch_size, rois_per_image and proposals_per_image must be >= 1")
     if len(cfg.img_scale) != 2:
         raise ConfigError(f"img_scale is [long, short] side, got {cfg.img_scale}")
+    if cfg.train_images is not None and cfg.train_images < cfg.batch_size:
+        raise ConfigError(
+            f"train_images={cfg.train_images} is fewer than one batch ({cfg.batch_size}); "
+            "raise it or leave it unset (all images)"
+        )
 
 
 def coco_splits(ctx: TaskContext) -> tuple[CocoDataset, CocoDataset]:
@@ -92,10 +98,11 @@ def coco_splits(ctx: TaskContext) -> tuple[CocoDataset, CocoDataset]:
     return train, val
 
 
-@register_task("detection", DetectionConfig)
+@register_task("detection", DetectionConfig, distributed=True)
 def detection(ctx: TaskContext, cfg: DetectionConfig) -> TaskOutput:
     """COCO detection + instance segmentation (Mask / Cascade Mask R-CNN, mmdet)."""
     validate(cfg)
+    ctx.encoder().require_plain_vit("detection")  # n/a for CNNs etc., before any mm* work
     require_mm("detection")
     train, val = coco_splits(ctx)
     classes = check_categories(train, val, cfg.classes)

@@ -210,7 +210,10 @@ def build_detection_config(
             "batch_size": per_process_batch(cfg.batch_size),
             "sampler": {"type": "DefaultSampler", "shuffle": True},
             "batch_sampler": {"type": "AspectRatioBatchSampler"},
-            "dataset": _dataset(train, classes, train_pipe, test=False),
+            "dataset": {
+                **_dataset(train, classes, train_pipe, test=False),
+                "indices": cfg.train_images,  # the first N images only (None: all)
+            },
         },
         test_dataloader={
             **loader,

@@ -76,10 +76,11 @@ def protocol_name(cfg: SegmentationConfig) -> str:
     return base if cfg.iters == 160000 else f"{base}-{cfg.iters}it"
 
 
-@register_task("segmentation", SegmentationConfig)
+@register_task("segmentation", SegmentationConfig, distributed=True)
 def segmentation(ctx: TaskContext, cfg: SegmentationConfig) -> TaskOutput:
     """ADE20K semantic segmentation (UperNet or linear head, mmseg)."""
     validate(cfg)
+    ctx.encoder().require_plain_vit("segmentation")  # n/a for CNNs etc., before any mm* work
     require_mm("segmentation")
     train, val = ctx.split("train"), ctx.split("val")
     if not isinstance(train, ADE20KDataset) or not isinstance(val, ADE20KDataset):

@@ -14,6 +14,7 @@ to the train split: ``?fraction=0.01&subset_seed=0`` (per class) or ``?split_fil
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +96,12 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
     "difficulty: distractors=3&texture=100&min_area=7&max_area=20&colours=12&backgrounds=24",
 )
 def _synthetic(body: str, options: dict, split: str, spec: str) -> ClassificationSplit | DenseSplit:
-    from ibot_bench.data.synthetic import Difficulty, write_synthetic
+    from ibot_bench.data.synthetic import (
+        ADE20K_DIR,
+        GENERATOR_VERSION,
+        Difficulty,
+        write_synthetic,
+    )
 
     if body not in ("", "shapes"):
         raise UserError(f"unknown synthetic dataset {body!r} in {spec!r}; use synthetic:shapes")
@@ -125,8 +131,9 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
         backgrounds=params["backgrounds"],
     )
     out = cache_root() / "synthetic" / f"shapes_{tag}"
-    if not (out / "synthetic.json").is_file():
-        write_synthetic(
+    meta = _synthetic_meta(out)
+    if meta is None or meta.get("version") != GENERATOR_VERSION:  # new, or an older layout
+        meta = write_synthetic(
             out,
             num_classes=params["classes"],
             train_per_class=params["train"],
@@ -139,8 +146,20 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
     if layout == "coco":
         return CocoDataset(out / "coco", split)
     if layout == "ade20k":
-        return ADE20KDataset(out / "ade20k", {"train": "training", "val": "validation"}[split])
-    return scan_image_folder(out / "imagenet" / split, spec, split, params["size"])
+        return ADE20KDataset(out / ADE20K_DIR, {"train": "training", "val": "validation"}[split])
+    data = scan_image_folder(out / "imagenet" / split, spec, split, params["size"])
+    names = dict(zip(meta.get("wnids", ()), meta.get("classes", ())))
+    data.class_names = [names.get(w, w) for w in data.class_names]  # shape names, not wnids
+    return data
+
+
+def _synthetic_meta(out: Path) -> dict | None:
+    """``out/synthetic.json`` of a generated set, or None when missing or unreadable."""
+    try:
+        meta = json.loads((out / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 @DATASETS.register("digits", help="digits  scikit-learn's 8x8 handwritten digits (80/20 split)")

@@ -4,6 +4,7 @@ Masks are single-channel uint8: 0 = other/unlabelled (ignored after mmseg's
 ``reduce_zero_label``), 1..K = classes. Class names come from ``ROOT/classes.txt`` (one name
 per line, line k names mask value k), which the synthetic generator writes; real ADE20K has
 no such file, so its 150 classes get numbered names ``class_001``..``class_150``.
+ROOT is the ``ADEChallengeData2016`` folder, or the folder it was unpacked into.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from PIL import Image
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("training", "validation")
+RELEASE_DIR = "ADEChallengeData2016"  # ROOT may also be the folder holding it
 ADE20K_NUM_CLASSES = 150
 _HINT = (
     "Point it at ADEChallengeData2016 (holding images/ and annotations/), or write a "
-    "synthetic one with ibot_bench.data.synthetic.write_synthetic(OUT) and use OUT/ade20k."
+    "synthetic one with ibot_bench.data.synthetic.write_synthetic(OUT) and use "
+    "OUT/ade20k/ADEChallengeData2016."
 )
 
 
@@ -39,6 +42,8 @@ class ADE20KDataset:
         if split not in SPLITS:
             raise DatasetError(f"ADE20K split {split!r} is unknown; use one of {SPLITS}.")
         self.root, self.split = Path(root), split
+        if not (self.root / "images").is_dir() and (self.root / RELEASE_DIR / "images").is_dir():
+            self.root = self.root / RELEASE_DIR  # the folder the release was unpacked into
         self.image_dir = self.root / "images" / split
         self.mask_dir = self.root / "annotations" / split
         if not self.root.is_dir():

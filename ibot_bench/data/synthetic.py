@@ -13,15 +13,40 @@ zero-width bridge joins outer and inner boundary), so the exact instance outline
 Pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)`` as in COCO; masks label a pixel by its centre.
 Images are drawn at 4x and box-downsampled, so edges are anti-aliased.
 
-Layout of ``OUT`` (one set of JPEGs, hard-linked into the three layouts when possible)::
+Layout of ``OUT``: the real datasets' own layouts and file names, so ``OUT`` serves as
+``--data-root`` of ``ibot-bench run --suite full`` unchanged. One set of JPEGs, hard-linked
+into the three layouts when possible (defaults: 10 classes, 100 train / 25 val per class)::
 
-    synthetic.json                                   metadata returned by write_synthetic
-    imagenet/{train,val}/<class>/<name>.jpg          ImageFolder / ImageNet layout
-    coco/{train2017,val2017}/<name>.jpg              COCO 2017 layout
-    coco/annotations/instances_{train,val}2017.json  one polygon annotation per image
-    ade20k/images/{training,validation}/<name>.jpg   ADEChallengeData2016 layout
-    ade20k/annotations/{training,validation}/<name>.png
-    ade20k/classes.txt                               names of mask values 1..K, one a line
+    synthetic.json                          metadata returned by write_synthetic (the marker
+                                            that lets --overwrite replace only these entries)
+    imagenet/                               imagefolder:OUT/imagenet (ImageNet-1K layout)
+        train/<wnid>/<wnid>_<k>.JPEG        k = 1..train_per_class, e.g. n90020000_17.JPEG
+        val/<wnid>/ILSVRC2012_val_<8 digits>.JPEG
+        LOC_synset_mapping.txt              "<wnid> <class name>" per line, in wnid order
+        1percent.txt, 10percent.txt         SimCLRv2-format label subsets (train file names)
+    coco/                                   coco:OUT/coco (COCO 2017 layout)
+        train2017/<12-digit id>.jpg         ids unique over both splits, as in COCO
+        val2017/<12-digit id>.jpg
+        annotations/instances_{train,val}2017.json   one polygon annotation per image
+    ade20k/ADEChallengeData2016/            ade20k:OUT/ade20k/ADEChallengeData2016
+        images/{training,validation}/ADE_{train,val}_<8 digits>.jpg
+        annotations/{training,validation}/ADE_{train,val}_<8 digits>.png
+        classes.txt                         names of mask values 1..K, one a line
+
+Class ``c`` has the ImageNet-style id :func:`wnid` (``n9`` + 7 digits, no real synset),
+ordered like the class names, so ImageFolder index, COCO ``category_id - 1`` and ADE20K mask
+value - 1 agree. Image ``i`` of a split shows class ``i % C`` and is drawn from the random
+stream ``(seed, split, i)``; file names do not enter it, so the pixels (and JPEG bytes) are
+those of generator version 1, which used flat names (``train_000000.jpg``).
+
+The split files list, per class, the first images of a seeded permutation (the 1% file is
+part of the 10% one), :func:`split_file_size` images in all: the count nearest 1% / 10% of
+the training set that ``label_subset(..., fraction=...)`` accepts (a share within a factor
+1.25) with at least one image per class. That needs >= 80 train images per class for 1% and
+>= 8 for 10%; with fewer, the file lists one image per class and ``synthetic.json`` records
+``"accepted": false`` for it. 100 per class (the default here) gives exactly 1% and 10%, one
+image per class in ``1percent.txt``; ``ibot-bench data synth`` defaults to 200, two per
+class, so that the ``semi`` task can hold one out to choose its hyperparameters.
 
 ADE20K label convention (single-channel uint8 PNG, as in ADEChallengeData2016):
 ``0`` = other/unlabelled (the distractors; mmseg's ``reduce_zero_label=True`` maps it to the
@@ -35,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import secrets
 import shutil
@@ -45,9 +71,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ibot_bench.data.subsets import SPLIT_FILE_TOLERANCE
 from ibot_bench.errors import DatasetError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the real sets' folder and file names, split files
 SHAPES = (
     "circle", "square", "triangle", "star", "cross", "ring",
     "hexagon", "arrow", "heart", "crescent", "semicircle", "ell",
@@ -65,6 +92,19 @@ SUPERSAMPLE = 4
 JPEG_QUALITY = 90
 SPLITS = {"train": ("train2017", "training"), "val": ("val2017", "validation")}
 _SPLIT_STREAM = {"train": 1, "val": 2}
+_SPLIT_FILE_STREAM = 3
+WNID_BASE, WNID_STEP = 90_000_000, 10_000  # class ids n90010000, n90020000, ...
+ADE20K_DIR = "ade20k/ADEChallengeData2016"  # the release's own folder name
+SPLIT_FILES = {"1percent.txt": 0.01, "10percent.txt": 0.1}  # SimCLRv2's label subsets
+ENTRIES = ("imagenet", "coco", "ade20k", "synthetic.json")  # what OUT gets, top level
+FIXED_FILES = (
+    "synthetic.json",
+    "imagenet/LOC_synset_mapping.txt",
+    *(f"imagenet/{name}" for name in SPLIT_FILES),
+    "coco/annotations/instances_train2017.json",
+    "coco/annotations/instances_val2017.json",
+    f"{ADE20K_DIR}/classes.txt",
+)
 
 
 @dataclass(frozen=True)
@@ -386,7 +426,7 @@ def render_sample(
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing the layouts.
+# Names: classes, WordNet-style ids and each layout's file names.
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -399,6 +439,149 @@ def class_names(num_classes: int) -> list[str]:
     return sorted(SHAPES[:num_classes])
 
 
+def wnid(name: str) -> str:
+    """The ImageNet-style class id (``n`` + 8 digits) of shape ``name``: ``arrow`` is
+    ``n90010000``, ``circle`` ``n90020000``, ... in name order.
+
+    Fixed per shape (whatever ``num_classes``) and ordered like the names, so the ImageFolder
+    index of a class (folders sorted by id) is its index in :func:`class_names`. WordNet 3.0
+    noun offsets stay below 16,000,000, so no id is a real ImageNet synset.
+    """
+    if name not in SHAPES:
+        raise DatasetError(f"synthetic shapes: unknown shape {name!r}; use one of {SHAPES}.")
+    return f"n{WNID_BASE + WNID_STEP * (sorted(SHAPES).index(name) + 1)}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split: its random stream, class, COCO id and file in each layout."""
+
+    index: int  # position in the split; the image is drawn from stream (seed, split, index)
+    label: int  # index into the class list
+    image_id: int  # COCO image id, unique over both splits as in COCO
+    imagenet: str  # paths relative to OUT
+    coco: str
+    ade_image: str
+    ade_mask: str
+
+
+def plan_split(split: str, classes: list[str], per_class: int, first_id: int = 1) -> list[Item]:
+    """The images of ``split``: image ``i`` shows class ``i % C``, named as in the real sets
+    (``<wnid>_<k>.JPEG`` with ``k`` = 1.. per class for train, ``ILSVRC2012_val_<i+1>.JPEG``
+    for val, ``<12-digit id>.jpg`` in COCO, ``ADE_{train,val}_<i+1>`` in ADE20K)."""
+    coco_dir, ade_dir = SPLITS[split]
+    ids = [wnid(c) for c in classes]
+    items = []
+    for i in range(per_class * len(classes)):
+        label, k = i % len(classes), i // len(classes)
+        w = ids[label]
+        name = f"{w}_{k + 1}" if split == "train" else f"ILSVRC2012_val_{i + 1:08d}"
+        ade = f"ADE_{split}_{i + 1:08d}"
+        image_id = first_id + i
+        items.append(
+            Item(
+                index=i,
+                label=label,
+                image_id=image_id,
+                imagenet=f"imagenet/{split}/{w}/{name}.JPEG",
+                coco=f"coco/{coco_dir}/{image_id:012d}.jpg",
+                ade_image=f"{ADE20K_DIR}/images/{ade_dir}/{ade}.jpg",
+                ade_mask=f"{ADE20K_DIR}/annotations/{ade_dir}/{ade}.png",
+            )
+        )
+    return items
+
+
+def plan(classes: list[str], train_per_class: int, val_per_class: int) -> dict[str, list[Item]]:
+    """Both splits' images; COCO ids run on from train into val."""
+    train = plan_split("train", classes, train_per_class)
+    return {"train": train, "val": plan_split("val", classes, val_per_class, len(train) + 1)}
+
+
+def split_file_size(fraction: float, num_classes: int, per_class: int) -> int:
+    """How many training images the split file for ``fraction`` lists.
+
+    The count nearest ``fraction`` of the training set among those that give every class an
+    image and that :func:`ibot_bench.data.subsets.label_subset` accepts for ``fraction``
+    (a share within a factor :data:`SPLIT_FILE_TOLERANCE` of it). When no count qualifies
+    (fewer than ``1 / (1.25 * fraction)`` images per class: 80 for 1%, 8 for 10%; or, with a
+    single class, some sizes such as 126-159 for 1%) it is the count nearest ``fraction``
+    with at least one image per class, which ``label_subset`` then rejects for ``fraction``
+    (``write_synthetic`` records ``split_files[...]["accepted"] = false``).
+    """
+    n = num_classes * per_class
+    target = fraction * n
+
+    def accepted(k: int) -> bool:
+        return fraction / SPLIT_FILE_TOLERANCE <= k / n <= fraction * SPLIT_FILE_TOLERANCE
+
+    lo = max(num_classes, math.floor(target / SPLIT_FILE_TOLERANCE) - 1)
+    hi = min(n, math.ceil(target * SPLIT_FILE_TOLERANCE) + 1)
+    ok = [k for k in range(lo, hi + 1) if accepted(k)]
+    candidates = ok or [min(n, max(num_classes, math.floor(target + 0.5)))]
+    return min(candidates, key=lambda k: (abs(k - target), k))
+
+
+def split_file_names(fraction: float, classes: list[str], per_class: int, seed: int) -> list[str]:
+    """The training file names (sorted) listed by the split file for ``fraction``.
+
+    :func:`split_file_size` images in all, spread over the classes (counts differ by at most
+    one; the extra ones go to the first classes). Each class takes the first images of one
+    seeded permutation of its own, so the 1% file is part of the 10% one.
+    """
+    total = split_file_size(fraction, len(classes), per_class)
+    base, extra = divmod(total, len(classes))
+    names = []
+    for label, name in enumerate(classes):
+        order = np.random.default_rng([seed, _SPLIT_FILE_STREAM, SHAPES.index(name)])
+        take = base + (1 if label < extra else 0)
+        names += [f"{wnid(name)}_{k + 1}.JPEG" for k in order.permutation(per_class)[:take]]
+    return sorted(names)
+
+
+def _split_file_info(name: str, fraction: float, images: int, classes: int, n: int) -> dict:
+    """What ``synthetic.json`` records about one split file."""
+    return {
+        "path": f"imagenet/{name}",
+        "fraction": fraction,
+        "images": images,
+        "share": round(images / n, 6),
+        "per_class": [images // classes, -(-images // classes)],  # fewest, most
+        "accepted": fraction / SPLIT_FILE_TOLERANCE
+        <= images / n
+        <= fraction * SPLIT_FILE_TOLERANCE,
+    }
+
+
+def _expected_files(meta: dict) -> set[str]:
+    """Every file (relative to OUT) that the generator that wrote ``meta`` wrote."""
+    classes = list(meta["classes"])
+    if meta.get("version") == 1:  # flat names, one folder per class name, OUT/ade20k
+        files = {"synthetic.json", "ade20k/classes.txt"}
+        for split, (coco_dir, ade_dir) in SPLITS.items():
+            files.add(f"coco/annotations/instances_{coco_dir}.json")
+            for i in range(int(meta["counts"][split])):
+                stem = f"{split}_{i:06d}"
+                files |= {
+                    f"imagenet/{split}/{classes[i % len(classes)]}/{stem}.jpg",
+                    f"coco/{coco_dir}/{stem}.jpg",
+                    f"ade20k/images/{ade_dir}/{stem}.jpg",
+                    f"ade20k/annotations/{ade_dir}/{stem}.png",
+                }
+        return files
+    if meta.get("version") != GENERATOR_VERSION:
+        raise ValueError(f"unknown generator version {meta.get('version')!r}")
+    files = set(FIXED_FILES)
+    for items in plan(classes, int(meta["train_per_class"]), int(meta["val_per_class"])).values():
+        for it in items:
+            files |= {it.imagenet, it.coco, it.ade_image, it.ade_mask}
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the layouts.
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -408,14 +591,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _coco_json(split: str, classes: list[str], records: list[dict], size: int) -> dict:
     images, annotations = [], []
-    for i, rec in enumerate(records, start=1):
+    for rec in records:
         poly = rec["polygon"]
         lo, hi = poly.min(0), poly.max(0)
-        images.append({"id": i, "file_name": rec["file"], "width": size, "height": size})
+        images.append({"id": rec["id"], "file_name": rec["file"], "width": size, "height": size})
         annotations.append(
             {
-                "id": i,
-                "image_id": i,
+                "id": rec["id"],
+                "image_id": rec["id"],
                 "category_id": rec["label"] + 1,
                 "bbox": [round(float(v), 2) for v in (*lo, *(hi - lo))],
                 "area": round(polygon_area(poly), 2),
@@ -440,76 +623,133 @@ def _coco_json(split: str, classes: list[str], records: list[dict], size: int) -
 def _write_split(
     root: Path,
     split: str,
-    count: int,
+    items: list[Item],
     classes: list[str],
     size: int,
     seed: int,
     pool: list[Background],
     difficulty: Difficulty,
 ) -> None:
-    coco_dir, ade_dir = SPLITS[split]
-    img_dirs = {
-        "coco": root / "coco" / coco_dir,
-        "ade": root / "ade20k" / "images" / ade_dir,
-        "ann": root / "ade20k" / "annotations" / ade_dir,
-    }
-    for d in img_dirs.values():
+    folders = {(root / p).parent for it in items for p in (it.imagenet, it.coco, it.ade_image)}
+    folders |= {(root / it.ade_mask).parent for it in items}
+    for d in sorted(folders):
         d.mkdir(parents=True, exist_ok=True)
-    for name in classes:
-        (root / "imagenet" / split / name).mkdir(parents=True, exist_ok=True)
     records = []
-    for i in range(count):
-        label = i % len(classes)
+    for it in items:
         sample = render_sample(
-            np.random.default_rng([seed, _SPLIT_STREAM[split], i]),
-            label,
+            np.random.default_rng([seed, _SPLIT_STREAM[split], it.index]),
+            it.label,
             classes,
             size,
             pool,
             difficulty,
         )
-        stem = f"{split}_{i:06d}"
-        first = root / "imagenet" / split / classes[label] / f"{stem}.jpg"
-        sample.image.save(first, quality=JPEG_QUALITY)
-        _link_or_copy(first, img_dirs["coco"] / f"{stem}.jpg")
-        _link_or_copy(first, img_dirs["ade"] / f"{stem}.jpg")
-        Image.fromarray(sample.mask).save(img_dirs["ann"] / f"{stem}.png")
-        records.append({"file": f"{stem}.jpg", "polygon": sample.polygon, "label": label})
+        first = root / it.imagenet
+        sample.image.save(first, format="JPEG", quality=JPEG_QUALITY)
+        _link_or_copy(first, root / it.coco)
+        _link_or_copy(first, root / it.ade_image)
+        Image.fromarray(sample.mask).save(root / it.ade_mask)
+        file = it.coco.rsplit("/", 1)[1]
+        records.append(
+            {"id": it.image_id, "file": file, "polygon": sample.polygon, "label": it.label}
+        )
     coco = _coco_json(split, classes, records, size)
-    ann_file = root / "coco" / "annotations" / f"instances_{coco_dir}.json"
+    ann_file = root / "coco" / "annotations" / f"instances_{SPLITS[split][0]}.json"
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     ann_file.write_text(json.dumps(coco, separators=(",", ":")))
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def _preview(paths: list[str]) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def _foreign_files(out: Path, entries: list[str], meta: dict) -> list[str]:
+    """Files and links under ``out/<entry>`` that the run which wrote ``meta`` did not write."""
+    expected = _expected_files(meta)
+    foreign = []
+    for entry in entries:
+        top = out / entry
+        if top.is_symlink() or not top.is_dir():
+            foreign += [] if entry in expected and not top.is_symlink() else [entry]
+            continue
+        for folder, dirs, files in os.walk(top):
+            rel = Path(folder).relative_to(out).as_posix()
+            foreign += [f"{rel}/{d}" for d in dirs if (Path(folder) / d).is_symlink()]
+            foreign += [f"{rel}/{f}" for f in files if f"{rel}/{f}" not in expected]
+    return sorted(foreign)
+
+
+def _check_target(out: Path, overwrite: bool) -> list[str]:
+    """The entries of ``out`` that the new dataset replaces (none for a new or empty folder).
+
+    Refuses (before anything is written or deleted) a non-empty ``out`` unless ``overwrite``;
+    with it, one without ``synthetic.json``, and one in whose generated folders (listed in
+    that ``synthetic.json``) lie files the generator did not write. Other entries of ``out``
+    are kept.
+    """
     if out.exists() and not out.is_dir():
         raise DatasetError(f"synthetic shapes: {out} is a file; choose a folder path for OUT.")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise DatasetError(
-                f"synthetic shapes: {out} is not empty; choose an empty or new folder, "
-                "or pass overwrite=True to replace a synthetic dataset written there before."
-            )
-        if not (out / "synthetic.json").is_file():
-            raise DatasetError(
-                f"synthetic shapes: refusing to overwrite {out}: it is not empty and holds no "
-                "synthetic.json, so it was not written by this generator; delete it yourself "
-                "or choose another folder."
-            )
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise DatasetError(
+            f"synthetic shapes: {out} is not empty; choose an empty or new folder, or overwrite "
+            "(--overwrite, overwrite=True) a synthetic dataset written there before."
+        )
+    marker = out / "synthetic.json"
+    if not marker.is_file():
+        raise DatasetError(
+            f"synthetic shapes: refusing to overwrite {out}: it is not empty and holds no "
+            "synthetic.json, so it was not written by this generator; delete it yourself "
+            "or choose another folder."
+        )
+    try:
+        meta = json.loads(marker.read_text())
+        listed = meta.get("entries", ENTRIES)  # version 1 wrote ENTRIES without listing them
+        owned = [e for e in ENTRIES if e in listed and os.path.lexists(out / e)]
+        taken = [e for e in ENTRIES if e not in listed and os.path.lexists(out / e)]
+        foreign = taken + _foreign_files(out, owned, meta)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DatasetError(
+            f"synthetic shapes: refusing to overwrite {out}: its synthetic.json cannot be read "
+            f"({exc}), so what the generator wrote there is unknown; delete the dataset "
+            "yourself or choose another folder."
+        ) from exc
+    if foreign:
+        raise DatasetError(
+            f"synthetic shapes: refusing to overwrite {out}: it holds files the generator "
+            f"did not write, which would be deleted with the dataset ({_preview(foreign)}); "
+            "move them elsewhere or choose another folder. Nothing was changed."
+        )
+    return owned
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` onto ``out``, replacing an old dataset only at the end."""
+def _move_into_place(tmp: Path, out: Path, replace: Sequence[str] = ()) -> None:
+    """Move the finished ``tmp`` onto ``out``, deleting only the old entries ``replace``.
+
+    When ``out`` holds nothing else, the whole folder is swapped at the end, so an interrupted
+    run leaves the old or the new dataset; otherwise the old entries are moved aside, the new
+    ones in (``synthetic.json`` last), and other files in ``out`` stay untouched.
+    """
     if not out.exists():
         os.rename(tmp, out)
-    elif not any(out.iterdir()):
+        return
+    if not any(out.iterdir()):
         out.rmdir()
         os.rename(tmp, out)
-    else:
-        trash = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        return
+    trash = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    if set(os.listdir(out)) <= set(replace):
         os.rename(out, trash)
         os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.mkdir()
+        for entry in replace:
+            os.rename(out / entry, trash / entry)
+        for entry in sorted(os.listdir(tmp), key=lambda e: e == "synthetic.json"):
+            os.rename(tmp / entry, out / entry)
+        tmp.rmdir()
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_synthetic(
@@ -523,11 +763,15 @@ def write_synthetic(
     difficulty: Difficulty = Difficulty(),
     overwrite: bool = False,
 ) -> dict:
-    """Write the shapes dataset to ``out`` in ImageFolder, COCO and ADE20K layouts.
+    """Write the shapes dataset to ``out`` in the ImageNet, COCO and ADE20K layouts.
 
-    The output is byte-identical for the same arguments (and Pillow / libjpeg). It is built in a hidden folder
-    next to ``out`` and renamed at the end, so an interrupted run leaves no partial dataset.
-    Returns the metadata also written to ``out/synthetic.json``.
+    ``out`` is then a data root as ``ibot-bench run --suite full --data-root OUT`` expects
+    (see the module docstring). The output is byte-identical for the same arguments (and
+    Pillow / libjpeg). It is built in a hidden folder next to ``out`` and moved in at the
+    end, so an interrupted run leaves no partial dataset. ``overwrite`` replaces only what
+    an earlier run wrote (the entries listed in its ``synthetic.json``); it refuses if those
+    hold files the generator did not write. Returns the metadata also written to
+    ``out/synthetic.json``.
     """
     out = Path(out)
     classes = class_names(num_classes)
@@ -535,8 +779,15 @@ def write_synthetic(
         raise DatasetError("synthetic shapes: train_per_class and val_per_class must be >= 1.")
     if not 16 <= image_size <= 1024:
         raise DatasetError(f"synthetic shapes: image_size={image_size}; choose 16..1024 pixels.")
-    _check_target(out, overwrite)
+    replace = _check_target(out, overwrite)
 
+    wnids = [wnid(c) for c in classes]
+    splits = plan(classes, train_per_class, val_per_class)
+    split_files = {
+        name: split_file_names(fraction, classes, train_per_class, seed)
+        for name, fraction in SPLIT_FILES.items()
+    }
+    n_train = len(splits["train"])
     meta = {
         "generator": "ibot_bench.data.synthetic",
         "version": GENERATOR_VERSION,
@@ -544,6 +795,7 @@ def write_synthetic(
         "image_size": image_size,
         "num_classes": num_classes,
         "classes": classes,
+        "wnids": wnids,
         "difficulty": {
             "distractors": difficulty.distractors,
             "texture_percent": difficulty.texture,
@@ -553,19 +805,32 @@ def write_synthetic(
         },
         "train_per_class": train_per_class,
         "val_per_class": val_per_class,
-        "counts": {"train": train_per_class * num_classes, "val": val_per_class * num_classes},
+        "counts": {split: len(items) for split, items in splits.items()},
+        "split_files": {
+            name: _split_file_info(name, fraction, len(split_files[name]), num_classes, n_train)
+            for name, fraction in SPLIT_FILES.items()
+        },
         "ade20k_classes": classes + list(BACKGROUND_KINDS),
         "ade20k_label_convention": "0 = other/unlabelled (distractors); 1..C = classes; "
-        "C+1.. = background texture kinds (stuff); names in ade20k/classes.txt",
+        f"C+1.. = background texture kinds (stuff); names in {ADE20K_DIR}/classes.txt",
         "background_kinds": list(BACKGROUND_KINDS),
         "background_pool_size": POOL_SIZE,
         "palette": [list(c) for c in PALETTE],
+        "entries": list(ENTRIES),
         "layout": {
-            "imagenet": "imagenet/{train,val}/<class>/<name>.jpg",
-            "coco": "coco/{train2017,val2017}/<name>.jpg + "
+            "imagenet": "imagenet/{train,val}/<wnid>/*.JPEG (train <wnid>_<k>.JPEG, "
+            "val ILSVRC2012_val_<8 digits>.JPEG) + imagenet/LOC_synset_mapping.txt "
+            "(<wnid> <name>) + imagenet/{1,10}percent.txt",
+            "coco": "coco/{train2017,val2017}/<12-digit id>.jpg + "
             "coco/annotations/instances_{train,val}2017.json",
-            "ade20k": "ade20k/images/{training,validation}/<name>.jpg + "
-            "ade20k/annotations/{training,validation}/<name>.png + ade20k/classes.txt",
+            "ade20k": f"{ADE20K_DIR}/images/{{training,validation}}/ADE_{{train,val}}_"
+            f"<8 digits>.jpg + {ADE20K_DIR}/annotations/{{training,validation}}/*.png + "
+            f"{ADE20K_DIR}/classes.txt",
+        },
+        "specs": {
+            "imagenet": "imagefolder:OUT/imagenet",
+            "coco": "coco:OUT/coco",
+            "ade20k": f"ade20k:OUT/{ADE20K_DIR}",
         },
     }
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
@@ -576,11 +841,15 @@ def write_synthetic(
         raise DatasetError(f"synthetic shapes: cannot write in {out.parent} ({exc}).") from exc
     try:
         pool = background_pool(seed, image_size, difficulty)
-        for split, count in meta["counts"].items():
-            _write_split(tmp, split, count, classes, image_size, seed, pool, difficulty)
-        (tmp / "ade20k" / "classes.txt").write_text("\n".join(meta["ade20k_classes"]) + "\n")
+        for split, items in splits.items():
+            _write_split(tmp, split, items, classes, image_size, seed, pool, difficulty)
+        mapping = "".join(f"{w} {c}\n" for w, c in zip(wnids, classes))
+        (tmp / "imagenet" / "LOC_synset_mapping.txt").write_text(mapping)
+        for name, lines in split_files.items():
+            (tmp / "imagenet" / name).write_text("".join(f"{line}\n" for line in lines))
+        (tmp / ADE20K_DIR / "classes.txt").write_text("\n".join(meta["ade20k_classes"]) + "\n")
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, out, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

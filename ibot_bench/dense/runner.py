@@ -21,6 +21,7 @@ from ibot_bench.dense.runtime import (
     resolve_mm_precision,
     resolve_norm,
 )
+from ibot_bench.distributed import barrier
 from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 
@@ -113,10 +114,19 @@ def runtime_config(
 ) -> dict[str, Any]:
     """Hooks, environment, launcher and resume settings shared by detection and segmentation."""
     distributed = launcher_world_size() > 1
+    # DDP: mmengine's default wrapper pins device_ids to LOCAL_RANK (GPU only); the ViT's CLS
+    # token and final norm get no gradient from the dense heads (unused parameters)
+    wrapper = {
+        "type": "MMDistributedDataParallel",
+        "broadcast_buffers": False,
+        "find_unused_parameters": True,
+        **({} if device == "cuda" else {"device_ids": None}),
+    }
     return {
         "default_scope": scope,
         "work_dir": str(work_dir),
         "launcher": "pytorch" if distributed else "none",
+        "model_wrapper_cfg": wrapper if distributed else None,
         "env_cfg": {
             "cudnn_benchmark": False,
             "mp_cfg": {"mp_start_method": "fork", "opencv_num_threads": 0},
@@ -154,5 +164,6 @@ def run(config: dict[str, Any]) -> dict[str, float]:
     # entered after the encoder loader's own (non-nesting) safe_globals block has exited
     with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
         runner.train()
+        barrier()  # rank 0 writes the last checkpoint, which test() (resume) loads on every rank
         metrics = runner.test()
     return {k: float(v) for k, v in metrics.items()}

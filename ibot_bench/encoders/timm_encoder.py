@@ -19,11 +19,17 @@ from ibot_bench.errors import UserError
 class TimmEncoder(Encoder):
     """A timm model without tokens (e.g. a ResNet).
 
-    ``cls`` and ``patch_mean`` are both the pooled pre-logits; ``cls_last_n`` only
-    exists for n=1; ``maps`` come from ``forward_intermediates`` (block indices are
-    its feature levels, ``model.feature_info``; channels differ per level).
-    ``patch_size`` is the final stride.
+    ``cls`` and ``patch_mean`` are both the pooled pre-logits (no CLS token:
+    ``cls_token=False``); there is no CLS-like feature per block (``block_features=False``),
+    so ``cls_last_n`` is empty by default (n=0) and the pooled output for n=1; ``maps`` come
+    from ``forward_intermediates`` (block indices are its feature levels,
+    ``model.feature_info``; channels differ per level), not the plain-ViT token layout the
+    dense tasks need (``plain_vit=False``). ``patch_size`` is the final stride.
     """
+
+    cls_token = False
+    block_features = False
+    plain_vit = False
 
     def __init__(
         self, model: nn.Module, info: EncoderInfo, head_state: dict[str, torch.Tensor] | None = None
@@ -45,10 +51,11 @@ class TimmEncoder(Encoder):
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Pooled features (and feature-level maps) in one forward pass."""
         dense = check_blocks(1, dense_blocks, self.num_blocks)
-        if n_last_blocks != 1:
+        if n_last_blocks not in (0, 1):
             raise UserError(
                 f"{self.info.spec}: cls_last_n with n_last_blocks={n_last_blocks} needs a model "
-                "with a CLS token (a ViT); use n_last_blocks=1 for this model."
+                "with a CLS token per block (a ViT); this model has pooled features only: leave "
+                "features.n_last_blocks unset (or use 0 or 1)."
             )
         maps: list[torch.Tensor] = []
         if dense:
@@ -61,7 +68,8 @@ class TimmEncoder(Encoder):
         else:
             final = self.model.forward_features(x)
         pooled = self.model.forward_head(final, pre_logits=True)
-        return {"cls": pooled, "patch_mean": pooled, "cls_last_n": pooled, "maps": maps}
+        last = pooled if n_last_blocks == 1 else pooled[:, :0]
+        return {"cls": pooled, "patch_mean": pooled, "cls_last_n": last, "maps": maps}
 
 
 def check_model_name(name: str) -> None:

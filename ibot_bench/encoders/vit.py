@@ -189,9 +189,14 @@ def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any])
 
 
 def check_blocks(n_last_blocks: int, dense_blocks: tuple[int, ...], num_blocks: int) -> list[int]:
-    """Validate ``n_last_blocks``; ``dense_blocks`` as 0-based indices (negatives from the end)."""
-    if not 1 <= n_last_blocks <= num_blocks:
-        raise UserError(f"n_last_blocks={n_last_blocks} must be in 1..{num_blocks}")
+    """Validate ``n_last_blocks`` (0 = none); ``dense_blocks`` as 0-based indices (negatives
+    from the end)."""
+    if not 0 <= n_last_blocks <= num_blocks:
+        raise UserError(
+            f"n_last_blocks={n_last_blocks} must be in 0..{num_blocks} for this "
+            f"{num_blocks}-block encoder; leave features.n_last_blocks unset to use the last "
+            f"min(4, depth) = {min(4, num_blocks)} blocks"
+        )
     dense = []
     for b in dense_blocks:
         if not -num_blocks <= b < num_blocks:
@@ -223,6 +228,11 @@ class ViTEncoder(Encoder):
         patch = model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.num_blocks = len(model.blocks)
+        self.cls_token = getattr(model, "cls_token", None) is not None
+        self.block_features = True
+        self.plain_vit = isinstance(getattr(model, "pos_embed", None), torch.Tensor) and hasattr(
+            model.patch_embed, "grid_size"
+        )
 
     def forward_features(
         self,
@@ -245,9 +255,12 @@ class ViTEncoder(Encoder):
         last = list(range(self.num_blocks - n_last_blocks, self.num_blocks))
         take = sorted(set(last) | set(dense))
         m = self.model
-        final, inter = m.forward_intermediates(
-            x, indices=take, return_prefix_tokens=True, norm=False, output_fmt="NLC"
-        )
+        if take:
+            final, inter = m.forward_intermediates(
+                x, indices=take, return_prefix_tokens=True, norm=False, output_fmt="NLC"
+            )
+        else:
+            final, inter = m.forward_features(x), []
         by_block = dict(zip(take, inter))
         npt = m.num_prefix_tokens
 
@@ -260,11 +273,11 @@ class ViTEncoder(Encoder):
         for i in dense:
             tokens = full(i)[:, npt:]
             maps.append(tokens.reshape(x.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous())
+        cls = m.forward_head(final, pre_logits=True)
+        per_block = [m.forward_head(m.norm(full(i)), pre_logits=True) for i in last]
         return {
-            "cls": m.forward_head(final, pre_logits=True),
+            "cls": cls,
             "patch_mean": final[:, npt:].mean(dim=1),
-            "cls_last_n": torch.cat(
-                [m.forward_head(m.norm(full(i)), pre_logits=True) for i in last], dim=-1
-            ),
+            "cls_last_n": torch.cat(per_block, dim=-1) if per_block else cls[:, :0],
             "maps": maps,
         }

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU check: the GPU paths of ibot-bench on one fresh Linux machine with an NVIDIA GPU, in
+# about 8 minutes after the install, ending with one summary table (paste it into the README
+# with the date and the GPU).
+#
+#   bash benchmarks/gpu_check.sh [OUT]        # OUT: scratch folder (default /tmp/ibot-gpu-check)
+#
+# Steps (each with its own time limit; a failed step is reported, the others still run):
+#   1. install:   a venv (.venv-gpu) with ibot-bench[dev,gpu] (faiss-gpu)
+#   2. pretrain:  iBOT step benchmark, ViT-S/16, 2x224 + 10x96 crops, bf16, on the GPU
+#   3. features:  feature-engine throughput vs the raw forward, fp32 and bf16
+#   4. faiss:     kNN with faiss-GPU against faiss-CPU on the same features (must agree)
+#   5. finetune:  20 fine-tuning steps of ViT-S/16 in bf16
+#   6. torchrun:  `run --suite full --profile tiny`, frozen protocols, 2 processes
+#                 (nccl with >= 2 GPUs; with one GPU both ranks share it over gloo)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/ibot-gpu-check}
+PY=${PYTHON:-python3}
+VENV=.venv-gpu
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+printf '| step | status | seconds | result |\n|---|---|---|---|\n' >"$SUMMARY"
+
+step() {  # step NAME LIMIT_S PATTERN COMMAND...: run, log, add a table row (last line matching PATTERN)
+  local name=$1 limit=$2 pattern=$3
+  shift 3
+  local start=$SECONDS status=ok
+  echo "== $name: $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1 || status="FAILED (exit $?)"
+  local result
+  result=$(grep -E "$pattern" "$OUT/$name.log" | tail -n 1 | tr '|' '/' | cut -c1-160)
+  printf '| %s | %s | %s | %s |\n' "$name" "$status" "$((SECONDS - start))" "$result" >>"$SUMMARY"
+  tail -n 5 "$OUT/$name.log"
+}
+
+step install 900 "Successfully|ibot-bench" bash -c \
+  "test -x $VENV/bin/python || $PY -m venv $VENV; $VENV/bin/pip install -q -e '.[dev,gpu]' && $VENV/bin/ibot-bench version | head -n 3"
+BIN=$VENV/bin
+step gpu 60 "NVIDIA|GPU" "$BIN/python" -c \
+  "import torch; print(torch.cuda.get_device_name(0), torch.version.cuda, torch.cuda.device_count(), 'GPU(s)')"
+step pretrain 180 "vit_small" "$BIN/python" benchmarks/pretrain.py --cases vit_small \
+  --precisions bf16 --steps 5 --device cuda --out "$OUT/pretrain"
+step features 120 "vit_s16_224.*bf16|bf16" "$BIN/python" benchmarks/features.py \
+  --precisions fp32,bf16 --images 512 --batch-size 128
+step faiss 120 "agree" "$BIN/python" benchmarks/faiss_agreement.py
+step finetune 120 "bf16" "$BIN/python" benchmarks/finetune.py --precisions fp32 bf16 \
+  --steps 20 --batch 64 --device cuda
+NPROC=$("$BIN/python" -c "import torch; print(max(2, torch.cuda.device_count()))" 2>/dev/null || echo 2)
+step torchrun 240 "done|skipped|failed" bash -c \
+  "$BIN/ibot-bench data synth $OUT/data --classes 4 --size 64 --train 100 --val 5 --overwrite && \
+   $BIN/torchrun --nproc_per_node=$NPROC -m ibot_bench.cli run --suite full --profile tiny \
+     --tasks knn,linear,logreg,cluster,semi --data-root $OUT/data --encoder random:vit_small \
+     --output $OUT/tiny --cache-dir $OUT/cache --force"
+
+echo
+echo "GPU check, $(date -u +%Y-%m-%d), $("$BIN/python" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)"
+cat "$SUMMARY"

@@ -1,0 +1,113 @@
+"""`run --suite full --profile tiny` on a synthetic data root, single-process and under torchrun.
+
+The mission's command end to end: every protocol (frozen probes, fine-tuning, COCO
+detection, ADE20K segmentation) on the real on-disk layouts. Under ``torchrun
+--nproc_per_node=2`` (gloo, CPU) each record is written exactly once, the frozen probes give
+the single-process numbers, fine-tuning trains with world size 2, and a SIGKILL of the whole
+run followed by a rerun finishes without redoing finished records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ibot_bench.cli import main
+from ibot_bench.encoders import load_encoder
+from ibot_bench.encoders.head import ProjectionHead
+from ibot_bench.suites import load_suite
+
+ENTRIES = len(load_suite("full").entries)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A synthetic data root in the real layouts and an iBOT-layout ViT-Tiny checkpoint."""
+    tmp = tmp_path_factory.mktemp("full")
+    root = tmp / "data"
+    args = ["data", "synth", str(root), "--classes", "4", "--size", "64", "--train", "200"]
+    assert main([*args, "--val", "5"]) == 0
+    backbone = load_encoder("random:vit_tiny_patch16").model.state_dict()
+    torch.manual_seed(0)
+    head = ProjectionHead([192, 64, 32], out_dim=4)
+    state = {f"backbone.{k}": v for k, v in backbone.items()}
+    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    ckpt = tmp / "ibot_tiny.pth"
+    torch.save({"teacher": state, "student": state}, ckpt)
+    return {"tmp": tmp, "root": root, "encoder": f"ibot:{ckpt}"}
+
+
+def full_tiny(setup: dict, out: Path, cache: Path) -> list[str]:
+    return ["run", "--suite", "full", "--profile", "tiny", "--data-root", str(setup["root"]),
+            "--encoder", setup["encoder"], "--output", str(out), "--cache-dir", str(cache)]  # fmt: skip
+
+
+def records(out: Path) -> dict[tuple[str, str], dict]:
+    """Records by (task, protocol); each must exist once."""
+    found: dict[tuple[str, str], dict] = {}
+    for path in sorted((out / "records").glob("*.json")):
+        rec = json.loads(path.read_text())
+        key = (rec["task"], rec["protocol"])
+        assert key not in found, f"record {key} written twice"
+        found[key] = {**rec, "mtime": path.stat().st_mtime_ns}
+    return found
+
+
+def torchrun(args: list[str], **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "ibot_bench.cli", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+
+
+def test_full_tiny_single_process_then_torchrun_with_sigkill_and_resume(setup, capsys):
+    single = setup["tmp"] / "single"
+    started = time.perf_counter()
+    assert main(full_tiny(setup, single, setup["tmp"] / "cache1")) == 0, capsys.readouterr()
+    single_s = time.perf_counter() - started
+    one = records(single)
+    assert len(one) == ENTRIES
+    assert all(r["profile"] == "tiny" for r in one.values())
+
+    multi = setup["tmp"] / "multi"
+    args = full_tiny(setup, multi, setup["tmp"] / "cache2")
+    log = (setup["tmp"] / "killed.log").open("w")
+    proc = torchrun(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while len(list((multi / "records").glob("*.json"))) < 3 and proc.poll() is None:
+        assert time.time() < deadline, "no record within 10 minutes"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: launcher and both ranks
+    proc.wait()
+    before = records(multi)
+    assert 3 <= len(before) < ENTRIES
+
+    started = time.perf_counter()
+    rerun = torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = rerun.communicate(timeout=1200)[0]
+    multi_s = time.perf_counter() - started
+    assert rerun.returncode == 0, output[-4000:]
+    two = records(multi)
+    assert set(two) == set(one)
+    for key, rec in before.items():  # finished work was skipped, not redone
+        assert two[key]["mtime"] == rec["mtime"], key
+    assert output.count("skipped (exists)") >= len(before)
+    for key in (("knn", "knn"), ("cluster", "cluster-kmeans")):
+        assert two[key]["metrics"] == one[key]["metrics"], key
+    assert two[("finetune", "finetune")]["details"]["world_size"] == 2
+    print(f"full --profile tiny: single process {single_s:.0f}s, torchrun x2 rerun {multi_s:.0f}s")
