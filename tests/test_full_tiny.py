@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,8 @@ import torch
 from ibot_bench.cli import main
 from ibot_bench.encoders import load_encoder
 from ibot_bench.encoders.head import ProjectionHead
+from ibot_bench.errors import ConfigError
+from ibot_bench.evaluate import plan_eval
 from ibot_bench.suites import load_suite
 
 ENTRIES = len(load_suite("full").entries)
@@ -111,3 +114,31 @@ def test_full_tiny_single_process_then_torchrun_with_sigkill_and_resume(setup, c
         assert two[key]["metrics"] == one[key]["metrics"], key
     assert two[("finetune", "finetune")]["details"]["world_size"] == 2
     print(f"full --profile tiny: single process {single_s:.0f}s, torchrun x2 rerun {multi_s:.0f}s")
+
+
+def test_missing_datasets_skip_only_their_entries(tmp_path, capsys):
+    root = tmp_path / "root"
+    assert main(["data", "synth", str(root), "--classes", "2", "--size", "32", "--train", "10",
+                 "--val", "2"]) == 0  # fmt: skip
+    for folder in ("coco", "ade20k"):
+        shutil.rmtree(root / folder)
+    args = ["run", "--suite", "full", "--profile", "tiny", "--data-root", str(root), "--tasks",
+            "knn,detection,segmentation", "--encoder", "random:vit_tiny_patch16", "--output",
+            str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 1  # missing data is reported as a failure of those entries only
+    out = capsys.readouterr().out
+    assert "1 done" in out and "3 missing data" in out
+    assert f"expected a coco folder at {root}/coco" in out
+    assert f"expected a ade20k folder at {root}/ade20k/ADEChallengeData2016" in out
+
+
+def test_bad_run_inputs(tmp_path, capsys, monkeypatch):
+    assert main(["run", "--suite", "smoke", "--profile", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown profile 'huge'" in err and "Known: tiny" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before any process group
+    with pytest.raises(ConfigError, match="batch_size=6 .global. does not split over 2"):
+        plan_eval("finetune", "random:vit_tiny_patch16", "digits", overrides=["batch_size=6",
+                  "accum_steps=2"])  # fmt: skip
+    plan_eval("finetune", "random:vit_tiny_patch16", "digits", overrides=["batch_size=8",
+              "accum_steps=2"])  # fmt: skip
