@@ -93,3 +93,12 @@ def all_ranks(flag: bool) -> bool:
     value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (world size 1: ``[obj]``)."""
+    if world()[1] == 1:
+        return [obj]
+    out: list[object] = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config
-from ibot_bench.distributed import barrier, init_distributed, is_main
+from ibot_bench.distributed import barrier, gather_objects, init_distributed, is_main
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
 from ibot_bench.io import atomic_write_text
@@ -179,6 +179,36 @@ def plan_suite(
     return plans
 
 
+def prepare(
+    plan: EvalPlan | None, error: str, spec: str, done_keys: set, force: bool
+) -> tuple[str, str]:
+    """What to do with one evaluation: ``("run", "")`` or its final (status, message).
+
+    Never raises: under torchrun a rank must not leave the others waiting.
+    """
+    try:
+        if plan is None:
+            return "failed", error
+        if missing := missing_data(spec):
+            return "missing data", missing
+        if not force and plan.resume_key() in done_keys:
+            return "skipped (exists)", ""
+        return "run", ""
+    except NotApplicableError as exc:
+        return "n/a", str(exc)
+    except UserError as exc:
+        return "failed", str(exc)
+    except Exception as exc:
+        return "failed", f"{type(exc).__name__}: {exc}"
+
+
+def agree(decision: tuple[str, str]) -> tuple[str, str]:
+    """One decision for all ranks (they must take the same branch): a failure anywhere fails
+    the evaluation everywhere; otherwise rank 0's."""
+    decisions = gather_objects(decision)
+    return next((d for d in decisions if d[0] == "failed"), decisions[0])  # type: ignore[return-value]
+
+
 def run_suite(
     cfg: SuiteConfig,
     encoders: Sequence[str],
@@ -209,18 +239,13 @@ def run_suite(
     planned = plan_suite(cfg, encoders, tasks, profile)
     for i, (plan, entry, encoder, error) in enumerate(planned, 1):
         ds = cfg.datasets[entry.dataset]
-        outcome = Outcome(encoder, entry.task, entry.dataset, "failed", error)
         prefix = f"[{i}/{len(planned)}] {entry.task} on {entry.dataset} with {encoder}"
         start = time.perf_counter()
-        try:
-            if plan is None:
-                raise UserError(error)
-            if missing := missing_data(ds.spec):
-                outcome.status, outcome.message = "missing data", missing
-            elif not force and plan.resume_key() in done_keys:
-                outcome.status = "skipped (exists)"
-            else:
-                log(f"{prefix}: running")
+        status, message = agree(prepare(plan, error, ds.spec, done_keys, force))
+        outcome = Outcome(encoder, entry.task, entry.dataset, status, message)
+        if status == "run":
+            log(f"{prefix}: running")
+            try:
                 record = execute(
                     plan,
                     output_dir=output_dir,
@@ -231,15 +256,15 @@ def run_suite(
                 )
                 done_keys.add(record_key(record))
                 outcome.status = "done"
-        except NotApplicableError as exc:
-            outcome.status, outcome.message = "n/a", str(exc)
-        except UserError as exc:
-            outcome.message = str(exc)
-        except Exception as exc:  # one broken evaluation must not lose the others
-            outcome.message = f"{type(exc).__name__}: {exc}"
-            if main_rank:
-                name = f"{entry.task}__{entry.dataset}__{i}.txt"
-                atomic_write_text(output_dir / "errors" / name, traceback.format_exc())
+            except NotApplicableError as exc:
+                outcome.status, outcome.message = "n/a", str(exc)
+            except UserError as exc:
+                outcome.status, outcome.message = "failed", str(exc)
+            except Exception as exc:  # one broken evaluation must not lose the others
+                outcome.status, outcome.message = "failed", f"{type(exc).__name__}: {exc}"
+                if main_rank:
+                    name = f"{entry.task}__{entry.dataset}__{i}.txt"
+                    atomic_write_text(output_dir / "errors" / name, traceback.format_exc())
         outcome.seconds = time.perf_counter() - start
         log(f"{prefix}: {outcome.status}{' - ' + outcome.message if outcome.message else ''}")
         outcomes.append(outcome)

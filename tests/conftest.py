@@ -43,3 +43,23 @@ def feature_context(train, test, encoder_spec: str = "", data_spec: str = "", **
 
     sets = {"train": train, "val": test}
     return TaskContext(encoder_spec, data_spec, feature_sets=sets, **kwargs)
+
+
+def write_ibot_checkpoint(
+    path: Path, arch: str = "vit_tiny_patch8", out_dim: int = 3, drop: str | None = None
+) -> Path:
+    """An iBOT-layout training checkpoint (teacher and student): a seeded random ``arch``
+    backbone and a projection head with ``out_dim`` outputs; ``drop``: a backbone key left out.
+    """
+    import torch
+
+    from ibot_bench.encoders import load_encoder
+    from ibot_bench.encoders.head import ProjectionHead
+
+    backbone = load_encoder(f"random:{arch}").model.state_dict()
+    torch.manual_seed(0)
+    head = ProjectionHead([backbone["cls_token"].shape[-1], 64, 32], out_dim=out_dim)
+    state = {f"backbone.{k}": v for k, v in backbone.items() if k != drop}
+    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    torch.save({"teacher": state, "student": state}, path)
+    return path

@@ -9,6 +9,7 @@ run followed by a rerun finishes without redoing finished records.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,11 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import write_ibot_checkpoint
 
 from ibot_bench.cli import main
-from ibot_bench.encoders import load_encoder
-from ibot_bench.encoders.head import ProjectionHead
 from ibot_bench.errors import ConfigError
 from ibot_bench.evaluate import plan_eval
 from ibot_bench.suites import load_suite
@@ -45,13 +44,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp / "data"
     args = ["data", "synth", str(root), "--classes", "4", "--size", "64", "--train", "200"]
     assert main([*args, "--val", "5"]) == 0
-    backbone = load_encoder("random:vit_tiny_patch16").model.state_dict()
-    torch.manual_seed(0)
-    head = ProjectionHead([192, 64, 32], out_dim=4)
-    state = {f"backbone.{k}": v for k, v in backbone.items()}
-    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
-    ckpt = tmp / "ibot_tiny.pth"
-    torch.save({"teacher": state, "student": state}, ckpt)
+    ckpt = write_ibot_checkpoint(tmp / "ibot_tiny.pth", "vit_tiny_patch16", out_dim=4)
     return {"tmp": tmp, "root": root, "encoder": f"ibot:{ckpt}"}
 
 
@@ -68,6 +61,21 @@ def records(out: Path) -> dict[tuple[str, str], dict]:
         key = (rec["task"], rec["protocol"])
         assert key not in found, f"record {key} written twice"
         found[key] = {**rec, "mtime": path.stat().st_mtime_ns}
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
     return found
 
 
@@ -95,7 +103,9 @@ def test_full_tiny_single_process_then_torchrun_with_sigkill_and_resume(setup, c
     while len(list((multi / "records").glob("*.json"))) < 3 and proc.poll() is None:
         assert time.time() < deadline, "no record within 10 minutes"
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: launcher and both ranks
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the whole run: launcher and both ranks
+        with contextlib.suppress(ProcessLookupError):  # (torchrun starts each in a session)
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     before = records(multi)
     assert 3 <= len(before) < ENTRIES

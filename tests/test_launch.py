@@ -150,7 +150,8 @@ def test_task_environment_under_slurm(monkeypatch):
         monkeypatch.setenv(key, value)
     torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
     for key in (*torchrun, "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # restored after the test
+        monkeypatch.setenv(key, "unset")  # so the undo removes what the command sets
+        monkeypatch.delenv(key)
     seen = {}
 
     def fake_main(argv):

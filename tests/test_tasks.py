@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import write_ibot_checkpoint
 
 import ibot_bench.tasks as tasks_mod
 from ibot_bench.cli import main
 from ibot_bench.encoders import load_encoder
-from ibot_bench.encoders.head import ProjectionHead
 from ibot_bench.errors import CheckpointError, UserError
 from ibot_bench.evaluate import plan_eval, run_eval
 from ibot_bench.features import FeatureConfig
@@ -31,15 +30,7 @@ def counted_loads(monkeypatch) -> list[str]:
 
 
 def ibot_checkpoint(tmp_path, drop: str | None = None):
-    """A tiny iBOT-layout checkpoint with a projection head (``drop``: a backbone key left out)."""
-    backbone = load_encoder("random:vit_tiny_patch8").model.state_dict()
-    torch.manual_seed(0)
-    head = ProjectionHead([192, 64, 32], out_dim=3)
-    state = {f"backbone.{k}": v for k, v in backbone.items() if k != drop}
-    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
-    path = tmp_path / "ckpt.pth"
-    torch.save({"teacher": state, "student": state}, path)
-    return path
+    return write_ibot_checkpoint(tmp_path / "ckpt.pth", drop=drop)
 
 
 def test_encoder_is_built_once_and_features_reuse_it(tiny_imagefolder, tmp_path, counted_loads):

@@ -14,6 +14,7 @@ to the train split: ``?fraction=0.01&subset_seed=0`` (per class) or ``?split_fil
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -133,16 +134,23 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
     out = cache_root() / "synthetic" / f"shapes_{tag}"
     meta = _synthetic_meta(out)
     if meta is None or meta.get("version") != GENERATOR_VERSION:  # new, or an older layout
-        meta = write_synthetic(
-            out,
-            num_classes=params["classes"],
-            train_per_class=params["train"],
-            val_per_class=params["val"],
-            image_size=params["size"],
-            seed=params["seed"],
-            difficulty=difficulty,
-            overwrite=out.exists(),
-        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # one writer at a time (processes of a torchrun job all ask for it): the others wait,
+        # then read what it wrote
+        with open(out.parent / f".shapes_{tag}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            meta = _synthetic_meta(out)
+            if meta is None or meta.get("version") != GENERATOR_VERSION:
+                meta = write_synthetic(
+                    out,
+                    num_classes=params["classes"],
+                    train_per_class=params["train"],
+                    val_per_class=params["val"],
+                    image_size=params["size"],
+                    seed=params["seed"],
+                    difficulty=difficulty,
+                    overwrite=out.exists(),
+                )
     if layout == "coco":
         return CocoDataset(out / "coco", split)
     if layout == "ade20k":
