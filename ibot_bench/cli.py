@@ -24,7 +24,10 @@ EXAMPLES = {
     "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]\n"
     "  ibot-bench eval detection --encoder ibot:out/checkpoint.pth --data coco:/data/coco --output results/det",
     "version": "ibot-bench version",
-    "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small",
+    "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small\n"
+    "  ibot-bench run --suite full --profile tiny --data-root ROOT --encoder ibot:ckpt.pth\n"
+    "  ibot-bench run --suite full --data-root /data --encoder ibot:ckpt.pth --launcher slurm "
+    "--nodes 2 --gpus-per-node 8",
     "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
     "pretrain": "ibot-bench pretrain --config quick --output out/quick optim.epochs=4",
     "config": "ibot-bench config show linear epochs=10 features.img_size=64\n"
