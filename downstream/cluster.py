@@ -160,8 +160,15 @@ def cluster_head(ctx: TaskContext, cfg: ClusterHeadConfig) -> TaskOutput:
     test = ctx.features("val")
     head = build_head(head_state).eval()
     feats = torch.from_numpy(np.array(test.cls, dtype=np.float32))  # a copy: cache is read-only
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     with torch.inference_mode():
-        pred = torch.cat([head(chunk).argmax(-1) for chunk in feats.split(cfg.batch_size)])
-    pred = pred.numpy().astype(np.int64)
+        logits = torch.cat([head(chunk) for chunk in feats.split(cfg.batch_size)])
+    if not torch.isfinite(logits).all():
+        raise UserError(
+            f"the projection head of {ctx.encoder_spec!r} gives NaN or inf outputs: its weights "
+            "are not finite (a diverged checkpoint?); use a finite checkpoint"
+        )
+    pred = logits.argmax(-1).numpy().astype(np.int64)
     extra = {"out_dim": int(head.last_layer.out_features), "clusters_used": int(len(set(pred)))}
     return TaskOutput(cluster_head_metrics(pred, test.labels), PROTOCOL_HEAD, extra)

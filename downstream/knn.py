@@ -174,6 +174,14 @@ def knn_classify(
     ks = sorted({int(k) for k in ks})
     k_eff = {k: min(k, len(bank_labels)) for k in ks}
     k_max = max(k_eff.values())
+    clamped = [k for k in ks if k_eff[k] != k]
+    if clamped:
+        log.warning(
+            "kNN: k=%s larger than the bank of %d images: used k=%d (recorded as used)",
+            clamped,
+            len(bank_labels),
+            len(bank_labels),
+        )
     device = faiss_device(device)
     if device == "gpu" and k_max > GPU_MAX_K:
         raise ConfigError(f"faiss on GPU supports k <= {GPU_MAX_K}, got {k_max}")
@@ -201,15 +209,18 @@ def knn_classify(
 def knn_metrics(result: KnnResult, labels: np.ndarray) -> dict[str, float]:
     """``top1_k{k}``, ``top5_k{k}`` (percent) for every k, plus best-k ``top1``/``top5``/``best_k``.
 
-    The best k is the one with the highest top-1 (ties: the smallest k); ``top5`` is the
-    top-5 at that same k.
+    Every k is the one actually used: a requested k larger than the bank is named by the
+    bank size (``result.k_effective``). The best k is the one with the highest top-1 (ties:
+    the smallest k); ``top5`` is the top-5 at that same k.
     """
     labels = np.asarray(labels, dtype=np.int64)
     metrics: dict[str, float] = {}
-    for k in result.ks:
-        metrics[f"top1_k{k}"] = 100.0 * float(np.mean(result.top1[k] == labels))
-        metrics[f"top5_k{k}"] = 100.0 * float(np.mean((result.top5[k] == labels[:, None]).any(1)))
-    best_k = max(result.ks, key=lambda k: (metrics[f"top1_k{k}"], -k))
+    used = {result.k_effective[k]: k for k in reversed(result.ks)}  # used k -> a requested k
+    for k_used, k in sorted(used.items()):
+        metrics[f"top1_k{k_used}"] = 100.0 * float(np.mean(result.top1[k] == labels))
+        top5_hits = (result.top5[k] == labels[:, None]).any(1)
+        metrics[f"top5_k{k_used}"] = 100.0 * float(np.mean(top5_hits))
+    best_k = max(used, key=lambda k: (metrics[f"top1_k{k}"], -k))
     metrics.update(
         top1=metrics[f"top1_k{best_k}"], top5=metrics[f"top5_k{best_k}"], best_k=float(best_k)
     )

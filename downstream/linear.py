@@ -269,7 +269,7 @@ def feature_batch(
 
 def head_specs(cfg: LinearBaseConfig) -> list[HeadSpec]:
     """Every (feature variant, base lr) pair; lr = base_lr x batch_size / 256."""
-    if not cfg.base_lrs or any(lr <= 0 for lr in cfg.base_lrs):
+    if not cfg.base_lrs or not all(math.isfinite(lr) and lr > 0 for lr in cfg.base_lrs):
         raise ConfigError(f"base_lrs must be a non-empty list of positive numbers: {cfg.base_lrs}")
     scale = cfg.batch_size / 256.0
     features = list(dict.fromkeys(cfg.variants))

@@ -14,13 +14,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    GrammarParseError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    UnsupportedInterpolationType,
+    ValidationError,
+)
 
 from ibot_bench.errors import ConfigError
 from ibot_bench.io import atomic_write_text
 from ibot_bench.resources import resolve_config
 
 T = TypeVar("T")
+
+
+def _first_line(exc: Exception) -> str:
+    """An OmegaConf error's message without its ``full_key:`` / ``object_type=`` lines."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _valid_keys(schema: type, prefix: str = "") -> list[str]:
@@ -51,7 +63,7 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {exc}") from exc
+        raise ConfigError(f"cannot parse overrides {items}: {_first_line(exc)}") from None
 
 
 def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
@@ -97,6 +109,14 @@ def load_config(
             raise ConfigError(
                 f"bad value for config key {key!r} in {where}: {exc.msg if hasattr(exc, 'msg') else exc}"
             ) from exc
+    try:  # resolve every ${...} now: a broken one is the user's to fix, with its key
+        OmegaConf.to_container(cfg, resolve=True)
+    except (InterpolationResolutionError, GrammarParseError, UnsupportedInterpolationType) as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(
+            f"config key {key!r}: cannot resolve its ${{...}} interpolation "
+            f"({_first_line(exc)}); give a literal value or reference a key that exists"
+        ) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config keys {missing} have no value; set them, e.g. {missing[0]}=...")

@@ -7,6 +7,7 @@ encoder, the splits, its folders and seed). One record is written per run (with 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,7 +26,7 @@ from ibot_bench.data import ClassificationSplit, load_split
 from ibot_bench.distributed import broadcast_object, init_distributed, is_main, world
 from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.errors import ConfigError
-from ibot_bench.features import FeatureConfig, FeatureSet
+from ibot_bench.features import FeatureConfig, FeatureSet, check_feature_config
 from ibot_bench.records import ResultRecord, config_hash, mean_std
 from ibot_bench.runtime import resolve_device
 from ibot_bench.tasks import (
@@ -91,7 +92,11 @@ def plan_eval(
     """Resolve the task and its config (validated) without touching model or data."""
     task = discover_tasks().get(task_name)
     cfg = load_config(eval_schema(task), config_path, overrides, kind="tasks")
-    check_feature_needs(task, cfg, FeatureConfig(**to_dict(cfg.features)))
+    features = FeatureConfig(**to_dict(cfg.features))
+    check_feature_config(features)
+    check_feature_needs(task, cfg, features)
+    if not cfg.seeds:
+        raise ConfigError("seeds must list at least one seed, e.g. seeds=[0]")
     check_batch_split(task, cfg)
     splits = {} if splits is None else splits
     return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec, splits)
@@ -185,7 +190,8 @@ def run_task(task: TaskDef, ctx: TaskContext, cfg: Any) -> TaskOutput:
     while True:
         kind, value = broadcast_object(None)  # type: ignore[misc]
         if kind == "features":
-            ctx.features(value)
+            with contextlib.suppress(Exception):  # rank 0 meets it too and sends it as "done"
+                ctx.features(value)
             continue
         status, out = value
         if status == "error":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +29,7 @@ from ibot_bench.distributed import (
     world,
 )
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
-from ibot_bench.errors import DatasetError, UserError
+from ibot_bench.errors import ConfigError, DatasetError, UserError
 from ibot_bench.runtime import (
     autocast,
     bf16_is_fast,
@@ -103,6 +105,20 @@ class FeatureConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+def check_feature_config(cfg: FeatureConfig) -> None:
+    """A :class:`ConfigError` naming the first ``features.`` setting that cannot work."""
+    problems = [
+        ("img_size", cfg.img_size is not None and cfg.img_size < 1, ">= 1 (or null)"),
+        ("crop_pct", not 0 < cfg.crop_pct <= 1, "in (0, 1]"),
+        ("batch_size", cfg.batch_size < 1, ">= 1"),
+        ("num_workers", cfg.num_workers < -1, ">= 0 (or -1: automatic)"),
+        ("n_last_blocks", cfg.n_last_blocks is not None and cfg.n_last_blocks < 0, ">= 0"),
+    ]
+    for key, bad, rule in problems:
+        if bad:
+            raise ConfigError(f"features.{key} must be {rule}, got {getattr(cfg, key)}")
+
+
 CACHE_VERSION = 1
 
 
@@ -160,15 +176,37 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _load_cached(path: Path, meta: dict) -> FeatureSet:
-    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+def _load_cached(path: Path, key_parts: dict) -> FeatureSet | None:
+    """The cache entry at ``path``, or None when it is missing, foreign or damaged.
+
+    Everything is checked before use: the key recorded in ``meta.json``, plain (unpickled)
+    float/int arrays of one length, names for every row. A damaged or planted entry is a
+    miss (it is then rewritten), never an error deep inside a task.
+    """
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {
+            name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            for name in ARRAYS
+        }
+        n = len(arrays["labels"])
+        ok = (
+            meta.get("key") == json.loads(json.dumps(key_parts, default=str))
+            and len(meta["sample_names"]) == n
+            and all(a.dtype.kind in "fiu" and len(a) == n for a in arrays.values())
+            and all(arrays[name].ndim == 2 for name in ("cls", "patch_mean", "cls_last_n"))
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not ok:
+        return None
     return FeatureSet(
         cls=arrays["cls"],
         patch_mean=arrays["patch_mean"],
         cls_last_n=arrays["cls_last_n"],
         labels=np.asarray(arrays["labels"]),
-        class_names=meta["class_names"],
-        sample_names=meta["sample_names"],
+        class_names=list(meta["class_names"]),
+        sample_names=list(meta["sample_names"]),
         meta={**meta, "cache_path": str(path), "cache_hit": True},
     )
 
@@ -191,9 +229,25 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists():  # a damaged entry, or --refresh: move it aside, then swap
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):  # another writer moved it already
+                os.replace(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process wrote the same entry meanwhile: keep theirs
+            if not (path / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(
+                f"no space left on the device of the feature cache {path.parent}; free space "
+                "or set IBOT_BENCH_CACHE / --cache-dir to a folder on another disk"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -227,6 +281,7 @@ def extract_features(
     when the caller already knows it (saves hashing the weights file again).
     """
     cfg = cfg or FeatureConfig()
+    check_feature_config(cfg)
     data = require_classification(
         data if data is not None else load_split(data_spec, split), data_spec
     )
@@ -252,10 +307,12 @@ def extract_features(
     rank, world_size = world()
     # a hit only if every rank has one (e.g. nodes without a shared cache folder): the
     # extraction below is collective, so all ranks must take the same branch
-    if all_ranks(not refresh and (path / "meta.json").is_file()):
-        meta = json.loads((path / "meta.json").read_text())
+    cached = None if refresh else _load_cached(path, key_parts)
+    if all_ranks(cached is not None):
         log(f"features: cache hit {path}")
-        return _load_cached(path, meta)
+        return cached
+    if cached is None and not refresh and path.exists() and rank == 0:
+        log(f"features: the cache entry {path} is damaged or foreign; recomputing it")
 
     if rank == 0:  # fail before the expensive part, not after it
         shutil.rmtree(_make_temp_dir(path))
@@ -318,6 +375,15 @@ def extract_features(
     if skipped:
         log(f"features: skipped {len(skipped)} unreadable image(s), e.g. {skipped[:3]}")
     arrays = {name: a[keep] for name, a in arrays.items()}
+    kept_names = [s for s, k in zip(data.sample_names, keep) if k]
+    bad = sorted({int(i) for a in arrays.values() for i in np.flatnonzero(~np.isfinite(a).all(1))})
+    if bad:  # never cached, never evaluated: every protocol would report garbage
+        raise UserError(
+            f"encoder {encoder_spec!r} gives NaN or inf features for {len(bad)} of {len(keep)} "
+            f"images of {data_spec} [{split}] (e.g. {kept_names[bad[0]]}); its weights "
+            "are not finite (a diverged checkpoint?) or the precision overflows: use a finite "
+            "checkpoint, or features.precision=fp32"
+        )
     arrays["labels"] = data.labels[keep]
     meta = {
         "encoder_spec": encoder_spec,
@@ -325,7 +391,7 @@ def extract_features(
         "dataset_spec": data_spec,
         "split": split,
         "class_names": data.class_names,
-        "sample_names": [s for s, k in zip(data.sample_names, keep) if k],
+        "sample_names": kept_names,
         "skipped": skipped,
         "key": key_parts,
         "layout": layout,

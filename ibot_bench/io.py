@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,10 +31,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise UserError(
+                f"no space left on the device of {path.parent} while writing {path.name}; "
+                "free space or write elsewhere (--output, IBOT_BENCH_CACHE); nothing was "
+                "half-written"
+            ) from None
         raise
     return path
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """An out-of-space error, raw or wrapped (torch.save raises RuntimeError for it)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, RuntimeError) and "No space left on device" in str(exc)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

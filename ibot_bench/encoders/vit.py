@@ -62,7 +62,10 @@ def parse_vit_arch(arch: str) -> ViTConfig:
             "size suffix such as vit_small_patch8."
         )
     width, depth, heads = VIT_ARCHS[m.group(1)]
-    return ViTConfig(width, depth, heads, patch_size=int(m.group(2) or 16))
+    patch = int(m.group(2) or 16)
+    if patch < 1:
+        raise UserError(f"patch size must be >= 1 in {arch!r}, e.g. {m.group(1)}_patch16")
+    return ViTConfig(width, depth, heads, patch_size=patch)
 
 
 def interpolate_pos_embed_offset(

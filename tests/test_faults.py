@@ -1,0 +1,144 @@
+"""Hostile and broken inputs: one clear message (exit 2), no silent wrong number, nothing
+half-written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_ibot_checkpoint
+
+import ibot_bench.features as features_mod
+from ibot_bench.cli import main
+from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.evaluate import run_eval
+from ibot_bench.features import FeatureConfig, extract_features
+from ibot_bench.io import atomic_write_text
+
+FAST = ["features.img_size=32", "features.num_workers=0", "features.precision=fp32"]
+
+
+def poisoned_checkpoint(tmp_path: Path, where: str) -> str:
+    """An iBOT checkpoint whose ``where`` ("backbone" or "head") weights are NaN."""
+    path = write_ibot_checkpoint(tmp_path / f"nan_{where}.pth")
+    obj = torch.load(path, weights_only=True)
+    for state in (obj["teacher"], obj["student"]):
+        for key in state:
+            if key.startswith(f"{where}.") and state[key].is_floating_point():
+                state[key] = torch.full_like(state[key], float("nan"))
+    torch.save(obj, path)
+    return f"ibot:{path}"
+
+
+def test_nan_encoder_or_head_fails_without_a_record(tiny_imagefolder, tmp_path):
+    data, out = f"imagefolder:{tiny_imagefolder}", tmp_path / "out"
+    kwargs = {"overrides": FAST, "output_dir": out, "cache_dir": tmp_path / "c", "log": print}
+    with pytest.raises(UserError, match="NaN or inf features"):
+        run_eval("knn", poisoned_checkpoint(tmp_path, "backbone"), data, **kwargs)
+    with pytest.raises(UserError, match="projection head .* NaN or inf"):
+        run_eval("cluster-head", poisoned_checkpoint(tmp_path, "head"), data, **kwargs)
+    assert not list(out.glob("records/*.json"))
+
+
+def test_non_finite_settings_are_refused(tiny_imagefolder, tmp_path):
+    data = f"imagefolder:{tiny_imagefolder}"
+    for task, bad in (("linear", "base_lrs=[nan]"), ("knn", "temperature=nan")):
+        with pytest.raises(ConfigError):
+            run_eval(task, "random:vit_tiny_patch8", data, overrides=[*FAST, bad],
+                     output_dir=tmp_path, cache_dir=tmp_path / "c", log=print)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ks=${nope}", "config key 'ks': cannot resolve"),
+        ("ks=${oops", "cannot parse overrides"),
+        ("features.batch_size=0", "features.batch_size must be >= 1"),
+        ("features.img_size=-8", "features.img_size must be >= 1"),
+        ("features.crop_pct=0", "features.crop_pct must be in"),
+        ("seeds=[]", "seeds must list at least one seed"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(override, message, tmp_path, capsys):
+    args = ["eval", "knn", "--encoder", "random:vit_tiny_patch8", "--data", "digits",
+            "--output", str(tmp_path), override]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_yaml_interpolation_and_patch_size(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ks: ${missing.key}\n")
+    args = ["eval", "knn", "--encoder", "random:vit_tiny_patch8", "--data", "digits", "--config"]
+    assert main([*args, str(bad), "--output", str(tmp_path)]) == 2
+    assert "config key 'ks': cannot resolve" in capsys.readouterr().err
+    args = ["eval", "knn", "--encoder", "random:vit_tiny_patch0", "--data", "digits"]
+    assert main([*args, "--output", str(tmp_path)]) == 2
+    assert "patch size must be >= 1" in capsys.readouterr().err
+
+
+CFG = FeatureConfig(img_size=32, batch_size=8, num_workers=0, precision="fp32")
+
+
+def extract(spec: str, cache: Path):
+    return extract_features("random:vit_tiny_patch8", spec, "val", CFG, cache_dir=cache,
+                            progress=False, log=lambda _m: None)  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["truncate", "pickle", "meta", "foreign", "directory"])
+def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, tmp_path):
+    spec = f"imagefolder:{tiny_imagefolder}"
+    first = extract(spec, tmp_path)
+    entry = Path(first.meta["cache_path"])
+    if damage == "truncate":
+        (entry / "cls.npy").write_bytes((entry / "cls.npy").read_bytes()[:100])
+    elif damage == "pickle":  # an object array: loading it would unpickle
+        np.save(entry / "labels.npy", np.array([object()] * len(first), dtype=object))
+    elif damage == "meta":
+        (entry / "meta.json").write_text("{not json")
+    elif damage == "foreign":  # a valid entry of another key planted under this one's name
+        (entry / "meta.json").write_text((entry / "meta.json").read_text().replace("fp32", "x"))
+    else:
+        (entry / "cls.npy").unlink()
+        (entry / "cls.npy").mkdir()
+    again = extract(spec, tmp_path)
+    assert not again.meta["cache_hit"]  # recomputed, not trusted
+    np.testing.assert_array_equal(again.cls, first.cls)
+    assert extract(spec, tmp_path).meta["cache_hit"]  # and rewritten
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_two_processes_writing_one_cache_entry(tiny_imagefolder, tmp_path):
+    cmd = [sys.executable, "-m", "ibot_bench.cli", "features", "--encoder",
+           "random:vit_tiny_patch8", "--data", f"imagefolder:{tiny_imagefolder}", "--split",
+           "val", "--cache-dir", str(tmp_path), "features.img_size=32",
+           "features.precision=fp32"]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # fmt: skip
+    for proc in procs:
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out
+    assert extract(f"imagefolder:{tiny_imagefolder}", tmp_path).meta["cache_hit"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(tiny_imagefolder, tmp_path, monkeypatch):
+    def no_space(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(UserError, match="no space left on the device of .*records"):
+        atomic_write_text(tmp_path / "records" / "r.json", "{}")
+    assert not list((tmp_path / "records").iterdir())
+    monkeypatch.undo()
+    monkeypatch.setattr(features_mod.np, "save", no_space)
+    with pytest.raises(UserError, match="no space left on the device of the feature cache"):
+        extract(f"imagefolder:{tiny_imagefolder}", tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())
