@@ -451,6 +451,11 @@ def resume(run: FitRun) -> int | None:
     Returns the global step it resumes at (None for a fresh run). A finished run resumes
     past its last epoch, so :func:`fit` returns its results without training.
     """
+    if run.path.exists() and not run.path.is_file():
+        raise CheckpointError(
+            f"{run.path} is not a file (a folder?); it is where this run's checkpoint goes: "
+            "remove it to start over (nothing was trained)"
+        )
     if not run.path.is_file():
         return None
     run.state = load_checkpoint(run.path, run.model, run.optimizer, run.ema, run.scaler, run.meta)
@@ -662,18 +667,34 @@ def load_checkpoint(path: Path, model, optimizer, ema, scaler, meta: dict) -> di
         raise CheckpointError(
             f"cannot read the fine-tuning checkpoint {path}: {exc}. Delete it to start over."
         ) from exc
+    needed = ("model", "optimizer", "scaler", "state", "meta")
+    missing = [k for k in needed if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"the fine-tuning checkpoint {path} lacks {missing}: it was not written by this "
+            "task (or is damaged); delete it (or its folder) to start over"
+        )
     if obj.get("meta") != meta:
         raise CheckpointError(
             f"the fine-tuning checkpoint {path} is from another schedule ({obj.get('meta')} vs "
             f"{meta}); delete it (or its folder) to start over."
         )
-    model.load_state_dict(obj["model"])
-    optimizer.load_state_dict(obj["optimizer"])
-    scaler.load_state_dict(obj["scaler"])
-    if ema is not None:
-        if obj.get("ema") is None:
-            raise CheckpointError(
-                f"{path} has no EMA weights but ema=true; delete it to start over"
-            )
-        ema.module.load_state_dict(obj["ema"])
-    return obj["state"]
+    if ema is not None and obj.get("ema") is None:
+        raise CheckpointError(f"{path} has no EMA weights but ema=true; delete it to start over")
+    try:
+        model.load_state_dict(obj["model"])
+        optimizer.load_state_dict(obj["optimizer"])
+        scaler.load_state_dict(obj["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(obj["ema"])
+        state = dict(obj["state"])
+        state["epoch"], state["step"], state["global_step"] = (
+            int(state[k]) for k in ("epoch", "step", "global_step")
+        )
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"the fine-tuning checkpoint {path} does not fit this run ({first}); delete it (or "
+            "its folder) to start over"
+        ) from None
+    return state

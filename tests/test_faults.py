@@ -142,3 +142,33 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tiny_imagefolder, tmp_pat
     with pytest.raises(UserError, match="no space left on the device of the feature cache"):
         extract(f"imagefolder:{tiny_imagefolder}", tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())
+
+
+def test_crafted_checkpoint_claiming_huge_tensors_is_refused_before_building(tmp_path, capsys):
+    huge = torch.zeros(1).expand(1, 200_000, 100_000)  # 74.5 GiB of shape over 4 bytes
+    torch.save({"teacher": {"backbone.pos_embed": huge}}, tmp_path / "crafted.pth")
+    args = ["features", "--encoder", f"ibot:{tmp_path / 'crafted.pth'}", "--data", "digits"]
+    assert main(args) == 2
+    assert "backed by only 4 bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("planted", ["directory", "missing keys", "garbage"])
+def test_planted_fine_tuning_checkpoint_is_refused_before_training(planted, tmp_path):
+    from ibot_bench.downstream.finetune import FinetuneConfig, finetune_eval
+    from ibot_bench.tasks import TaskContext
+
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "checkpoint.pth"
+    if planted == "directory":
+        target.mkdir()
+    elif planted == "missing keys":
+        torch.save({"model": {}}, target)
+    else:
+        target.write_bytes(b"not a checkpoint")
+    cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, img_size=32, mixup=0.0,
+                         cutmix=0.0, num_workers=0, precision="fp32")  # fmt: skip
+    ctx = TaskContext("random:vit_tiny_patch8", "digits", work, log=lambda _m: None)
+    with pytest.raises(UserError, match="checkpoint"):
+        finetune_eval(ctx, cfg)
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pth"]  # nothing trained

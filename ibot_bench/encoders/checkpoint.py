@@ -14,7 +14,7 @@ import hashlib
 import pickle
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,9 @@ def read_checkpoint(path: str | Path) -> Any:
         is_zip = f.read(2) == b"PK"
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        check_tensor_sizes(obj, path)
+        return obj
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
             raise _corrupt(path, exc) from exc
@@ -121,6 +123,34 @@ def read_checkpoint(path: str | Path) -> Any:
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise _corrupt(path, exc) from exc
+
+
+def _tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 8 and isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value, depth + 1)
+    elif depth < 8 and isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value, depth + 1)
+
+
+def check_tensor_sizes(obj: Any, path: Path) -> None:
+    """Refuse tensors that claim more elements than their stored bytes hold.
+
+    A crafted file can save a huge shape over a tiny storage (stride tricks); an encoder
+    inferred from such shapes would try to allocate tens of GB before any other check.
+    Every real weight is backed by its own bytes in the file.
+    """
+    for t in _tensors(obj):
+        needed = t.numel() * t.element_size()
+        if t.numel() > 1 and needed > t.untyped_storage().nbytes():
+            raise CheckpointError(
+                f"{path}: a tensor of shape {tuple(t.shape)} ({needed / 2**30:.1f} GiB) is "
+                f"backed by only {t.untyped_storage().nbytes()} bytes: the file is crafted or "
+                "corrupt, not a weights file; nothing was built from it"
+            )
 
 
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
