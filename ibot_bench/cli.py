@@ -160,6 +160,12 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--resume", default=None, help="checkpoint to resume (default: OUTPUT/checkpoint.pth)"
     )
+    pre.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even though settings (data, batch size, seed, schedule, ...) differ from "
+        "the checkpoint's; the change is recorded in OUTPUT/config_history.yaml",
+    )
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
     add_launcher_args(pre)
 
@@ -313,10 +319,19 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _print_board(table, title: str) -> None:
-    """The leaderboard on the terminal: one table per group, metrics as rows (fits narrow)."""
+    """The leaderboard on the terminal: one table per group, metrics as rows (fits narrow).
+
+    Names go in as rich ``Text`` (never markup or emoji codes), control characters made
+    visible (:func:`ibot_bench.leaderboard.printable`): they show exactly as recorded.
+    """
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
+
+    from ibot_bench.leaderboard import printable
+
+    def text(name: object) -> Text:
+        return Text(printable(name))
 
     console = Console()
     if table.empty:
@@ -324,12 +339,12 @@ def _print_board(table, title: str) -> None:
         return
     for group in table.columns.get_level_values(0).unique():
         part = table[group].dropna(how="all").T
-        t = Table(title=escape(f"{title}: {group}"))  # names are text, never rich markup
+        t = Table(title=text(f"{title}: {group}"))
         t.add_column("protocol metric")
         for encoder in part.columns:
-            t.add_column(escape(str(encoder)), justify="right")
+            t.add_column(text(encoder), justify="right")
         for metric, row in part.iterrows():
-            t.add_row(escape(str(metric)), *("-" if v != v else f"{v:.2f}" for v in row))
+            t.add_row(text(metric), *("-" if v != v else f"{v:.2f}" for v in row))
         console.print(t)
 
 
@@ -380,7 +395,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from ibot_bench.leaderboard import to_markdown, write_reports
+    from ibot_bench.leaderboard import to_html, to_markdown, write_reports
 
     for d in args.dirs:
         if not os.path.isdir(d):
@@ -392,9 +407,9 @@ def _cmd_report(args: argparse.Namespace) -> None:
     if args.format == "md":
         print(to_markdown(table))
     elif args.format == "csv":
-        print(table.to_csv())
+        print(table.to_csv())  # pandas quotes names holding commas, quotes or newlines
     else:
-        html = table.to_html(float_format="{:.2f}".format, na_rep="-")
+        html = to_html(table)
         atomic_write_text(os.path.join(output, "leaderboard.html"), html)
         print(html)
 
@@ -410,7 +425,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int | None:
     cfg = load_config(PretrainConfig, args.config, overrides, kind="pretrain")
     if (launched := maybe_submit(args, cfg.output_dir)) is not None:  # --launcher slurm|local
         return launched
-    summary = pretrain(cfg, resume=args.resume)
+    summary = pretrain(cfg, resume=args.resume, force_resume=args.force_resume)
     if not summary["is_main"]:
         return
     state = "stopped early" if summary["stopped_early"] else "done"

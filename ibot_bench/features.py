@@ -30,6 +30,7 @@ from ibot_bench.distributed import (
 )
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
 from ibot_bench.errors import ConfigError, DatasetError, UserError
+from ibot_bench.io import remove_stale_temps, temp_prefix
 from ibot_bench.runtime import (
     autocast,
     bf16_is_fast,
@@ -214,7 +215,8 @@ def _load_cached(path: Path, key_parts: dict) -> FeatureSet | None:
 def _make_temp_dir(path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        remove_stale_temps(path.parent)  # what killed extractions left behind
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp"))
     except OSError as exc:
         raise UserError(
             f"feature cache folder {path.parent} is not writable ({exc.strerror}). Set "

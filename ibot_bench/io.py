@@ -4,11 +4,52 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ibot_bench.errors import UserError
+
+# temp files and folders carry their writer (host, pid): ".NAME.~HOST-PID~XXXX.tmp", so the
+# leftovers of a killed writer can be told from those of a live one and removed
+_TEMP = re.compile(r"^\..+\.~(?P<host>[^~]*)-(?P<pid>\d+)~.*\.tmp$")
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of a temp file or folder standing in for ``path`` while it is written."""
+    return f".{path.name}.~{socket.gethostname()}-{os.getpid()}~"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Remove the temp files/folders in ``folder`` left by killed writers on this host."""
+    removed, host = 0, socket.gethostname()
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -20,7 +61,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     except OSError as exc:
         raise UserError(
             f"cannot write to {path.parent} ({exc.strerror}). "

@@ -1,8 +1,13 @@
 """Result records: the one schema every task returns (docs/design.md#data-path).
 
 One JSON file per (encoder, task, dataset, protocol), written atomically under
-``<output>/records/``. Readers validate each file and report corrupt ones instead
-of failing.
+``<output>/records/``. Readers validate each file against the schema (every field's type
+and shape, finite metrics, a parseable timestamp) and report corrupt ones instead of
+failing: :func:`read_records` returns them as ``(path, reason)``.
+
+Timestamps are ISO-8601 with a UTC offset (written in UTC); a timestamp without an
+offset is read as UTC. :func:`parse_timestamp` turns one into an aware UTC datetime, so
+records written on machines in different time zones compare by their real instant.
 """
 
 from __future__ import annotations
@@ -11,14 +16,21 @@ import hashlib
 import json
 import math
 import platform
-import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
 
 SCHEMA_VERSION = 1
+MAX_RECORD_BYTES = 16 * 2**20  # a record is a few KiB; a bigger file is not one of ours
+MAX_RECORD_DEPTH = 32  # nesting of a record's JSON values (configs and details nest ~4 deep)
+
+
+class RecordError(ValueError):
+    """A record file that does not follow the schema; the message says which field and why."""
 
 
 @dataclass
@@ -44,10 +56,15 @@ class ResultRecord:
         if not self.versions:
             self.versions = software_versions()
         if not self.timestamp:
-            self.timestamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self.timestamp = now_timestamp()
         for name, value in self.metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+            if not _finite_number(value):
+                raise UserError(
+                    f"metric {name!r} is {_short(value)} (not a finite number); "
+                    "no record is written for this evaluation"
+                )
             self.metrics[name] = float(value)
 
     @property
@@ -70,14 +87,203 @@ class ResultRecord:
         atomic_write_text(path, self.to_json())
         return path
 
+    @property
+    def instant(self) -> datetime:
+        """When the record was written, as an aware UTC datetime (see :func:`parse_timestamp`)."""
+        return parse_timestamp(self.timestamp)
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ResultRecord:
-        required = ("task", "protocol", "encoder", "dataset", "metrics")
-        missing = [k for k in required if k not in data]
-        if missing:
-            raise ValueError(f"missing fields {missing}")
+    def from_dict(cls, data: Any) -> ResultRecord:
+        """A record from its parsed JSON; :class:`RecordError` if it does not follow the schema.
+
+        Unknown top-level keys are ignored (records of a newer minor revision still read).
+        """
+        validate_record(data)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def now_timestamp() -> str:
+    """The current instant as ISO-8601 in UTC with its offset: ``2024-05-01T12:00:00+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An ISO-8601 timestamp -> aware UTC datetime; one without an offset is taken as UTC.
+
+    Accepts what records have held: ``2024-05-01T12:00:00+00:00`` (written now),
+    ``2024-05-01T21:00:00+0900`` (``strftime("%z")``, older records), ``...Z`` and naive
+    ``2024-05-01T12:00:00``. Raises :class:`ValueError` for anything else.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"timestamp must be an ISO-8601 string, got {_kind(text)}")
+    try:
+        moment = datetime.fromisoformat(text.strip())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"timestamp {_short(text)} is not an ISO-8601 date and time") from exc
+
+
+# --- schema validation -------------------------------------------------------------------
+# field -> (check, required). Checks raise RecordError naming the field and what was found.
+
+
+def _kind(value: Any) -> str:
+    """A value's JSON kind for messages: 'a string', 'a list', 'true'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }
+    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)  # repr: control characters and quotes stay visible in the message
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float (ints beyond float range are not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _need(ok: bool, where: str, expected: str, value: Any) -> None:
+    if not ok:
+        found = _kind(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            found += f" {_short(value)}"
+        raise RecordError(f"{where} must be {expected}, got {found}")
+
+
+def _check_str(where: str, value: Any, nonempty: bool = False) -> None:
+    _need(isinstance(value, str) and (bool(value) or not nonempty), where,
+          "a non-empty string" if nonempty else "a string", value)  # fmt: skip
+
+
+def _check_int(where: str, value: Any) -> None:
+    _need(isinstance(value, int) and not isinstance(value, bool), where, "an integer", value)
+
+
+def _check_number(where: str, value: Any) -> None:
+    _need(_finite_number(value), where, "a finite number", value)
+
+
+def _check_object(
+    where: str, value: Any, fields: dict[str, tuple[Any, bool]] | None = None
+) -> None:
+    """``value`` is a JSON object; its keys listed in ``fields`` pass their check (required
+    ones must be present); other keys may hold any JSON value."""
+    _need(isinstance(value, dict), where, "an object", value)
+    fields = fields or {}
+    missing = [k for k, (_, required) in fields.items() if required and k not in value]
+    if missing:
+        raise RecordError(f"{where} lacks {', '.join(map(repr, missing))}")
+    for key, (check, _) in fields.items():
+        if key in value:
+            check(f"{where}[{key!r}]", value[key])
+
+
+def _check_metrics(where: str, value: Any) -> None:
+    _check_object(where, value)
+    for name, number in value.items():
+        _check_number(f"{where}[{_short(name)}]", number)
+
+
+def _check_config(where: str, value: Any) -> None:
+    _check_object(where, value, {"features": (_check_object, False)})
+
+
+def _check_versions(where: str, value: Any) -> None:
+    _check_object(where, value)
+    for name, version in value.items():
+        _check_str(f"{where}[{_short(name)}]", version)
+
+
+def _check_timestamp(where: str, value: Any) -> None:
+    _check_str(where, value, nonempty=True)
+    try:
+        parse_timestamp(value)
+    except ValueError as exc:
+        raise RecordError(f"{where}: {exc}") from None
+
+
+def _check_schema_version(where: str, value: Any) -> None:
+    _check_int(where, value)
+    if not 1 <= value <= SCHEMA_VERSION:
+        raise RecordError(
+            f"{where} is {value}; this ibot-bench reads schema 1 to {SCHEMA_VERSION} "
+            "(a newer ibot-bench wrote it?)"
+        )
+
+
+def _text(where: str, value: Any) -> None:
+    _check_str(where, value)
+
+
+_ENCODER = {"spec": (_text, True), "fingerprint": (_text, False), "arch": (_text, False)}
+_DATASET = {
+    "spec": (_text, True),
+    "fingerprint": (_text, False),
+    "test_fingerprint": (_text, False),
+    "group": (_text, False),
+    "split": (_text, False),
+    "num_train": (_check_int, False),
+    "num_test": (_check_int, False),
+}
+RECORD_FIELDS: dict[str, tuple[Any, bool]] = {
+    "task": (lambda w, v: _check_str(w, v, nonempty=True), True),
+    "protocol": (lambda w, v: _check_str(w, v, nonempty=True), True),
+    "encoder": (lambda w, v: _check_object(w, v, _ENCODER), True),
+    "dataset": (lambda w, v: _check_object(w, v, _DATASET), True),
+    "metrics": (_check_metrics, True),
+    "config": (_check_config, False),
+    "details": (_check_object, False),
+    "seed": (_check_int, False),
+    "versions": (_check_versions, False),
+    "device": (_text, False),
+    "wall_time_s": (_check_number, False),
+    "timestamp": (_check_timestamp, True),
+    "schema_version": (_check_schema_version, False),
+    "profile": (_text, False),
+}
+
+
+def _check_depth(data: Any) -> None:
+    """No JSON value nested deeper than :data:`MAX_RECORD_DEPTH` (walked without recursion)."""
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_RECORD_DEPTH:
+                raise RecordError(f"values nested more than {MAX_RECORD_DEPTH} levels deep")
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+
+
+def validate_record(data: Any) -> None:
+    """Raise :class:`RecordError` unless ``data`` (parsed JSON) follows the record schema."""
+    _need(isinstance(data, dict), "a record", "a JSON object", data)
+    _check_depth(data)
+    missing = [k for k, (_, required) in RECORD_FIELDS.items() if required and k not in data]
+    if missing:
+        raise RecordError(f"missing fields {missing}")
+    for key, (check, _) in RECORD_FIELDS.items():
+        if key in data:
+            check(key, data[key])
 
 
 # Settings that change speed or memory but not the numbers: left out of the protocol hash.
@@ -103,13 +309,42 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def read_record(path: str | Path) -> ResultRecord:
+    """One record file; :class:`RecordError` (or :class:`OSError`) says why it is unusable."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise RecordError(f"{size} bytes, more than a record may have ({MAX_RECORD_BYTES})")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # tolerate an editor's byte-order mark
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"not valid JSON ({exc})") from None
+    except (RecursionError, ValueError) as exc:  # absurd nesting; integers of > 4300 digits
+        reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise RecordError(f"not usable JSON ({reason})") from None
+    try:
+        return ResultRecord.from_dict(data)
+    except UserError as exc:  # refused by ResultRecord itself: a corrupt file all the same
+        raise RecordError(str(exc)) from None
+
+
 def read_records(output_dir: str | Path) -> tuple[list[ResultRecord], list[tuple[Path, str]]]:
-    """Read every record under ``output_dir/records``; returns (records, [(path, error)])."""
+    """Read every record under ``output_dir/records``; returns (records, [(path, reason)]).
+
+    A file that is not a valid record (not UTF-8, not JSON, not an object, a field of the
+    wrong type or shape, a non-finite metric, ...) is skipped and reported with the reason.
+    """
     records, errors = [], []
     for path in sorted((Path(output_dir) / "records").glob("*.json")):
         try:
-            records.append(ResultRecord.from_dict(json.loads(path.read_text())))
-        except (ValueError, TypeError, OSError) as exc:  # JSONDecodeError is a ValueError
+            records.append(read_record(path))
+        except RecordError as exc:
+            errors.append((path, str(exc)))
+        except (ValueError, TypeError, OSError) as exc:
             errors.append((path, f"{type(exc).__name__}: {exc}"))
     return records, errors
 

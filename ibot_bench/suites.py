@@ -22,7 +22,7 @@ from ibot_bench.config import load_config, save_config
 from ibot_bench.distributed import barrier, gather_objects, init_distributed, is_main
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
-from ibot_bench.io import atomic_write_text
+from ibot_bench.io import atomic_write_text, remove_stale_temps
 from ibot_bench.records import read_records
 from ibot_bench.registry import Registry
 from ibot_bench.resources import resolve_config, shipped_configs
@@ -232,6 +232,8 @@ def run_suite(
     output_dir = Path(output_dir)
     profile = profile or ProfileConfig()
     if main_rank:
+        for folder in (output_dir, output_dir / "records", output_dir / "configs"):
+            remove_stale_temps(folder)  # what a killed run left half-written
         save_config(cfg, output_dir, "suite.yaml")
     done_keys = {record_key(r) for r in read_records(output_dir)[0]}
     barrier()  # no rank reads the records while rank 0 may be writing one

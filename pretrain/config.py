@@ -7,11 +7,14 @@ rejects inconsistent settings before anything is built or trained.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ibot_bench.encoders.vit import VIT_ARCHS, ViTConfig, parse_vit_arch
 from ibot_bench.errors import ConfigError
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -210,6 +213,16 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
         )
     if o.epochs <= 0:
         raise ConfigError("optim.epochs must be >= 1")
+    for key in ("lr", "min_lr", "weight_decay", "weight_decay_end"):
+        value = getattr(o, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"optim.{key}={value} must be a finite number >= 0")
+    peak = o.lr * o.batch_size / 256
+    if peak * max(1.0, o.weight_decay, o.weight_decay_end) >= _FLOAT32_MAX:
+        raise ConfigError(
+            f"optim.lr={o.lr} gives a peak learning rate of {peak:g} (lr x batch_size / 256), "
+            "beyond float32's range; use a value like the default 5e-4"
+        )
     if len(m.pred_ratio) != len(m.pred_ratio_var) or not m.pred_ratio:
         raise ConfigError(
             "mask.pred_ratio and mask.pred_ratio_var must be lists of the same length"

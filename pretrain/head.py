@@ -22,14 +22,18 @@ class WeightNormLinear(nn.Module):
 
     Hand-written rather than ``torch.nn.utils.weight_norm`` (deprecated) or its
     parametrization (which renames the parameters): the state-dict keys must stay
-    ``weight_g`` (out, 1) and ``weight_v`` (out, in) as in official iBOT checkpoints.
+    ``weight_g`` (out, 1) and ``weight_v`` (out, in) as in official iBOT checkpoints, and
+    in that order (parameter order = the reference's, so optimizer states pair up).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
+        # weight_g first: the reference's torch.nn.utils.weight_norm registers g before v, and
+        # the optimizer state pairs tensors by this order (a reference checkpoint's Adam
+        # moments must land on the same parameters, docs/protocols.md#checkpoint-format)
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default init
-        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
 
     @property
     def weight(self) -> torch.Tensor:

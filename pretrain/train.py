@@ -5,6 +5,13 @@ masked global crops and the local crops (one call), loss + center update, backwa
 per-tensor clipping, last-layer freezing, AdamW step, EMA teacher update. Checkpoints are
 written atomically every ``save_every_iters`` iterations and every epoch; a run resumes
 exactly (model, optimizer, scaler, centers, RNG, data position) from ``checkpoint.pth``.
+
+Trust: a resume is refused when any setting that changes the run differs from the
+checkpoint's (:func:`run_signature`; ``force_resume`` continues and records the change in
+``config_history.yaml``); every checkpoint write is preceded by a finiteness check of the
+student, teacher, centers and optimizer moments, so a NaN/inf state is never written; the
+error names the last finite checkpoint (or, when the newest one holds the very weights whose
+loss is NaN/inf, the one before it, kept as ``checkpoint_prev.pth``) and the fix.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
@@ -26,8 +35,15 @@ from tqdm import tqdm
 from ibot_bench.config import save_config, to_dict
 from ibot_bench.data import load_split, require_classification
 from ibot_bench.data.classification import normalize_batch
-from ibot_bench.distributed import barrier, init_distributed, is_main, world
-from ibot_bench.errors import DatasetError, UserError
+from ibot_bench.distributed import (
+    all_ranks,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_main,
+    world,
+)
+from ibot_bench.errors import CheckpointError, DatasetError, UserError
 from ibot_bench.pretrain import checkpoint as ckpt
 from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
@@ -52,7 +68,8 @@ from ibot_bench.runtime import (
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint was left untouched."""
+    """The loss or the weights became NaN or infinite; nothing non-finite was written and the
+    message names the last finite checkpoint."""
 
 
 class EpochSampler(Sampler[int]):
@@ -80,24 +97,11 @@ class EpochSampler(Sampler[int]):
         return (self.batches - self.start_batch) * self.batch_size
 
 
-def signature(cfg: PretrainConfig) -> dict[str, Any]:
-    """What must match to resume into an output folder."""
-    vit = vit_config(cfg.model, crop_sizes(cfg)[0][0])
-    h = cfg.head
-    return {
-        "embed_dim": vit.embed_dim,
-        "depth": vit.depth,
-        "num_heads": vit.num_heads,
-        "patch_size": vit.patch_size,
-        "img_size": vit.img_size,
-        "out_dim": h.out_dim,
-        "patch_out_dim": h.patch_out_dim,
-        "hidden_dim": h.hidden_dim,
-        "bottleneck_dim": h.bottleneck_dim,
-        "shared_head": h.shared_head,
-        "shared_head_teacher": h.shared_head_teacher,
-        "norm_last_layer": h.norm_last_layer,
-    }
+def run_signature(cfg: PretrainConfig, data_fingerprint: str | None) -> dict[str, Any]:
+    """What must match to resume into an output folder: every config key except the
+    runtime-only ones (:data:`ibot_bench.pretrain.checkpoint.RUNTIME_KEYS`), flattened, plus
+    the training split's fingerprint."""
+    return ckpt.resume_signature(to_dict(cfg), data_fingerprint)
 
 
 def checkpoint_args(cfg: PretrainConfig) -> dict[str, Any]:
@@ -129,12 +133,15 @@ class _State:
 class Trainer:
     """Holds everything of one run; :meth:`fit` trains until ``optim.epochs`` (or a stop)."""
 
-    def __init__(self, cfg: PretrainConfig, resume: str | None = None) -> None:
+    def __init__(
+        self, cfg: PretrainConfig, resume: str | None = None, force_resume: bool = False
+    ) -> None:
         init_distributed()
         self.rank, self.world_size = world()
         validate(cfg, self.world_size)
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        ckpt.check_output_dir(self.out)  # planted folders etc.: refused before anything runs
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -142,6 +149,8 @@ class Trainer:
         set_threads(cfg.threads)
 
         self.data = require_classification(load_split(cfg.data, "train"), cfg.data)
+        fingerprint = self.data.fingerprint() if self.rank == 0 else None
+        self.signature = run_signature(cfg, broadcast_object(fingerprint))  # one scan, rank 0
         self.batch = cfg.optim.batch_size // self.world_size
         self.sampler = EpochSampler(
             len(self.data), self.batch, cfg.seed, self.rank, self.world_size
@@ -208,9 +217,14 @@ class Trainer:
         )
 
         self.state = _State()
-        self.resumed_from = self._maybe_resume(resume)
-        if self.resumed_from is None:  # per-rank stream for drop-path (restored on resume)
+        # finite checkpoints we know of, oldest first: {"path", "epoch", "epoch_iter", "iteration"}
+        self.good: list[dict[str, Any]] = []
+        self.config_history: list[dict[str, Any]] = []
+        self.history_entry: dict[str, Any] = {"event": "start"}
+        self.resumed_from = self._maybe_resume(resume, force_resume)
+        if not self._rng_restored:  # per-rank stream for drop-path (restored on resume)
             torch.manual_seed(cfg.seed + 1000 * self.rank + 1)
+        self._finish_history_entry()
 
         m = cfg.mask
         self.dataset = MaskedMultiCrop(
@@ -239,34 +253,258 @@ class Trainer:
         self.n_global = cfg.crops.global_number
 
     # ------------------------------------------------------------------ checkpoints
-    def _maybe_resume(self, resume: str | None) -> Path | None:
+    def _optimizer_names(self) -> list[list[str]]:
+        """Per optimizer group, the student parameter names of its slots, in order."""
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        return [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+
+    def _maybe_resume(self, resume: str | None, force: bool) -> Path | None:
+        self._rng_restored = False
         path = Path(resume) if resume else self.out / ckpt.CHECKPOINT
-        if not path.is_file():
-            if resume:
-                ckpt.load_training_checkpoint(path)  # raises "not found"
+        if not resume and not (path.exists() or path.is_symlink()):
             return None
         obj = ckpt.load_training_checkpoint(path)
-        ckpt.check_signature(path, obj.get("signature"), signature(self.cfg))
-        student = {k.removeprefix("module."): v for k, v in obj["student"].items()}
+        # 1. settings (plain values only): refused before any tensor is looked at
+        saved = ckpt.saved_signature(obj)
+        diff = {} if saved is None else ckpt.signature_diff(saved, self.signature)
+        ckpt.check_resume(path, diff, force)
+        # 2. shapes against the configured model, on the mapped file (nothing allocated)
+        raw = obj["student"]
+        if not isinstance(raw, Mapping):
+            raise CheckpointError(f"{path}: 'student' is not a state dict; the file is corrupt.")
+        student = ckpt.check_shapes(
+            path,
+            "student",
+            {k.removeprefix("module."): v for k, v in raw.items()},
+            {k: v.shape for k, v in self.student.state_dict().items()},
+        )
+        teacher = ckpt.check_shapes(
+            path,
+            "teacher",
+            obj["teacher"],
+            {k: v.shape for k, v in self.teacher.state_dict().items()},
+        )
+        centers = ckpt.check_shapes(
+            path,
+            "ibot_loss",
+            obj["ibot_loss"],
+            {k: v.shape for k, v in self.loss.state_dict().items()},
+        )
+        names = obj.get("optimizer_param_names")
+        if names is not None and not (
+            isinstance(names, list)
+            and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in names)
+        ):
+            raise CheckpointError(
+                f"{path}: 'optimizer_param_names' is malformed; the file is corrupt."
+            )
+        optimizer = ckpt.pair_optimizer_state(
+            path,
+            obj["optimizer"],
+            self._optimizer_names(),
+            {n: p.shape for n, p in self.student.named_parameters()},
+            names,
+        )
+        rest = {k: v for k, v in obj.items() if k not in ckpt.REQUIRED_KEYS}
+        ckpt.check_small_tensors(path, rest)
+        # 3. load (copies out of the mapped file), then refuse a non-finite state
         self.student.load_state_dict(student)
-        self.teacher.load_state_dict(obj["teacher"])
-        self.optimizer.load_state_dict(obj["optimizer"])
-        self.loss.load_state_dict(obj["ibot_loss"])
-        if self.scaler is not None and "fp16_scaler" in obj:
-            self.scaler.load_state_dict(obj["fp16_scaler"])
-        self.state = _State(int(obj["epoch"]), int(obj.get("epoch_iter", 0)))
+        self.teacher.load_state_dict(teacher)
+        own = [
+            {k: g[k] for k in ("foreach", "fused", "capturable", "differentiable") if k in g}
+            for g in self.optimizer.param_groups
+        ]
+        self.optimizer.load_state_dict(optimizer)
+        for group, flags in zip(self.optimizer.param_groups, own):
+            group.update(flags)  # this machine's implementation choice, not the writer's
+        self.loss.load_state_dict(centers)
+        scaler_state = obj.get("fp16_scaler")
+        if self.scaler is not None and isinstance(scaler_state, Mapping):
+            self.scaler.load_state_dict(scaler_state)
+        bad = ckpt.nonfinite(self._named_state())
+        if bad:
+            raise CheckpointError(
+                f"{path} holds non-finite values ({', '.join(bad[:3])}"
+                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); training cannot "
+                "continue from it. Resume an earlier one (checkpoint_prev.pth or a snapshot "
+                "checkpointNNNN.pth) with --resume, or start in a new output_dir."
+            )
+        epoch, epoch_iter = int(obj["epoch"]), int(obj.get("epoch_iter", 0) or 0)
+        n = self.iters_per_epoch
+        self.good = [self._info(path, epoch, epoch_iter, int(obj.get("iteration", epoch * n)))]
+        self.state = _State(epoch, epoch_iter)
         if self.state.epoch_iter >= self.iters_per_epoch:
             self.state = _State(self.state.epoch + 1, 0)
-        rng = obj.get("rng", {}).get(f"rank{self.rank}")
-        if rng is not None:
+        if path == self.out / ckpt.CHECKPOINT and (self.out / ckpt.PREVIOUS).is_file():
+            # written before checkpoint.pth in the same run: a later step from it had a finite loss
+            prev = ckpt.peek(self.out / ckpt.PREVIOUS)
+            if prev and "iteration" in prev and prev["iteration"] < self.good[0]["iteration"]:
+                self.good.insert(
+                    0,
+                    self._info(
+                        self.out / ckpt.PREVIOUS,
+                        prev.get("epoch", 0),
+                        prev.get("epoch_iter", 0),
+                        prev["iteration"],
+                    ),
+                )
+        rngs = obj.get("rng")
+        rng = rngs.get(f"rank{self.rank}") if isinstance(rngs, Mapping) else None
+        if isinstance(rng, Mapping) and isinstance(rng.get("torch"), torch.Tensor):
             ckpt.set_rng_state(rng)
+            self._rng_restored = True
+        args = obj.get("args")
+        history = args.get("config_history") if isinstance(args, Mapping) else None
+        self.config_history = list(history) if isinstance(history, list) else []
+        event = "resume-unverified" if saved is None else "forced-resume" if diff else "resume"
+        self.history_entry = {
+            "event": event,
+            "checkpoint": str(path),
+            "epoch": epoch,
+            "iteration": self.good[-1]["iteration"],
+        }
+        if diff:
+            self.history_entry["changed"] = {
+                k: {"checkpoint": a, "config": b} for k, (a, b) in diff.items()
+            }
+        if saved is not None and "data_fingerprint" not in saved:
+            self.history_entry["note"] = "older checkpoint: the data fingerprint was not recorded"
         if is_main():
+            if saved is None:
+                print(
+                    f"[pretrain] {path} records no run settings (a reference checkpoint?): only "
+                    "the shapes were checked; the config of this run is taken as is",
+                    file=sys.stderr,
+                )
+            elif diff:
+                changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                print(
+                    f"[pretrain] --force-resume: continuing {path} with changed settings "
+                    f"({changed}); recorded in {ckpt.HISTORY}",
+                    file=sys.stderr,
+                )
             print(
                 f"[pretrain] resumed from {path}: epoch {self.state.epoch}, "
                 f"batch {self.state.epoch_iter}",
                 file=sys.stderr,
             )
         return path
+
+    @staticmethod
+    def _info(path: Path, epoch: int, epoch_iter: int, iteration: int) -> dict[str, Any]:
+        return {
+            "path": Path(path),
+            "epoch": epoch,
+            "epoch_iter": epoch_iter,
+            "iteration": iteration,
+        }
+
+    def _finish_history_entry(self) -> None:
+        """This start's ``config_history.yaml`` entry: event, time, world size, and what
+        changed against the folder's previous ``config.yaml`` (runtime keys included)."""
+        entry = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **self.history_entry,
+            "world_size": self.world_size,
+        }
+        previous = self.out / ckpt.CONFIG
+        if previous.is_file():
+            try:
+                old = ckpt.flatten(yaml.safe_load(previous.read_text()) or {})
+            except (yaml.YAMLError, OSError, AttributeError):
+                entry["config_yaml_changed"] = "the previous config.yaml was unreadable"
+            else:
+                new = ckpt.flatten(to_dict(self.cfg))
+                changed = {
+                    k: {"before": old.get(k), "now": new.get(k)}
+                    for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)
+                }
+                if changed:
+                    entry["config_yaml_changed"] = changed
+        self.history_entry = entry
+        self.config_history = [*self.config_history, entry]
+
+    def _write_history(self) -> None:
+        """Append this start's entry to ``config_history.yaml`` (before config.yaml changes)."""
+        text = yaml.safe_dump([_plain(self.history_entry)], sort_keys=False)
+        with (self.out / ckpt.HISTORY).open("a") as f:
+            f.write(text)
+
+    def _named_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor a checkpoint holds: student, teacher, centers, optimizer moments."""
+        for k, v in self.student.state_dict().items():
+            yield f"student {k}", v
+        for k, v in self.teacher.state_dict().items():
+            yield f"teacher {k}", v
+        for k, v in self.loss.state_dict().items():
+            yield f"ibot_loss {k}", v
+        names = {id(p): n for n, p in self.student.named_parameters()}
+        for p, st in self.optimizer.state.items():
+            for k, v in st.items():
+                if k != "step":
+                    yield f"optimizer {k} of {names.get(id(p), '?')}", v
+
+    def _check_finite(self) -> None:
+        """Collective: raise :class:`TrainingDiverged` on every rank if any rank's state
+        holds a NaN/inf (then nothing is written)."""
+        bad = ckpt.nonfinite(self._named_state())
+        if not all_ranks(not bad):
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            what = f"non-finite values in {', '.join(bad[:3])}{more}" if bad else (
+                "non-finite values on another rank"
+            )  # fmt: skip
+            done = self.state.epoch * self.iters_per_epoch + self.state.epoch_iter
+            raise self._diverged(what, self.state.epoch, done)
+
+    def _diverged(
+        self, what: str, epoch: int, iteration: int, from_loss: bool = False
+    ) -> TrainingDiverged:
+        """The error of a diverged run: the last finite checkpoint and the fix. No file is
+        touched. When the newest checkpoint holds exactly the weights whose loss is not finite
+        (``from_loss``), resuming it would diverge again, so the one before it is named."""
+        current = self.out / ckpt.CHECKPOINT
+        note = ""
+        target = self.good[-1] if self.good else None
+        label = "The last finite checkpoint is"
+        culprit = from_loss and target is not None and target["iteration"] == iteration
+        if culprit:
+            unless = " unless precision=fp32 cures an overflow" if self.precision != "fp32" else ""
+            note = (
+                f"{target['path']} (epoch={target['epoch']}, iteration={iteration}) is intact and "
+                "finite, but holds exactly the weights that gave this loss: resuming it diverges "
+                f"again{unless}. "
+            )
+            target = self.good[-2] if len(self.good) > 1 else None
+            label = "The last checkpoint whose loss was finite is"
+        if target is not None:
+            where = (
+                f"{label} {target['path']} (epoch={target['epoch']}, "
+                f"iteration={target['iteration']}); it is intact."
+            )
+            again = "" if target["path"] == current else f" --resume {target['path']}"
+            resume = (
+                f"then resume from it with{again} --force-resume (the changed settings are "
+                f"recorded in {ckpt.HISTORY})"
+            )
+        elif culprit:
+            where = f"No earlier training checkpoint exists ({ckpt.INIT} is the random init)."
+            resume = f"then rerun in a new output_dir (or move {current} away)"
+        else:
+            where = f"No training checkpoint was written yet ({ckpt.INIT} is the random init)."
+            resume = "then rerun (it starts from scratch)"
+        o = self.cfg.optim
+        precision = (
+            f", use precision=fp32 (now {self.cfg.precision}: {self.precision})"
+            if self.precision != "fp32"
+            else ""
+        )
+        return TrainingDiverged(
+            f"training diverged: {what} at epoch {epoch}, iteration {iteration}; nothing "
+            f"non-finite was written. {note}{where} Fix: lower optim.lr (now {o.lr}), raise "
+            f"optim.warmup_epochs (now {o.warmup_epochs}){precision} or lower optim.clip_grad "
+            f"(now {o.clip_grad}), {resume}."
+        )
 
     def _gather_rng(self) -> dict[str, dict[str, torch.Tensor]]:
         mine = ckpt.rng_state()
@@ -284,9 +522,10 @@ class Trainer:
             "epoch": self.state.epoch,
             "epoch_iter": self.state.epoch_iter,
             "iteration": self.state.epoch * self.iters_per_epoch + self.state.epoch_iter,
-            "args": checkpoint_args(self.cfg),
+            "args": {**checkpoint_args(self.cfg), "config_history": self.config_history},
             "ibot_loss": self.loss.state_dict(),
-            "signature": signature(self.cfg),
+            "resume_signature": self.signature,
+            "optimizer_param_names": self._optimizer_names(),
             "rng": self._gather_rng(),
         }
         if self.scaler is not None:
@@ -294,13 +533,32 @@ class Trainer:
         return state
 
     def save(self, snapshot: bool = False, export: bool = False) -> None:
-        state = self.checkpoint_state()  # collective under DDP: every rank calls it
+        """checkpoint.pth (the one before kept as checkpoint_prev.pth), a snapshot, the
+        backbone export: only after the whole state was checked finite."""
+        self._check_finite()  # collective under DDP, as checkpoint_state
+        state = self.checkpoint_state()
+        kept = False
         if is_main():
+            kept = ckpt.keep_previous(self.out)
             ckpt.save_checkpoint(self.out / ckpt.CHECKPOINT, state)
             if snapshot:
                 ckpt.save_checkpoint(self.out / f"checkpoint{self.state.epoch:04d}.pth", state)
             if export:
                 ckpt.export_backbone(self.out / ckpt.BACKBONE_EXPORT, self.teacher.backbone)
+        kept = bool(broadcast_object(kept))  # every rank keeps the same record
+        current, previous = self.out / ckpt.CHECKPOINT, self.out / ckpt.PREVIOUS
+        good = []
+        for info in self.good:
+            if info["path"] == previous:
+                continue  # overwritten (or removed) by keep_previous
+            if info["path"] == current:
+                if not kept:
+                    continue
+                info = {**info, "path": previous}
+            good.append(info)
+        s = self.state
+        iteration = s.epoch * self.iters_per_epoch + s.epoch_iter
+        self.good = [*good, self._info(current, s.epoch, s.epoch_iter, iteration)]
         barrier()
 
     # ------------------------------------------------------------------ training
@@ -326,15 +584,8 @@ class Trainer:
             values /= self.world_size
         total, cls_loss, mim_loss = values.tolist()
         if not math.isfinite(total):
-            where = self.out / ckpt.CHECKPOINT
-            last = f"the last good checkpoint {where} is intact" if where.exists() else (
-                "no checkpoint had been written yet"
-            )  # fmt: skip
-            raise TrainingDiverged(
-                f"loss is {total} at epoch {epoch}, iteration {it} (cls {cls_loss}, mim "
-                f"{mim_loss}); training stopped and {last}. Lower optim.lr, use precision=bf16 "
-                "or fp32 instead of fp16, or lower optim.clip_grad, then resume or restart."
-            )
+            what = f"the loss is {total} (cls {cls_loss}, mim {mim_loss})"
+            raise self._diverged(what, epoch, it, from_loss=True)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(parts.total).backward()
@@ -370,6 +621,7 @@ class Trainer:
         log = JsonlLog(self.out / "log.jsonl", cfg.tensorboard) if is_main() else None
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
+            self._write_history()  # config.yaml is replaced only with its change on record
             save_config(cfg, self.out)
             print(
                 f"[pretrain] {self.vit.name} on {cfg.data} ({len(self.data)} images), "
@@ -378,9 +630,10 @@ class Trainer:
                 file=sys.stderr,
             )
         if self.resumed_from is None and cfg.save_init:
+            self._check_finite()
             state = self.checkpoint_state()
             if is_main():
-                ckpt.save_checkpoint(self.out / "checkpoint_init.pth", state)
+                ckpt.save_checkpoint(self.out / ckpt.INIT, state)
         monitor = ClusterMonitor()
         stopped = False
         last: dict[str, float] = {}
@@ -452,6 +705,20 @@ class Trainer:
         }
 
 
-def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
-    """Build a :class:`Trainer` and run it."""
-    return Trainer(cfg, resume).fit()
+def _plain(value: Any) -> Any:
+    """YAML-safe copy (paths and tuples as plain values)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def pretrain(
+    cfg: PretrainConfig, resume: str | None = None, force_resume: bool = False
+) -> dict[str, Any]:
+    """Build a :class:`Trainer` and run it. ``force_resume`` continues a checkpoint whose
+    settings differ from ``cfg`` (recorded in ``config_history.yaml``) instead of refusing."""
+    return Trainer(cfg, resume, force_resume).fit()

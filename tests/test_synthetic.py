@@ -217,20 +217,31 @@ def test_reader_errors(tiny: Path, tmp_path: Path) -> None:
 def test_fingerprints(tiny: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     write_synthetic(copy, **TINY)
-    coco, ade = CocoDataset(tiny / "coco", "train"), ADE20KDataset(tiny / ADE, "training")
+    # the same bytes written at another time: equal by content, different by stat (mtime)
+    coco = CocoDataset(tiny / "coco", "train", verify="content")
+    ade = ADE20KDataset(tiny / ADE, "training", verify="content")
     assert len(coco.fingerprint()) == 64 and coco.fingerprint() != ade.fingerprint()
-    assert coco.fingerprint() == CocoDataset(copy / "coco", "train").fingerprint()
-    assert ade.fingerprint() == ADE20KDataset(copy / ADE, "training").fingerprint()
+    assert coco.fingerprint() == CocoDataset(copy / "coco", "train", verify="content").fingerprint()
+    assert (
+        ade.fingerprint() == ADE20KDataset(copy / ADE, "training", verify="content").fingerprint()
+    )
+    assert CocoDataset(tiny / "coco", "train").fingerprint() != (
+        CocoDataset(copy / "coco", "train").fingerprint()
+    )
     # the folder holding ADEChallengeData2016 reads as the release folder itself
-    assert ade.fingerprint() == ADE20KDataset(copy / "ade20k", "training").fingerprint()
+    assert ade.fingerprint() == (
+        ADE20KDataset(copy / "ade20k", "training", verify="content").fingerprint()
+    )
     for image in (
         "coco/train2017/000000000002.jpg",
         f"{ADE}/images/training/ADE_train_00000002.jpg",
     ):
         with open(copy / image, "ab") as f:
             f.write(b"\0")
-    assert coco.fingerprint() != CocoDataset(copy / "coco", "train").fingerprint()
-    assert ade.fingerprint() != ADE20KDataset(copy / ADE, "training").fingerprint()
+    assert coco.fingerprint() != CocoDataset(copy / "coco", "train", verify="content").fingerprint()
+    assert ade.fingerprint() != (
+        ADE20KDataset(copy / ADE, "training", verify="content").fingerprint()
+    )
 
 
 def test_difficulty_knobs(tmp_path: Path) -> None:

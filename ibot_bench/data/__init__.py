@@ -10,6 +10,13 @@
 Classification specs take label-subset options for the semi-supervised protocols, applied
 to the train split: ``?fraction=0.01&subset_seed=0`` (per class) or ``?split_file=PATH``
 (SimCLR ``1percent.txt`` format).
+
+Every spec takes ``?verify=content``: the dataset fingerprint (feature-cache and resume key)
+hashes every file's bytes instead of recording its size and mtime (the default,
+``verify=stat``); see :func:`ibot_bench.data.classification.file_signature`.
+
+An ImageFolder val split takes the train split's class list (matched by folder name): its
+labels index train's classes, a class train lacks is an error, a class val lacks a warning.
 """
 
 from __future__ import annotations
@@ -24,7 +31,13 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from ibot_bench.data.ade20k import ADE20KDataset
-from ibot_bench.data.classification import ClassificationSplit, EvalTransform, scan_image_folder
+from ibot_bench.data.classification import (
+    VERIFY_MODES,
+    ClassificationSplit,
+    EvalTransform,
+    list_classes,
+    scan_image_folder,
+)
 from ibot_bench.data.coco import CocoDataset
 from ibot_bench.data.subsets import label_subset, stratified_split
 from ibot_bench.errors import DatasetError, UserError
@@ -70,13 +83,35 @@ def _number(options: dict, key: str, kind: type = int, default: object = None):
         ) from None
 
 
+COMMON_OPTIONS = {"fraction", "subset_seed", "split_file", "verify"}
+
+
 def _known_options(options: dict, allowed: set[str], spec: str) -> None:
-    unknown = set(options) - allowed - {"fraction", "subset_seed", "split_file"}
+    unknown = set(options) - allowed - COMMON_OPTIONS
     if unknown:
         raise UserError(
             f"unknown option(s) {sorted(unknown)} in dataset spec {spec!r}; "
-            f"allowed: {sorted(allowed | {'fraction', 'subset_seed', 'split_file'})}"
+            f"allowed: {sorted(allowed | COMMON_OPTIONS)}"
         )
+
+
+def _verify_mode(options: dict, spec: str) -> str:
+    verify = options.get("verify", "stat")
+    if verify not in VERIFY_MODES:
+        raise UserError(
+            f"dataset option verify={verify!r} in {spec!r} must be 'content' (the fingerprint "
+            "hashes every file's bytes) or 'stat' (the default: each file's size and mtime)"
+        )
+    return verify
+
+
+def _scan_split(root: Path, spec: str, split: str, size: int) -> ClassificationSplit:
+    """``root/split`` as an ImageFolder; a val split takes ``root/train``'s class list (its
+    folder names only) as its label space, so labels match train's by class name."""
+    class_names = None
+    if split != "train" and (root / "train").is_dir():
+        class_names = list_classes(root / "train")
+    return scan_image_folder(root / split, spec, split, size, class_names=class_names)
 
 
 @DATASETS.register(
@@ -87,7 +122,7 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
     if not body:
         raise UserError("imagefolder needs a folder: imagefolder:ROOT")
     size = _number(options, "size", int, 224)
-    return scan_image_folder(Path(body).expanduser() / split, spec, split, size)
+    return _scan_split(Path(body).expanduser(), spec, split, size)
 
 
 @DATASETS.register(
@@ -155,7 +190,7 @@ def _synthetic(body: str, options: dict, split: str, spec: str) -> Classificatio
         return CocoDataset(out / "coco", split)
     if layout == "ade20k":
         return ADE20KDataset(out / ADE20K_DIR, {"train": "training", "val": "validation"}[split])
-    data = scan_image_folder(out / "imagenet" / split, spec, split, params["size"])
+    data = _scan_split(out / "imagenet", spec, split, params["size"])
     names = dict(zip(meta.get("wnids", ()), meta.get("classes", ())))
     data.class_names = [names.get(w, w) for w in data.class_names]  # shape names, not wnids
     return data
@@ -225,7 +260,8 @@ def load_split(spec: str, split: str = "train") -> ClassificationSplit | DenseSp
     :class:`ClassificationSplit`, or for ``coco:`` / ``ade20k:`` the dense dataset reader.
 
     Label-subset options in the spec apply to the train split only (the semi-supervised
-    protocols evaluate on the full val split).
+    protocols evaluate on the full val split). ``?verify=content`` makes the split's
+    fingerprint hash file contents (default ``stat``: size and mtime of each file).
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -236,7 +272,9 @@ def load_split(spec: str, split: str = "train") -> ClassificationSplit | DenseSp
         loader = DATASETS.get(scheme)
     except KeyError as exc:
         raise UserError(f"{exc} (in dataset spec {spec!r})") from None
+    verify = _verify_mode(options, spec)
     data = loader(body, options, split, spec)
+    data.verify = verify  # what fingerprint() reads (computed lazily, never before this)
     if len(data) == 0:
         raise DatasetError(f"dataset {spec!r} split {split!r} is empty")
     if split == "train" and isinstance(data, ClassificationSplit):

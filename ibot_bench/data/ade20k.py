@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ibot_bench.data.classification import file_signatures
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("training", "validation")
@@ -38,10 +39,11 @@ def _list_preview(names: list[str]) -> str:
 class ADE20KDataset:
     """Image / label-mask pairs of one ADE20K split, sorted by file name."""
 
-    def __init__(self, root: str | Path, split: str = "training") -> None:
+    def __init__(self, root: str | Path, split: str = "training", verify: str = "stat") -> None:
         if split not in SPLITS:
             raise DatasetError(f"ADE20K split {split!r} is unknown; use one of {SPLITS}.")
         self.root, self.split = Path(root), split
+        self.verify = verify  # what fingerprint() reads of each file: "stat" or "content"
         if not (self.root / "images").is_dir() and (self.root / RELEASE_DIR / "images").is_dir():
             self.root = self.root / RELEASE_DIR  # the folder the release was unpacked into
         self.image_dir = self.root / "images" / split
@@ -108,13 +110,20 @@ class ADE20KDataset:
         return image, mask.astype(np.uint8, copy=False)
 
     def fingerprint(self) -> str:
-        """sha256 over the split, class names and each file's relative name and size."""
+        """sha256 over the split, class names and each image's and mask's relative name with
+        :func:`~ibot_bench.data.classification.file_signature`: its size and mtime in
+        nanoseconds (one ``stat`` each), or with ``verify="content"`` (spec
+        ``?verify=content``) the sha256 of its bytes, mtime ignored."""
         if self._fingerprint is None:
-            h = hashlib.sha256(f"ade20k:{self.split}\n".encode())
+            mode = "content" if self.verify == "content" else "stat"
+            h = hashlib.sha256(f"ade20k:{self.split}\nfingerprint-v2 files={mode}\n".encode())
             h.update(("\n".join(self.class_names) + "\n").encode())
-            for image_path, mask_path in self.pairs:
-                for p in (image_path, mask_path):
-                    rel = p.relative_to(self.root).as_posix()
-                    h.update(f"{rel}\t{p.stat().st_size}\n".encode())
+            files = [p for pair in self.pairs for p in pair]
+            sigs = file_signatures(files, mode)
+            h.update(
+                "".join(
+                    f"{p.relative_to(self.root).as_posix()}\t{sig}\n" for p, sig in zip(files, sigs)
+                ).encode()
+            )
             self._fingerprint = h.hexdigest()
         return self._fingerprint

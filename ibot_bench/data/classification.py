@@ -7,8 +7,13 @@ worker processes ship 4x less data and no per-image float work is done.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +27,59 @@ from ibot_bench.errors import DatasetError
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+VERIFY_MODES = ("stat", "content")  # dataset spec option ``verify=``: what a fingerprint reads
+_log = logging.getLogger(__name__)
+
+# sha256 of file contents for ``verify=content``, keyed by (path, size, mtime_ns): each file
+# is read once per process, and a file changed since (new size or mtime) is read again
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+_CHUNK = 1 << 20
+
+
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    key = (path, size, mtime_ns)
+    with _DIGESTS_LOCK:
+        digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with _DIGESTS_LOCK:
+            _DIGESTS[key] = digest
+    return digest
+
+
+def file_signature(path: str | os.PathLike, verify: str = "stat") -> str:
+    """What a dataset fingerprint records of one file.
+
+    ``verify="stat"`` (default): ``size:mtime_ns`` from one ``stat`` (a file replaced by
+    another of the same size still changes its mtime). ``verify="content"``:
+    ``size:sha256`` of the bytes, mtime ignored (the same bytes rewritten, copied or touched
+    give the same signature); digests are cached per process by (path, size, mtime_ns).
+    A file that cannot be stat'ed or read (a symlink loop, a dangling link, no permission)
+    gives ``unreadable:ERRNO`` instead of failing: reading the image reports it.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+        if verify != "content":
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        return f"{st.st_size}:{_file_digest(path, st.st_size, st.st_mtime_ns)}"
+    except OSError as exc:
+        return f"unreadable:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+
+
+def file_signatures(paths: Sequence[str | os.PathLike], verify: str = "stat") -> list[str]:
+    """:func:`file_signature` of every path; contents are hashed on a few threads (I/O)."""
+    if verify != "content" or len(paths) < 2:
+        return [file_signature(p, verify) for p in paths]
+    chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]  # one task per chunk
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        done = pool.map(lambda chunk: [file_signature(p, "content") for p in chunk], chunks)
+        return [sig for chunk in done for sig in chunk]
 
 
 @dataclass(frozen=True)
@@ -59,7 +117,8 @@ class ClassificationSplit:
     """One split of a labelled image dataset.
 
     Either ``paths`` (files on disk) or ``arrays`` (uint8 (N, H, W[, 3]) in memory) hold
-    the images; ``labels`` are class indices into ``class_names``.
+    the images; ``labels`` are class indices into ``class_names``. ``verify`` ("stat" or
+    "content", the spec option ``verify=``) is what :meth:`fingerprint` reads of each file.
     """
 
     spec: str
@@ -71,6 +130,7 @@ class ClassificationSplit:
     root: str = ""
     default_img_size: int = 224
     meta: dict = field(default_factory=dict)
+    verify: str = "stat"
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -79,25 +139,50 @@ class ClassificationSplit:
     @property
     def sample_names(self) -> list[str]:
         if self.paths is not None:
-            return [os.path.relpath(p, self.root) if self.root else p for p in self.paths]
+            if not self.root:
+                return list(self.paths)
+            prefix = os.path.join(self.root, "")  # paths from the scan start with it: slice
+            cut = len(prefix)
+            return [
+                p[cut:] if p.startswith(prefix) else os.path.relpath(p, self.root)
+                for p in self.paths
+            ]
         return [f"{self.split}_{i:06d}" for i in range(len(self))]
 
     def fingerprint(self) -> str:
-        """sha256 over the file list with sizes and labels (or the array bytes) and the split.
+        """sha256 over the split, class names and, per file, its relative name, label and
+        :func:`file_signature` (or, for in-memory splits, the array bytes and labels).
 
-        Computed once per split object (one ``stat`` per file); load the split again to see
-        files changed since.
+        The feature-cache key and the suite's resume key. By default each file contributes
+        its size and mtime in nanoseconds (one ``stat`` per file: seconds for ImageNet), so a
+        file replaced by another of the same size changes it; with ``verify="content"``
+        (spec option ``?verify=content``) the sha256 of every file's bytes instead, mtime
+        ignored (identical bytes give the same fingerprint, e.g. on a copied dataset).
+        Computed once per split object; load the split again to see files changed since.
         """
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
-        h = hashlib.sha256(f"{self.split}\n{len(self)}\n{'|'.join(self.class_names)}\n".encode())
+        header = f"{self.split}\n{len(self)}\n{'|'.join(self.class_names)}\n"
         if self.paths is not None:
-            for name, path, label in zip(self.sample_names, self.paths, self.labels):
-                h.update(f"{name}\t{os.path.getsize(path)}\t{label}\n".encode())
+            mode = "content" if self.verify == "content" else "stat"
+            h = hashlib.sha256(f"fingerprint-v2 files={mode}\n{header}".encode())
+            sigs = file_signatures(self.paths, mode)
+            lines = (
+                f"{name}\t{sig}\t{label}\n"
+                for name, sig, label in zip(self.sample_names, sigs, self.labels.tolist())
+            )
+            buf: list[str] = []
+            for line in lines:
+                buf.append(line)
+                if len(buf) == 65536:
+                    h.update("".join(buf).encode())
+                    buf.clear()
+            h.update("".join(buf).encode())
         else:
+            h = hashlib.sha256(header.encode())
             h.update(np.ascontiguousarray(self.arrays).tobytes())
             h.update(self.labels.astype(np.int64).tobytes())
         return h.hexdigest()
@@ -131,35 +216,128 @@ class ClassificationSplit:
             root=self.root,
             default_img_size=self.default_img_size,
             meta={**self.meta, "subset": tag},
+            verify=self.verify,
         )
 
 
-def scan_image_folder(root: Path, spec: str, split: str, default_img_size: int = 224):
-    """ImageFolder layout ``root/<class>/<image>``: classes sorted by name, as torchvision."""
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``; a symlink that can't be followed (a loop, a dangling link) is an
+    error naming it (it would silently drop a class)."""
+    try:
+        if entry.is_dir():
+            return True
+        broken = entry.is_symlink() and not os.path.exists(entry.path)
+        reason = "its target does not exist"
+    except OSError as exc:
+        broken, reason = True, exc.strerror or str(exc)
+    if broken:
+        raise DatasetError(
+            f"dataset folder entry {entry.path} is a symbolic link that cannot be followed "
+            f"({reason}); point it at the class folder or remove it."
+        )
+    return False
+
+
+def _image_entries(folder: Path) -> tuple[list[str], list[str]]:
+    """(sorted image paths, the unreadable ones among them) of one class folder.
+
+    An image-named symlink that can't be followed (a loop, a dangling link) is kept, as a
+    corrupt image is: reading it raises :class:`DatasetError` naming it
+    (``features.skip_corrupt=true`` skips it), and the fingerprint records it as unreadable.
+    """
+    files, broken = [], []
+    for e in os.scandir(folder):
+        if not e.name.lower().endswith(IMG_EXTENSIONS):
+            continue
+        try:
+            if e.is_file():
+                files.append(e.path)
+            elif e.is_symlink() and not os.path.exists(e.path):  # dangling link
+                files.append(e.path)
+                broken.append(e.path)
+        except OSError:  # e.g. ELOOP: Too many levels of symbolic links
+            files.append(e.path)
+            broken.append(e.path)
+    return sorted(files), sorted(broken)
+
+
+def list_classes(root: Path) -> list[str]:
+    """Class folder names of an ImageFolder split ``root/<class>/``, sorted as torchvision
+    does (hidden folders skipped); only directory entries are read, no image."""
+    return sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e))
+
+
+def _preview(names: Sequence[str], n: int = 10) -> str:
+    shown = ", ".join(repr(c) for c in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def scan_image_folder(
+    root: Path,
+    spec: str,
+    split: str,
+    default_img_size: int = 224,
+    class_names: Sequence[str] | None = None,
+    class_source: str = "the train split",
+) -> ClassificationSplit:
+    """ImageFolder layout ``root/<class>/<image>``: classes sorted by name, as torchvision.
+
+    ``class_names`` (the train split's classes, for a val split) fixes the label space:
+    labels index that list, matched by class-folder NAME, and the split's ``class_names``
+    is that list. A folder naming a class not in it is a :class:`DatasetError` (its images
+    could not be scored); a class of it with no folder here is a logged warning (the other
+    classes keep their indices). Without it the folder's own classes are the label space.
+    """
     if not root.is_dir():
         raise DatasetError(
             f"dataset folder {root} does not exist. Expected the ImageNet layout "
             f"ROOT/{{train,val}}/<class>/<image>.jpg (spec {spec!r})."
         )
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    found = list_classes(root)
+    if not found:
         raise DatasetError(
             f"dataset folder {root} has no class sub-folders; expected {root}/<class>/<image>.jpg"
         )
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(
-            e.path
-            for e in os.scandir(root / name)
-            if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
-        )
+    if class_names is None:
+        classes = found
+    else:
+        classes = list(class_names)
+        known = set(classes)
+        extra = [c for c in found if c not in known]
+        if extra:
+            raise DatasetError(
+                f"{split} folder {root} has {len(extra)} class folder(s) that {class_source} "
+                f"lacks: {_preview(extra)}. Labels are {class_source}'s {len(classes)} classes "
+                f"(matched by folder name), so these images cannot be scored: add the class "
+                f"to the train folder, or remove/rename the folder(s) in {root}."
+            )
+        missing = sorted(known - set(found))
+        if missing:
+            _log.warning(
+                "%s folder %s lacks %d of the %d classes of %s: %s; evaluating on the "
+                "others (labels keep %s's class indices).",
+                split, root, len(missing), len(classes), class_source, _preview(missing),
+                class_source,
+            )  # fmt: skip
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels, unreadable = [], [], []
+    for name in found:
+        files, broken = _image_entries(root / name)
         if not files:
             raise DatasetError(
                 f"class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
                 "add images or remove the folder."
             )
         paths += files
-        labels += [label] * len(files)
+        labels += [index[name]] * len(files)
+        unreadable += broken
+    if unreadable:
+        _log.warning(
+            "%s: %d image(s) are symbolic links that cannot be followed (a loop or a missing "
+            "target): %s. Reading them fails; fix or remove them, or set "
+            "features.skip_corrupt=true to skip them.",
+            root, len(unreadable), _preview(unreadable, 3),
+        )  # fmt: skip
     return ClassificationSplit(
         spec=spec,
         split=split,

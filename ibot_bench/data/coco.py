@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from ibot_bench.data.classification import file_signature, file_signatures
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("train", "val")
@@ -44,10 +45,11 @@ def _load_coco(ann_file: Path) -> Any:
 class CocoDataset:
     """Images and their instance annotations of one COCO split, in image-id order."""
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
+    def __init__(self, root: str | Path, split: str = "train", verify: str = "stat") -> None:
         if split not in SPLITS:
             raise DatasetError(f"COCO split {split!r} is unknown; use one of {SPLITS}.")
         self.root, self.split = Path(root), split
+        self.verify = verify  # what fingerprint() reads of each file: "stat" or "content"
         self.ann_file = self.root / "annotations" / f"instances_{split}2017.json"
         self.image_dir = self.root / f"{split}2017"
         if not self.root.is_dir():
@@ -90,15 +92,25 @@ class CocoDataset:
         return [self.coco.cats[k] for k in sorted(self.coco.cats)]
 
     def fingerprint(self) -> str:
-        """sha256 over the split, the annotation file's bytes and each image's name and size."""
+        """sha256 over the split, the annotation file and each image's name, as
+        :func:`~ibot_bench.data.classification.file_signature` records them.
+
+        Default: each file's size and mtime in nanoseconds (one ``stat`` each); the
+        annotation JSON's bytes are hashed as well (it is parsed in full anyway). With
+        ``verify="content"`` (spec ``?verify=content``) the sha256 of every file instead,
+        mtime ignored.
+        """
         if self._fingerprint is None:
-            h = hashlib.sha256(f"coco:{self.split}\n".encode())
-            with open(self.ann_file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            for name in sorted(self.coco.imgs[i]["file_name"] for i in self.ids):
-                h.update(
-                    f"{self.split}2017/{name}\t{(self.image_dir / name).stat().st_size}\n".encode()
-                )
+            mode = "content" if self.verify == "content" else "stat"
+            h = hashlib.sha256(f"coco:{self.split}\nfingerprint-v2 files={mode}\n".encode())
+            ann = f"annotations/{self.ann_file.name}"
+            h.update(f"{ann}\t{file_signature(self.ann_file, 'content')}\n".encode())
+            if mode == "stat":
+                h.update(f"{ann}\t{file_signature(self.ann_file)}\n".encode())
+            names = sorted(self.coco.imgs[i]["file_name"] for i in self.ids)
+            sigs = file_signatures([self.image_dir / n for n in names], mode)
+            h.update(
+                "".join(f"{self.split}2017/{n}\t{sig}\n" for n, sig in zip(names, sigs)).encode()
+            )
             self._fingerprint = h.hexdigest()
         return self._fingerprint

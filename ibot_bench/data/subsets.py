@@ -90,13 +90,27 @@ def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray
     ``1percent.txt`` / ``10percent.txt`` (docs/protocols.md#semi-supervised). Names are
     matched against the file-name part of ``sample_names`` (which may be relative paths).
     Blank lines and ``#`` comments are skipped; repeated lines count once. Unknown names, or
-    names that match several samples, raise :class:`UserError` listing a few.
+    names that match several samples, raise :class:`UserError` listing a few, as does a file
+    that is not UTF-8 text (e.g. an image or an archive given by mistake).
     """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read split file {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+        if "\0" in text:
+            raise ValueError(f"a NUL byte at offset {raw.index(0)}")
+    except ValueError as exc:  # UnicodeDecodeError too
+        where = f"byte {exc.start} is not UTF-8" if isinstance(exc, UnicodeDecodeError) else exc
+        raise UserError(
+            f"split file {str(path)!r} is not a text file ({where}): a split file lists one "
+            "image file name per line, as SimCLRv2's 1percent.txt / 10percent.txt "
+            "(n01440764_10026.JPEG); check the split_file= path (it may name an image or "
+            "an archive)."
+        ) from None
+    lines = text.splitlines()
     wanted = list(dict.fromkeys(s.strip() for s in lines if s.strip() and not s.startswith("#")))
     if not wanted:
         raise UserError(f"split file {str(path)!r} lists no image")

@@ -73,6 +73,7 @@ from PIL import Image, ImageDraw
 
 from ibot_bench.data.subsets import SPLIT_FILE_TOLERANCE
 from ibot_bench.errors import DatasetError
+from ibot_bench.io import remove_stale_temps, temp_prefix
 
 GENERATOR_VERSION = 2  # 2: the real sets' folder and file names, split files
 SHAPES = (
@@ -833,7 +834,8 @@ def write_synthetic(
             "ade20k": f"ade20k:OUT/{ADE20K_DIR}",
         },
     }
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    remove_stale_temps(out.parent)  # what a killed generation left behind
+    tmp = out.parent / f"{temp_prefix(out)}{secrets.token_hex(4)}.tmp"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
