@@ -56,7 +56,7 @@ from ibot_bench.data.classification import (
     normalize_batch,
 )
 from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
-from ibot_bench.errors import CheckpointError, ConfigError, UserError
+from ibot_bench.errors import CheckpointError, ConfigError, UserError, first_line
 from ibot_bench.io import atomic_write
 from ibot_bench.runtime import autocast, loader_workers, resolve_device, resolve_precision
 from ibot_bench.tasks import TaskContext
@@ -692,9 +692,8 @@ def load_checkpoint(path: Path, model, optimizer, ema, scaler, meta: dict) -> di
             int(state[k]) for k in ("epoch", "step", "global_step")
         )
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"the fine-tuning checkpoint {path} does not fit this run ({first}); delete it (or "
+            f"the fine-tuning checkpoint {path} does not fit this run ({first_line(exc)}); delete it (or "
             "its folder) to start over"
         ) from None
     return state

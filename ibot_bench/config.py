@@ -23,16 +23,11 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from ibot_bench.errors import ConfigError
+from ibot_bench.errors import ConfigError, first_line
 from ibot_bench.io import atomic_write_text
 from ibot_bench.resources import resolve_config
 
 T = TypeVar("T")
-
-
-def _first_line(exc: Exception) -> str:
-    """An OmegaConf error's message without its ``full_key:`` / ``object_type=`` lines."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _valid_keys(schema: type, prefix: str = "") -> list[str]:
@@ -63,7 +58,7 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot parse overrides {items}: {first_line(exc)}") from None
 
 
 def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
@@ -115,7 +110,7 @@ def load_config(
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(
             f"config key {key!r}: cannot resolve its ${{...}} interpolation "
-            f"({_first_line(exc)}); give a literal value or reference a key that exists"
+            f"({first_line(exc)}); give a literal value or reference a key that exists"
         ) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

@@ -19,3 +19,9 @@ class DatasetError(UserError):
 
 class NotApplicableError(UserError):
     """The protocol does not apply to this encoder (e.g. no projection head): reported, not run."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A library error's first message line (without OmegaConf's / torch's detail lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

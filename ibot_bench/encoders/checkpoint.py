@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ibot_bench.errors import CheckpointError
+from ibot_bench.errors import CheckpointError, first_line
 
 _NP_CORE = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
 
@@ -154,7 +154,7 @@ def check_tensor_sizes(obj: Any, path: Path) -> None:
 
 
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
-    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    msg = first_line(exc)
     return CheckpointError(
         f"cannot read checkpoint {path}: {msg}. The file is probably truncated or corrupt "
         "(an interrupted copy or download?), or not a PyTorch/safetensors file. "
