@@ -20,7 +20,7 @@ from ibot_bench.pretrain.config import CropsConfig, per_crop
 from ibot_bench.pretrain.masking import MaskGenerator
 
 
-def _odd_kernel(sigma_max: float) -> int:
+def blur_kernel_size(sigma_max: float) -> int:
     """Gaussian kernel covering 3 sigma each side (PIL's blur radius ~ sigma)."""
     return 2 * int(-(-3 * sigma_max // 1)) + 1
 
@@ -40,7 +40,7 @@ def view_transform(
     ]
     if blur_p > 0:
         sigma = (c.blur_sigma[0], c.blur_sigma[1])
-        blur = T.GaussianBlur(_odd_kernel(sigma[1]), sigma=sigma)
+        blur = T.GaussianBlur(blur_kernel_size(sigma[1]), sigma=sigma)
         steps.append(T.RandomApply([blur], p=blur_p))
     if solarize_p > 0:
         steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
@@ -77,21 +77,35 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 @dataclass
 class MaskedMultiCrop(Dataset):
     """Dataset of (views, masks, label): uint8 views (globals first), one bool mask per
-    global view on its patch grid (docs/protocols.md#block-masking; the reference also draws unused local masks)."""
+    global view on its patch grid (docs/protocols.md#block-masking; the reference also draws unused local masks).
+
+    Without ``augment`` (``augment=batched``, :mod:`ibot_bench.pretrain.augment_batched`)
+    an item is (image, masks, label, seed): the decoded image, cropped later per batch. The
+    masks are the same in both modes: they depend only on the sample's seed and grid.
+    """
 
     data: ClassificationSplit
-    augment: MultiCropAugmentation
+    augment: MultiCropAugmentation | None
     masks: MaskGenerator
     patch_size: int
+    global_sizes: list[int]
     seed: int = 0
     epoch: int = 0
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    def __getitem__(self, index: int) -> tuple:
         s = sample_seed(self.seed, self.epoch, index)
         img = self.data.read(index)
+        rng = random.Random(s)
+        masks = [
+            self.masks(rng, (size // self.patch_size, size // self.patch_size), self.epoch)
+            for size in self.global_sizes
+        ]
+        label = int(self.data.labels[index])
+        if self.augment is None:
+            return img, masks, label, s
         threads = torch.get_num_threads()
         try:  # small per-image ops: thread start-up costs ~10x the work (measured, 2 cores)
             torch.set_num_threads(1)
@@ -100,12 +114,4 @@ class MaskedMultiCrop(Dataset):
                 views = self.augment(img)
         finally:
             torch.set_num_threads(threads)
-        rng = random.Random(s)
-        n_global = len(self.augment.global_views)
-        masks = [
-            self.masks(
-                rng, (v.shape[-2] // self.patch_size, v.shape[-1] // self.patch_size), self.epoch
-            )
-            for v in views[:n_global]
-        ]
-        return views, masks, int(self.data.labels[index])
+        return views, masks, label
