@@ -118,6 +118,9 @@ class PretrainConfig:
     device: str = "auto"
     num_workers: int = -1  # -1: auto (0 on small CPU machines)
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    # multi-crop: auto | per-image | batched (whole uint8 batches, on the GPU if there is one);
+    # auto = batched on CUDA or <= 4 CPUs per process (docs/protocols.md#multi-crop)
+    augment: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
@@ -235,6 +238,8 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
     if m.pred_shape not in ("block", "rand"):
         raise ConfigError(f"mask.pred_shape={m.pred_shape!r}: use block or rand")
     _check_pair(m.pred_aspect_ratio, "mask.pred_aspect_ratio")
+    if cfg.augment not in ("auto", "per-image", "batched"):
+        raise ConfigError(f"augment={cfg.augment!r}: use auto, per-image or batched")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"precision={cfg.precision!r}: use auto, bf16, fp16 or fp32")
     if cfg.head.out_dim <= 0 or cfg.head.patch_out_dim <= 0:

@@ -46,6 +46,7 @@ from ibot_bench.distributed import (
 from ibot_bench.errors import CheckpointError, DatasetError, UserError
 from ibot_bench.pretrain import checkpoint as ckpt
 from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
+from ibot_bench.pretrain.augment_batched import BatchCollate, BatchedMultiCrop, augment_mode
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import MaskGenerator
@@ -227,9 +228,13 @@ class Trainer:
         self._finish_history_entry()
 
         m = cfg.mask
+        self.augment = augment_mode(cfg.augment, self.device, self.world_size)
+        batched = BatchedMultiCrop(cfg.crops) if self.augment == "batched" else None
+        # batched: on the GPU in the step, else in the loader's collate (docs/protocols.md#multi-crop)
+        self.device_augment = batched if self.device.type == "cuda" else None
         self.dataset = MaskedMultiCrop(
             self.data,
-            MultiCropAugmentation(cfg.crops),
+            None if batched else MultiCropAugmentation(cfg.crops),
             MaskGenerator(
                 m.pred_ratio,
                 m.pred_ratio_var,
@@ -238,6 +243,7 @@ class Trainer:
                 m.pred_start_epoch,
             ),  # fmt: skip
             self.vit.patch_size,
+            g_sizes,
             seed=cfg.seed,
         )
         workers = loader_workers(cfg.num_workers, self.device, self.world_size)
@@ -249,6 +255,7 @@ class Trainer:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # never touch the global RNG (exact resume)
+            collate_fn=BatchCollate(None if self.device_augment else batched) if batched else None,
         )
         self.n_global = cfg.crops.global_number
 
@@ -565,6 +572,8 @@ class Trainer:
     def _step(self, batch: Any, it: int, epoch: int, monitor: ClusterMonitor) -> dict[str, float]:
         views, masks, labels = batch
         dev = self.device
+        if self.device_augment is not None:  # augment=batched on the GPU
+            views = self.device_augment(views.to(dev))
         views = [normalize_batch(v.to(dev, non_blocking=True)) for v in views]
         masks = [m.to(dev, non_blocking=True) for m in masks]
         globals_, locals_ = views[: self.n_global], views[self.n_global :]
@@ -626,7 +635,8 @@ class Trainer:
             print(
                 f"[pretrain] {self.vit.name} on {cfg.data} ({len(self.data)} images), "
                 f"{self.iters_per_epoch} it/epoch x {o.epochs} epochs, batch {o.batch_size} "
-                f"({self.world_size} rank(s)), device {self.device}, precision {self.precision}",
+                f"({self.world_size} rank(s)), device {self.device}, precision {self.precision}, "
+                f"augment {self.augment}",
                 file=sys.stderr,
             )
         if self.resumed_from is None and cfg.save_init:
