@@ -24,11 +24,12 @@ EXAMPLES = {
     "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]\n"
     "  ibot-bench eval detection --encoder ibot:out/checkpoint.pth --data coco:/data/coco --output results/det",
     "version": "ibot-bench version",
-    "run": "ibot-bench run --suite quick --encoder ibot:out/checkpoint.pth --encoder random:vit_small\n"
+    "run": "ibot-bench run --suite quick --encoder ours=ibot:out/checkpoint.pth --encoder random:vit_small\n"
     "  ibot-bench run --suite full --profile tiny --data-root ROOT --encoder ibot:ckpt.pth\n"
     "  ibot-bench run --suite full --data-root /data --encoder ibot:ckpt.pth --launcher slurm "
     "--nodes 2 --gpus-per-node 8",
-    "report": "ibot-bench report results/quick results/cluster-run --format md --reference",
+    "report": "ibot-bench report results/quick results/cluster-run --format md --reference\n"
+    "  ibot-bench report results/quick --detail --baseline quick-init",
     "pretrain": "ibot-bench pretrain --config quick --output out/quick optim.epochs=4",
     "config": "ibot-bench config show linear epochs=10 features.img_size=64\n"
     "  ibot-bench config show finetune --config tasks/finetune_vit_small.yaml lr=1e-3",
@@ -114,7 +115,19 @@ def _parser() -> argparse.ArgumentParser:
 
     run = add("run", "run a suite of evaluations over encoders, resumable, with a leaderboard")
     run.add_argument("--suite", default="quick", help="suite name (see `ibot-bench list`) or YAML")
-    run.add_argument("--encoder", action="append", default=[], help="encoder spec (repeatable)")
+    run.add_argument(
+        "--encoder",
+        action="append",
+        default=[],
+        help="[NAME=]SPEC, repeatable; NAME (no ':', '/', '\\', '?') is the leaderboard's "
+        "display name, derived from SPEC when omitted",
+    )
+    run.add_argument(
+        "--baseline",
+        default=None,
+        help="display name of the encoder leaderboard.png colours against "
+        "(default: the first random/init encoder)",
+    )
     run.add_argument("--data-root", default=None, help="root of real datasets (suite `full`)")
     run.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     run.add_argument("--output", default=None, help="results folder (default: results/<suite>)")
@@ -136,6 +149,15 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="md", choices=["md", "csv", "html"], help="printed format")
     rep.add_argument("--reference", action="store_true", help="add the paper's published rows")
     rep.add_argument("--output", default=None, help="where to write files (default: first DIR)")
+    rep.add_argument(
+        "--detail", action="store_true", help="print every metric, not one per protocol"
+    )
+    rep.add_argument(
+        "--baseline",
+        default=None,
+        help="display name of the encoder leaderboard.png colours against "
+        "(default: the first random/init encoder)",
+    )
 
     ev = add("eval", "run one evaluation task and write its result record")
     ev.add_argument("task", help="task name (see `ibot-bench list`)")
@@ -188,7 +210,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_encoder_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--encoder", required=True, help="random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH"
+        "--encoder",
+        required=True,
+        help="[NAME=]SPEC, SPEC: random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH; "
+        "NAME (no ':', '/', '\\', '?') is the display name on leaderboards",
     )
     p.add_argument(
         "--data",
@@ -271,6 +296,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 def _cmd_features(args: argparse.Namespace) -> None:
     from ibot_bench.config import load_config, to_dict
+    from ibot_bench.display_names import split_named
     from ibot_bench.features import FeatureConfig, extract_features
 
     bad = [o for o in args.overrides if not o.startswith("features.")]
@@ -281,7 +307,7 @@ def _cmd_features(args: argparse.Namespace) -> None:
     overrides = [o.removeprefix("features.") for o in args.overrides]
     cfg = FeatureConfig(**to_dict(load_config(FeatureConfig, overrides=overrides)))
     feats = extract_features(
-        args.encoder,
+        split_named(args.encoder)[1],
         args.data,
         args.split,
         cfg,
@@ -300,11 +326,13 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from ibot_bench.display_names import split_named
     from ibot_bench.evaluate import run_eval
 
+    name, spec = split_named(args.encoder)
     record = run_eval(
         args.task,
-        args.encoder,
+        spec,
         args.data,
         config_path=args.config,
         overrides=args.overrides,
@@ -312,14 +340,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         refresh_features=args.refresh,
         cache_dir=args.cache_dir,
         allow_partial=args.allow_partial,
+        encoder_name=name or "",
     )
     print(f"{record.task} [{record.protocol}] {args.encoder} on {args.data}")
     for name, value in record.metrics.items():
         print(f"  {name:16s} {value:.4f}")
 
 
-def _print_board(table, title: str) -> None:
-    """The leaderboard on the terminal: one table per group, metrics as rows (fits narrow).
+def _print_board(boards, title: str) -> None:
+    """The leaderboard on the terminal: per group one table (encoders x headline metrics,
+    ``*`` and bold on the best per column) and its legend.
 
     Names go in as rich ``Text`` (never markup or emoji codes), control characters made
     visible (:func:`ibot_bench.leaderboard.printable`): they show exactly as recorded.
@@ -328,27 +358,36 @@ def _print_board(table, title: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ibot_bench.leaderboard import printable
+    from ibot_bench.leaderboard import legend_lines, printable
 
     def text(name: object) -> Text:
         return Text(printable(name))
 
     console = Console()
-    if table.empty:
+    if not boards:
         console.print("no results to show")
         return
-    for group in table.columns.get_level_values(0).unique():
-        part = table[group].dropna(how="all").T
-        t = Table(title=text(f"{title}: {group}"))
-        t.add_column("protocol metric")
-        for encoder in part.columns:
-            t.add_column(text(encoder), justify="right")
-        for metric, row in part.iterrows():
-            t.add_row(text(metric), *("-" if v != v else f"{v:.2f}" for v in row))
+    for b in boards:
+        best = b.best()
+        t = Table(title=text(f"{title}: {b.group}"), caption="* best per column")
+        t.add_column("encoder")
+        for column in b.table.columns:
+            t.add_column(text(column), justify="right")
+        for name, row in b.table.iterrows():
+            label = text(name + (" (baseline)" if name == b.baseline else ""))
+            cells = [
+                Text("-") if v != v else
+                Text(f"{v:.2f}*", style="bold") if best.at[name, c] else Text(f"{v:.2f} ")
+                for c, v in row.items()
+            ]  # fmt: skip
+            t.add_row(label, *cells)
         console.print(t)
+        for line in legend_lines(b, printable):
+            console.print(Text(f"  {line}"))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ibot_bench.display_names import name_encoders
     from ibot_bench.distributed import is_main
     from ibot_bench.leaderboard import write_reports
     from ibot_bench.suites import load_profile, load_suite, pretrain_encoders, run_suite
@@ -368,23 +407,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         encoders = list(suite.encoders)
     if not encoders:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
+    names = name_encoders(encoders)  # duplicate display names fail here, before any work
+    _check_baseline(args.baseline, names, output)
     tasks = args.tasks.split(",") if args.tasks else None
     outcomes = run_suite(
         suite,
-        encoders,
+        list(names),
         output,
         tasks=tasks,
         force=args.force,
         cache_dir=args.cache_dir,
         profile=profile,
+        names=names,
     )
     failed = [o for o in outcomes if o.status in ("failed", "missing data")]
     if not is_main():  # under torchrun rank 0 reports for all
         return 1 if failed else 0
-    table, errors = write_reports([output], output)
+    boards, _, errors = write_reports([output], output, baseline=args.baseline, names=names)
     for path, err in errors:
         print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
-    _print_board(table, suite.name)
+    _print_board(boards, suite.name)
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
@@ -394,23 +436,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _check_baseline(baseline: str | None, names: dict[str, str], output: str) -> None:
+    """``run --baseline NAME`` must name an encoder of this run or of ``output``'s records
+    (checked before any work, as the leaderboard would refuse it at the end)."""
+    from ibot_bench.records import read_records
+
+    if baseline is None or baseline in names.values():
+        return
+    known = [*names.values(), *(r.display_name for r in read_records(output)[0])]
+    if baseline not in known:
+        listed = ", ".join(map(repr, dict.fromkeys(known)))
+        raise UserError(
+            f"--baseline {baseline!r} is not one of the encoders' display names: {listed}"
+        )
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
-    from ibot_bench.leaderboard import to_html, to_markdown, write_reports
+    from ibot_bench.leaderboard import (
+        detail_html,
+        detail_markdown,
+        headline_csv_table,
+        to_html,
+        to_markdown,
+        write_reports,
+    )
 
     for d in args.dirs:
         if not os.path.isdir(d):
             raise UserError(f"results folder {d} does not exist")
     output = args.output or args.dirs[0]
-    table, errors = write_reports(args.dirs, output, reference=args.reference)
+    boards, detail, errors = write_reports(
+        args.dirs, output, reference=args.reference, baseline=args.baseline
+    )
     for path, err in errors:
         print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
     if args.format == "md":
-        print(to_markdown(table))
-    elif args.format == "csv":
-        print(table.to_csv())  # pandas quotes names holding commas, quotes or newlines
+        print(detail_markdown(detail) if args.detail else to_markdown(boards))
+    elif args.format == "csv":  # pandas quotes names holding commas, quotes or newlines
+        print((detail if args.detail else headline_csv_table(boards)).to_csv())
     else:
-        html = to_html(table)
-        atomic_write_text(os.path.join(output, "leaderboard.html"), html)
+        html = detail_html(detail) if args.detail else to_html(boards)
+        name = "leaderboard_detail.html" if args.detail else "leaderboard.html"
+        atomic_write_text(os.path.join(output, name), html)
         print(html)
 
 

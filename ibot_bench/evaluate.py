@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config, to_dict
 from ibot_bench.data import ClassificationSplit, load_split
+from ibot_bench.display_names import derive_name
 from ibot_bench.distributed import broadcast_object, init_distributed, is_main, world
 from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.errors import ConfigError
@@ -208,9 +209,13 @@ def execute(
     allow_partial: bool = False,
     dataset_group: str | None = None,
     profile: str = "",
+    encoder_name: str = "",
     log: Callable[[str], None] = print,
 ) -> ResultRecord:
     """Run ``plan`` once per seed and write its record under ``output_dir/records`` (rank 0).
+
+    ``encoder_name`` is the encoder's display name on leaderboards (default: derived from
+    the spec, :func:`ibot_bench.display_names.derive_name`).
 
     Under torchrun every rank calls this with the same plan (see :func:`run_task`).
     """
@@ -260,7 +265,12 @@ def execute(
     record = ResultRecord(
         task=task.name,
         protocol=outputs[0].protocol,
-        encoder={"spec": plan.encoder_spec, "fingerprint": enc_fp, "arch": ctx.arch()},
+        encoder={
+            "spec": plan.encoder_spec,
+            "fingerprint": enc_fp,
+            "arch": ctx.arch(),
+            "name": encoder_name or derive_name(plan.encoder_spec),
+        },
         dataset=dataset,
         metrics=metrics,
         config=plan.config,

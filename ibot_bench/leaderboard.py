@@ -1,5 +1,10 @@
 """Result records -> long CSV, leaderboards (CSV, Markdown, HTML) and a heatmap.
 
+The leaderboard shows, per comparability group, one headline metric per protocol that was
+run (:data:`HEADLINES`: kNN top-1, k-means NMI, box AP, ...), encoders by short display
+names (:mod:`ibot_bench.display_names`) with their full spec and fingerprint in a legend;
+the detail board (:func:`board`, ``report --detail``) has every metric.
+
 Rows are compared only inside a comparability group: the same dataset group and the same
 protocol. Published numbers (``results/reference/*.csv``) join a table only where their
 group and protocol match a measured row, so synthetic runs never sit next to ImageNet
@@ -16,12 +21,15 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from ibot_bench.io import atomic_write, atomic_write_text
+from ibot_bench.display_names import disambiguate
+from ibot_bench.errors import UserError
+from ibot_bench.io import atomic_write_text
 from ibot_bench.records import ResultRecord, parse_timestamp, read_records
 from ibot_bench.resources import reference_dir
 
@@ -116,6 +124,7 @@ def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
             rows.append(
                 {
                     "encoder": r.encoder.get("spec", ""),
+                    "name": r.display_name,
                     "encoder_fingerprint": r.encoder.get("fingerprint", "")[:12],
                     "arch": r.encoder.get("arch", ""),
                     "task": r.task,
@@ -145,43 +154,298 @@ def reference_frame(directory: Path | None = None) -> pd.DataFrame:
         return pd.DataFrame()
     ref = pd.concat(frames, ignore_index=True)
     ref["encoder"] = ref["method"] + " " + ref["arch"] + " (paper)"
+    ref["name"] = ref["encoder"]
+    ref["encoder_fingerprint"] = ""
     ref["source"] = "paper"
     return ref
 
 
-def board(long: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Encoders x (group, task/protocol, metric): the newest value of each measured cell.
+def _newest(long: pd.DataFrame) -> pd.DataFrame:
+    """The newest row of each (encoder, group, protocol, metric), oldest first.
 
     "Newest" compares real instants (:func:`~ibot_bench.records.parse_timestamp`: offsets
     honoured, naive timestamps taken as UTC); ties keep the later-read record.
     """
-    main = long[~long["metric"].str.contains(_DETAIL)].copy()
-    if main.empty:
-        return pd.DataFrame()
-    main = main.sort_values(
+    return long.sort_values(
         "timestamp",
         key=lambda col: col.map(lambda t: parse_timestamp(t).timestamp()),
         kind="stable",
     ).drop_duplicates(["encoder", "group", "protocol", "metric"], keep="last")
-    if reference is not None and not reference.empty:
-        groups = set(zip(main["group"], main["protocol"], main["metric"]))
-        keep = [
-            g in groups for g in zip(reference["group"], reference["protocol"], reference["metric"])
-        ]
-        main = pd.concat([main, reference[keep]], ignore_index=True)
-    main["column"] = main["protocol"] + " " + main["metric"]
+
+
+def _with_reference(main: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
+    """``main`` plus the published rows whose (group, protocol, metric) was measured."""
+    if reference is None or reference.empty:
+        return main
+    groups = set(zip(main["group"], main["protocol"], main["metric"]))
+    keep = [
+        g in groups for g in zip(reference["group"], reference["protocol"], reference["metric"])
+    ]
+    return pd.concat([main, reference[keep]], ignore_index=True)
+
+
+def _row_order(cells: pd.DataFrame) -> list[str]:
+    """Encoders in order of their first cell, measured before paper rows."""
+    order = cells.drop_duplicates("encoder")[["encoder", "source"]]
+    return list(order.sort_values("source", kind="stable")["encoder"])
+
+
+def board(long: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The detail board: encoder spec x (group, "protocol metric"), every metric but the
+    per-k/per-seed/bookkeeping ones; the newest value of each measured cell."""
+    main = long[~long["metric"].str.contains(_DETAIL)]
+    if main.empty:
+        return pd.DataFrame()
+    main = _with_reference(_newest(main), reference)
+    main = main.assign(column=main["protocol"] + " " + main["metric"])
     table = main.pivot_table(
         index="encoder", columns=["group", "column"], values="value", aggfunc="last"
     )
-    order = main.drop_duplicates("encoder")[["encoder", "source"]]
-    order = order.sort_values("source", kind="stable")["encoder"]  # measured, then paper
-    return table.reindex(order)
+    return table.reindex(_row_order(main))
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """The leaderboard as Markdown: a heading and a table per group, names escaped
-    (:func:`markdown_text`), values with 2 decimals, ``-`` where a cell has none."""
+# --- the at-a-glance board: one headline metric per protocol -----------------------------
+
+# task -> [(column label, metric candidates)]; a column's metric is the first candidate the
+# measured rows of its (group, protocol) have. {share} is a semi protocol's label share.
+HEADLINES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "knn": [("kNN top-1", ("top1",))],
+    "linear": [("linear top-1", ("top1",))],
+    "linear-paper": [("linear-paper top-1", ("top1",))],
+    "logreg": [("logreg top-1", ("top1",))],
+    "cluster": [("k-means NMI", ("nmi",))],
+    "cluster-head": [("head NMI", ("nmi",))],
+    "semi": [("semi {share} top-1", ("logreg_top1", "linear_top1", "knn_top1"))],
+    "semi-finetune": [("semi-ft {share} top-1", ("top1",))],
+    "finetune": [("fine-tune top-1", ("top1",))],
+    "detection": [("box AP", ("bbox_ap",)), ("mask AP", ("segm_ap",))],
+    "segmentation": [("mIoU", ("miou",))],
+}
+_FALLBACK = ("top1", "nmi", "miou", "bbox_ap", "acc")  # headline of a task not listed above
+# a name or spec marking an untrained encoder: the default baseline
+_BASELINE_MARK = re.compile(r"(?<![a-z])(?:random|init)(?![a-z])", re.IGNORECASE)
+
+
+@dataclass
+class GroupBoard:
+    """One comparability group at a glance, and what its names stand for."""
+
+    group: str
+    table: pd.DataFrame  # display name x headline column; NaN where not measured
+    columns: dict[str, tuple[str, str]]  # headline column -> (protocol, metric)
+    encoders: dict[str, tuple[str, str]]  # display name -> (spec, fingerprint)
+    baseline: str | None = None  # the row the heatmap's colours are relative to
+
+    def best(self) -> pd.DataFrame:
+        """True where a cell holds its column's highest value (ties all marked)."""
+        return self.table.eq(self.table.max()) & self.table.notna()
+
+
+_SHARE = re.compile(r"(\d+(?:\.\d+)?)pct")  # the label share in semi-10pct, semi-ft-head-1pct
+
+
+def _share(protocol: str) -> str:
+    match = _SHARE.search(protocol)
+    return f"{match.group(1)}%" if match else protocol
+
+
+def _headlines(task: str, have: set[str]) -> list[tuple[str, tuple[str, ...]]]:
+    if task in HEADLINES:
+        return HEADLINES[task]
+    metric = next((m for m in _FALLBACK if m in have), min(have))
+    return [(f"{{protocol}} {metric}", (metric,))]
+
+
+def _headline_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``cells`` that are a headline, with their ``column`` label and order."""
+    measured = cells[cells["source"] == "measured"]
+    tasks = list(HEADLINES)
+    picked = []
+    for (group, task, protocol), part in measured.groupby(
+        ["group", "task", "protocol"], sort=False
+    ):
+        have = set(part["metric"])
+        for i, (label, candidates) in enumerate(_headlines(task, have)):
+            metric = next((m for m in candidates if m in have), None)
+            if metric is None:
+                continue
+            share = _SHARE.search(protocol)
+            rows = cells[
+                (cells["group"] == group)
+                & (cells["protocol"] == protocol)
+                & (cells["metric"] == metric)
+            ]
+            picked.append(
+                rows.assign(
+                    column=label.format(share=_share(protocol), protocol=protocol),
+                    order=[(tasks.index(task) if task in tasks else len(tasks), i,
+                            float(share.group(1)) if share else 0.0, protocol)] * len(rows),
+                )
+            )  # fmt: skip
+    if not picked:
+        return pd.DataFrame()
+    out = pd.concat(picked, ignore_index=True)
+    # one label for two protocols of a group (linear and linear-aug, ...): name the protocol
+    protocols = out.groupby(["group", "column"])["protocol"].transform("nunique")
+    out.loc[protocols > 1, "column"] += " (" + out.loc[protocols > 1, "protocol"] + ")"
+    return out
+
+
+def _display_names(cells: pd.DataFrame, names: Mapping[str, str] | None) -> dict[str, str]:
+    """encoder spec -> display name: ``names``, else the newest record's; unique."""
+    newest = cells.drop_duplicates("encoder", keep="last")
+    chosen = dict(zip(newest["encoder"], newest["name"]))
+    chosen.update({k: v for k, v in (names or {}).items() if k in chosen})
+    return disambiguate(chosen)
+
+
+def pick_baseline(boards: Sequence[GroupBoard], requested: str | None = None) -> str | None:
+    """``requested`` if it names an encoder of ``boards`` (else :class:`UserError` listing
+    the names); by default the first measured encoder whose name or spec says
+    ``random``/``init``; None when there is none."""
+    encoders = {n: spec for b in boards for n, (spec, _) in b.encoders.items()}
+    if requested is not None:
+        if requested not in encoders:
+            known = ", ".join(map(repr, encoders)) or "none"
+            raise UserError(
+                f"--baseline {requested!r} is not an encoder in these results; "
+                f"the encoders are: {known}"
+            )
+        return requested
+    return next(
+        (n for n, s in encoders.items() if _BASELINE_MARK.search(n) or _BASELINE_MARK.search(s)),
+        None,
+    )
+
+
+def headline_boards(
+    long: pd.DataFrame,
+    reference: pd.DataFrame | None = None,
+    *,
+    baseline: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> list[GroupBoard]:
+    """One :class:`GroupBoard` per comparability group: encoders (by display name) x one
+    headline metric per protocol that was run (:data:`HEADLINES`), newest value per cell.
+
+    ``names`` (spec -> display name) overrides the names records carry; ``baseline`` is
+    checked by :func:`pick_baseline` (default: the first random/init encoder).
+    """
+    if long.empty:
+        return []
+    cells = _with_reference(_newest(long), reference)
+    head = _headline_cells(cells)
+    if head.empty:
+        return []
+    display = _display_names(cells[cells["source"] == "measured"], names)
+    paper = set(cells.loc[cells["source"] == "paper", "encoder"])
+    display.update({e: e for e in paper})
+    fingerprints = dict(zip(cells["encoder"], cells["encoder_fingerprint"].fillna("")))
+    order = _row_order(cells)
+    order.sort(key=lambda e: list(names or {}).index(e) if e in (names or {}) else len(order))
+    boards = []
+    for group in dict.fromkeys(head["group"]):
+        part = head[head["group"] == group].sort_values("order", kind="stable")
+        table = part.pivot_table(index="encoder", columns="column", values="value", aggfunc="last")
+        specs = [e for e in order if e in table.index]
+        columns = list(dict.fromkeys(part["column"]))
+        table = table.reindex(index=specs, columns=columns)
+        table.index = [display[e] for e in specs]
+        table.index.name, table.columns.name = "encoder", None
+        legend = {display[e]: ("published (ibot_bench.reference)" if e in paper else e,
+                               fingerprints.get(e, "")) for e in specs}  # fmt: skip
+        meaning = part.drop_duplicates("column").set_index("column")
+        boards.append(GroupBoard(
+            group, table, {c: (meaning.at[c, "protocol"], meaning.at[c, "metric"]) for c in columns},
+            legend,
+        ))  # fmt: skip
+    chosen = pick_baseline(boards, baseline)
+    for b in boards:
+        b.baseline = chosen if chosen in b.table.index else None
+    return boards
+
+
+def headline_csv_table(boards: Sequence[GroupBoard]) -> pd.DataFrame:
+    """Every board side by side: display name x (group, headline column)."""
+    if not boards:
+        return pd.DataFrame()
+    table = pd.concat({b.group: b.table for b in boards}, axis=1, sort=False)
+    table.columns.names = ["group", "column"]
+    table.index.name = "encoder"
+    return table
+
+
+def _cell(value: float, best: bool, bold: Callable[[str], str]) -> str:
+    if value != value:
+        return "-"
+    return bold(f"{value:.2f}") if best else f"{value:.2f}"
+
+
+def legend_lines(board: GroupBoard, text: Callable[[object], str]) -> list[str]:
+    """What each row name and column stands for, as plain lines passed through ``text``."""
+    lines = []
+    for name, (spec, fingerprint) in board.encoders.items():
+        mark = " (baseline)" if name == board.baseline else ""
+        fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
+        lines.append(f"{text(name)}{mark}: {text(spec)}{fp}")
+    columns = "; ".join(f"{text(c)} = {text(p)} {text(m)}" for c, (p, m) in board.columns.items())
+    return [*lines, f"columns (protocol metric): {columns}"]
+
+
+NOTE = (
+    "One headline metric per protocol; best per column in bold. Every other metric is in "
+    "records.csv and `ibot-bench report DIR --detail`."
+)
+
+
+def to_markdown(boards: Sequence[GroupBoard]) -> str:
+    """The at-a-glance leaderboard as Markdown: per group a heading, a table (best per
+    column in bold) and a legend; every name escaped (:func:`markdown_text`)."""
     lines = [f"<!-- {GENERATED} -->", "# Leaderboard", ""]
+    if not boards:
+        return "\n".join([*lines, "No records yet."]) + "\n"
+    lines += [NOTE.replace("records.csv", "`records.csv`"), ""]
+    for b in boards:
+        best = b.best()
+        cells = pd.DataFrame(
+            {markdown_text(c): [_cell(v, k, lambda t: f"**{t}**") for v, k in
+                                zip(b.table[c], best[c])] for c in b.table.columns},
+            index=[markdown_text(n) + (" (baseline)" if n == b.baseline else "")
+                   for n in b.table.index],
+        )  # fmt: skip
+        cells.index.name = "encoder"
+        text = cells.to_markdown(  # numbers pre-formatted: a name like "1e3" stays text
+            disable_numparse=True, colalign=("left",) + ("right",) * cells.shape[1]
+        )
+        legend = [f"- {line}" for line in legend_lines(b, markdown_text)]
+        lines += [f"## {markdown_text(b.group)}", "", text, "", *legend, ""]
+    return "\n".join(lines)
+
+
+def to_html(boards: Sequence[GroupBoard]) -> str:
+    """The at-a-glance leaderboard as HTML (best per column in ``<b>``), names escaped."""
+    parts = [f"<p>{html_text(NOTE)}</p>"]
+    for b in boards:
+        best = b.best()
+        cells = pd.DataFrame(
+            {html_text(c): [_cell(v, k, lambda t: f"<b>{t}</b>") for v, k in
+                            zip(b.table[c], best[c])] for c in b.table.columns},
+            index=[html_text(n) + (" (baseline)" if n == b.baseline else "")
+                   for n in b.table.index],
+        )  # fmt: skip
+        legend = "".join(f"<li>{line}</li>" for line in legend_lines(b, html_text))
+        parts += [
+            f"<h2>{html_text(b.group)}</h2>",
+            cells.to_html(escape=False),
+            f"<ul>{legend}</ul>",
+        ]
+    return "\n".join(parts)
+
+
+def detail_markdown(table: pd.DataFrame) -> str:
+    """The detail leaderboard as Markdown: a heading and a table per group, names escaped
+    (:func:`markdown_text`), values with 2 decimals, ``-`` where a cell has none."""
+    lines = [f"<!-- {GENERATED} -->", "# Leaderboard (every metric)", ""]
     if table.empty:
         return "\n".join([*lines, "No records yet."]) + "\n"
     for group in table.columns.get_level_values(0).unique():
@@ -194,53 +458,36 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def to_html(table: pd.DataFrame) -> str:
-    """The leaderboard as an HTML table, names escaped (:func:`html_text`)."""
+def detail_html(table: pd.DataFrame) -> str:
+    """The detail leaderboard as an HTML table, names escaped (:func:`html_text`)."""
     return _relabel(table, html_text).to_html(
         escape=False, float_format="{:.2f}".format, na_rep="-"
     )
 
 
-def write_heatmap(table: pd.DataFrame, path: Path) -> None:
-    """Encoders x columns, colour = value scaled per column (so metrics of any range compare)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with plt.rc_context({"text.usetex": False, "text.parse_math": False}):  # "$x$" literal
-        _draw_heatmap(plt, table, path)
-
-
-def _draw_heatmap(plt, table: pd.DataFrame, path: Path) -> None:
-    flat = table.copy()
-    flat.columns = [f"{plot_text(g)}\n{plot_text(c)}" for g, c in flat.columns]
-    flat.index = flat.index.map(plot_text)
-    scaled = (flat - flat.min()) / (flat.max() - flat.min()).replace(0, 1)
-    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * flat.shape[1], 2.5 + 0.45 * flat.shape[0]))
-    ax.imshow(scaled.fillna(0).to_numpy(dtype=float), cmap="viridis", aspect="auto", vmin=0, vmax=1)
-    ax.set_xticks(range(flat.shape[1]), flat.columns, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(flat.shape[0]), flat.index, fontsize=8)
-    colour = scaled.to_numpy(dtype=float)
-    for (i, j), v in pd.DataFrame(flat.to_numpy()).stack().items():
-        ink = "black" if colour[i, j] > 0.6 else "white"  # readable on yellow and on purple
-        ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=ink, fontsize=7)
-    ax.set_title("ibot-bench leaderboard (colour scaled per column)", fontsize=9)
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png", bbox_inches="tight"))
-    plt.close(fig)
-
-
 def write_reports(
-    dirs: Sequence[str | Path], out: str | Path, reference: bool = True
-) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """records.csv, leaderboard.csv/.md/.png under ``out``; returns (board, read errors)."""
+    dirs: Sequence[str | Path],
+    out: str | Path,
+    reference: bool = True,
+    *,
+    baseline: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> tuple[list[GroupBoard], pd.DataFrame, list[tuple[Path, str]]]:
+    """records.csv and leaderboard.csv/.md/.png (headline metrics) under ``out``; returns
+    (the headline boards, the detail board, read errors). See :func:`headline_boards` for
+    ``baseline`` and ``names``."""
+    from ibot_bench.leaderboard_png import write_heatmap
+
     out = Path(out)
     records, errors = load_records(dirs)
     long = long_frame(records)
+    ref = reference_frame() if reference else None
+    boards = headline_boards(long, ref, baseline=baseline, names=names)
     atomic_write_text(out / "records.csv", long.to_csv(index=False))
-    table = board(long, reference_frame() if reference else None) if len(long) else pd.DataFrame()
-    atomic_write_text(out / "leaderboard.csv", f"# {GENERATED}\n" + table.to_csv())
-    atomic_write_text(out / "leaderboard.md", to_markdown(table))
-    if not table.empty:
-        write_heatmap(table, out / "leaderboard.png")
-    return table, errors
+    atomic_write_text(
+        out / "leaderboard.csv", f"# {GENERATED}\n" + headline_csv_table(boards).to_csv()
+    )
+    atomic_write_text(out / "leaderboard.md", to_markdown(boards))
+    if boards:
+        write_heatmap(boards, out / "leaderboard.png")
+    return boards, board(long, ref) if len(long) else pd.DataFrame(), errors

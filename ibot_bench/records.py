@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ibot_bench.display_names import derive_name
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
 
@@ -39,7 +40,7 @@ class ResultRecord:
 
     task: str
     protocol: str
-    encoder: dict[str, Any]  # {"spec", "fingerprint", "arch"}
+    encoder: dict[str, Any]  # {"spec", "fingerprint", "arch", "name"}; name: display name
     dataset: dict[str, Any]  # {"spec", "fingerprint", "split"}
     metrics: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +87,12 @@ class ResultRecord:
         path = Path(output_dir) / "records" / f"{self.key()}.json"
         atomic_write_text(path, self.to_json())
         return path
+
+    @property
+    def display_name(self) -> str:
+        """The encoder's short name for leaderboards; records written before names existed
+        get one derived from the spec (:func:`ibot_bench.display_names.derive_name`)."""
+        return self.encoder.get("name") or derive_name(self.encoder.get("spec", ""))
 
     @property
     def instant(self) -> datetime:
@@ -234,7 +241,12 @@ def _text(where: str, value: Any) -> None:
     _check_str(where, value)
 
 
-_ENCODER = {"spec": (_text, True), "fingerprint": (_text, False), "arch": (_text, False)}
+_ENCODER = {
+    "spec": (_text, True),
+    "fingerprint": (_text, False),
+    "arch": (_text, False),
+    "name": (lambda w, v: _check_str(w, v, nonempty=True), False),
+}
 _DATASET = {
     "spec": (_text, True),
     "fingerprint": (_text, False),

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,8 @@ class SuiteConfig:
     name: str = "suite"
     description: str = ""
     data_root: str = "data"
-    encoders: list[str] = field(default_factory=list)  # used when --encoder is not given
+    # used when --encoder is not given; [NAME=]SPEC as for --encoder (ibot_bench.display_names)
+    encoders: list[str] = field(default_factory=list)
     # configs/pretrain/<name>.yaml (or a path): with no --encoder, pretrain it, then evaluate
     # the result and its random initialisation (same architecture, same code path)
     pretrain: str | None = None
@@ -218,9 +219,12 @@ def run_suite(
     force: bool = False,
     cache_dir: str | Path | None = None,
     profile: ProfileConfig | None = None,
+    names: Mapping[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Outcome]:
     """Run every (encoder, entry) not already recorded; one failure never stops the rest.
+
+    ``names`` maps an encoder spec to its display name (default: derived from the spec).
 
     Under torchrun every rank runs this loop in step (the same plans, skips and outcomes);
     each evaluation decides how to use the ranks (:func:`ibot_bench.evaluate.run_task`) and
@@ -254,6 +258,7 @@ def run_suite(
                     cache_dir=cache_dir,
                     dataset_group=ds.group,
                     profile=profile.name,
+                    encoder_name=(names or {}).get(encoder, ""),
                     log=log,
                 )
                 done_keys.add(record_key(record))

@@ -4,6 +4,7 @@ format, the newest record wins by its real instant, non-finite metrics never rea
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
@@ -18,7 +19,7 @@ from PIL import Image
 from ibot_bench import records as records_module
 from ibot_bench.cli import main
 from ibot_bench.errors import UserError
-from ibot_bench.leaderboard import board, long_frame
+from ibot_bench.leaderboard import board, headline_boards, long_frame
 from ibot_bench.records import ResultRecord, parse_timestamp, read_records
 
 
@@ -59,6 +60,11 @@ CORRUPT = {
     "encoder_text": (_with(encoder="x"), "encoder must be an object, got a string 'x'"),
     "encoder_no_spec": (_with(encoder={"fingerprint": "f"}), "encoder lacks 'spec'"),
     "encoder_spec_number": (_with(encoder={"spec": 3}), "encoder['spec'] must be a string"),
+    "encoder_name_number": (
+        _with(encoder={"spec": "s", "name": 5}),
+        "encoder['name'] must be a non-empty string",
+    ),
+    "encoder_name_empty": (_with(encoder={"spec": "s", "name": ""}), "encoder['name'] must be"),
     "group_number": (
         _with(dataset={"spec": "s", "group": 5, "fingerprint": "d"}),
         "dataset['group'] must be a string",
@@ -153,6 +159,7 @@ def test_run_warns_and_shows_the_valid_records(tmp_path, capsys):
 
 NASTY = {
     "encoder": "enc|pipe <b>bold</b> [red]red[/red] $x$ `tick`\nsecond line",
+    "name": "*name*|<b>x</b> [red]r[/red] $z$",  # a display name given with --encoder NAME=SPEC
     "group": "grp|<script>alert(1)</script> [bold]g $y$",
     "protocol": "knn|`p` <i>",
     "metric": r"top1 $\frac$ [u]",
@@ -160,12 +167,13 @@ NASTY = {
 
 
 def _nasty_report(tmp_path: Path) -> Path:
-    _record(NASTY["encoder"], NASTY["group"], NASTY["protocol"], NASTY["metric"], 71.25).write(
-        tmp_path / "res"
-    )
-    _record("plain", NASTY["group"], NASTY["protocol"], NASTY["metric"], 60.5).write(
-        tmp_path / "res"
-    )
+    """Two encoders, one named; a headline metric (top1) and a nasty one (detail only)."""
+    for spec, name, value in ((NASTY["encoder"], NASTY["name"], 71.25), ("plain", "", 60.5)):
+        record = _record(spec, NASTY["group"], NASTY["protocol"], "top1", value)
+        record.metrics[NASTY["metric"]] = value + 1
+        if name:
+            record.encoder["name"] = name
+        record.write(tmp_path / "res")
     return tmp_path / "res"
 
 
@@ -187,14 +195,26 @@ def test_markdown_shows_names_literally_and_keeps_the_table(tmp_path, capsys):
     heading = next(line for line in text.splitlines() if line.startswith("## "))
     assert _md_cells(f"|{heading[3:]}|") == [NASTY["group"]]
     rows = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(rows) == 4  # header, rule, two encoders: the newline stayed inside its cell
+    assert len(rows) == 4  # header, rule, two encoders
     widths = {len(re.split(r"(?<!\\)\|", row)) for row in rows}
-    assert widths == {4}  # every row: encoder + one metric column
-    assert _md_cells(rows[0])[1] == f"{NASTY['protocol']} {NASTY['metric']}"
-    assert _md_cells(rows[2]) == [NASTY["encoder"], "71.25"]
+    assert widths == {4}  # every row: encoder + one headline column
+    assert _md_cells(rows[0]) == ["encoder", "kNN top-1"]
+    assert _md_cells(rows[2]) == [NASTY["name"], "**71.25**"]  # best in bold
     assert _md_cells(rows[3]) == ["plain", "60.50"]
+    legend = [_md_cells(f"|{line[2:]}|")[0] for line in text.splitlines() if line[:2] == "- "]
+    assert f"{NASTY['name']}: {NASTY['encoder']}, fingerprint fp-enc|pipe" in legend
+    assert f"kNN top-1 = {NASTY['protocol']} top1" in legend[-1]
     for raw in ("<b>", "<script>", "<i>"):  # no live HTML in the Markdown
         assert raw not in text
+    # every metric, by spec, with --detail
+    assert main(["report", str(res), "--format", "md", "--detail"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(rows) == 4  # the newline stayed inside its cell
+    assert _md_cells(rows[0])[1:] == [
+        f"{NASTY['protocol']} top1",
+        f"{NASTY['protocol']} {NASTY['metric']}",
+    ]
+    assert _md_cells(rows[2]) == [NASTY["encoder"], "71.25", "72.25"]
 
 
 class _Cells(HTMLParser):
@@ -230,10 +250,18 @@ def test_html_shows_names_literally(tmp_path, capsys):
     assert text == (res / "leaderboard.html").read_text() + "\n"
     parser = _Cells()
     parser.feed(text)
+    tags = {"table", "thead", "tbody", "tr", "th", "td", "br", "b", "p", "h2", "ul", "li"}
+    assert set(parser.tags) <= tags
+    assert NASTY["name"] in parser.cells and "plain" in parser.cells
+    assert "71.25" in parser.cells and "60.50" in parser.cells
+    assert html.escape(NASTY["group"]) in text and "<script>" not in text
+    assert main(["report", str(res), "--format", "html", "--detail"]) == 0
+    parser = _Cells()
+    parser.feed(capsys.readouterr().out)
     assert set(parser.tags) <= {"table", "thead", "tbody", "tr", "th", "td", "br"}
     for name in (NASTY["encoder"], NASTY["group"], f"{NASTY['protocol']} {NASTY['metric']}"):
         assert name in parser.cells, name
-    assert "71.25" in parser.cells and "60.50" in parser.cells
+    assert (res / "leaderboard_detail.html").is_file()
 
 
 def test_csv_round_trips_names(tmp_path, capsys):
@@ -244,33 +272,45 @@ def test_csv_round_trips_names(tmp_path, capsys):
     assert lines[0].startswith("# Generated") and printed == lines[1] + "\n"
     rows = list(csv.reader(io.StringIO(lines[1])))
     assert rows[0] == ["group", NASTY["group"]]
-    assert rows[1] == ["column", f"{NASTY['protocol']} {NASTY['metric']}"]
-    assert [r[0] for r in rows[3:]] == [NASTY["encoder"], "plain"]
+    assert rows[1] == ["column", "kNN top-1"]
+    assert [r[0] for r in rows[3:]] == [NASTY["name"], "plain"]
     assert all(len(r) == len(rows[0]) for r in rows)
     long_rows = list(csv.DictReader(io.StringIO((res / "records.csv").read_text())))
     assert {r["encoder"] for r in long_rows} == {NASTY["encoder"], "plain"}
-    assert {r["metric"] for r in long_rows} == {NASTY["metric"]}
+    assert {r["name"] for r in long_rows} == {NASTY["name"], "plain"}
+    assert {r["metric"] for r in long_rows} == {"top1", NASTY["metric"]}
+    assert main(["report", str(res), "--format", "csv", "--detail"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[1] == [
+        "column",
+        f"{NASTY['protocol']} top1",
+        f"{NASTY['protocol']} {NASTY['metric']}",
+    ]
+    assert [r[0] for r in rows[3:] if r] == [NASTY["encoder"], "plain"]
 
 
 def test_heatmap_is_written_with_literal_labels(tmp_path, capsys):
     res = _nasty_report(tmp_path)
-    _record("x" * 5000, NASTY["group"], NASTY["protocol"], NASTY["metric"], 1.0).write(res)
+    _record("x" * 5000, NASTY["group"], NASTY["protocol"], "top1", 1.0).write(res)
     assert main(["report", str(res)]) == 0
     capsys.readouterr()
     with Image.open(res / "leaderboard.png") as image:
-        assert image.width < 4000 and image.height < 4000  # a 5000-char name is cut
+        assert image.width <= 1600 and image.height < 4000  # a 5000-char name is cut
 
 
 def test_terminal_board_shows_names_literally(tmp_path, capsys):
     from ibot_bench.cli import _print_board
 
     name = NASTY["encoder"].replace("\n", " ") + " :cat: \x1b[31m"
-    records = [_record(name, NASTY["group"], NASTY["protocol"], NASTY["metric"], 71.25)]
-    _print_board(board(long_frame(records)), "title [bold]t[/bold]")
+    records = [_record(name, NASTY["group"], NASTY["protocol"], "top1", 71.25)]
+    records[0].encoder["name"] = NASTY["name"] + " :dog:"
+    _print_board(headline_boards(long_frame(records)), "title [bold]t[/bold]")
     out = capsys.readouterr().out
     flat = re.sub(r"[\s│┃]+", " ", out)
     assert "title [bold]t[/bold]: " in flat and "[script]" not in flat
-    for fragment in ("<b>bold</b>", "[red]red[/red]", "$x$", ":cat:", "\\x1b[31m", "$\\frac$ [u]"):
+    fragments = ("<b>bold</b>", "[red]red[/red]", "$x$", ":cat:", "\\x1b[31m", "knn|`p` <i>",
+                 "*name*|<b>x</b>", "[red]r[/red] $z$", ":dog:", "71.25*")  # fmt: skip
+    for fragment in fragments:
         assert fragment in flat, fragment
     assert "\x1b" not in out and "🐱" not in out
 
