@@ -36,7 +36,8 @@ BACKBONE_EXPORT = "teacher_backbone.safetensors"
 CONFIG = "config.yaml"
 HISTORY = "config_history.yaml"
 LOG = "log.jsonl"
-OUTPUT_FILES = (CHECKPOINT, PREVIOUS, INIT, BACKBONE_EXPORT, CONFIG, HISTORY, LOG)
+PLOT = "training.png"
+OUTPUT_FILES = (CHECKPOINT, PREVIOUS, INIT, BACKBONE_EXPORT, CONFIG, HISTORY, LOG, PLOT)
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "ibot_loss")
 
 # Config keys that never change the trained numbers: where and how fast the run goes, what
@@ -53,6 +54,8 @@ RUNTIME_KEYS = (
     "log_every",
     "tensorboard",
     "eval_clusters",
+    "monitor_knn",
+    "plot",
     "save_every_iters",
     "saveckp_freq",
     "save_init",

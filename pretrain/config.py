@@ -131,12 +131,14 @@ class PretrainConfig:
     saveckp_freq: int = 0  # snapshot checkpointNNNN.pth every K epochs (0: none)
     save_init: bool = True  # write checkpoint_init.pth (the random init) before training
     log_every: int = 1
-    eval_clusters: bool = True  # per-epoch NMI/ARI/FMI of the teacher CLS argmax vs labels
+    eval_clusters: bool = True  # per-epoch NMI/ARI/FMI, CLS entropies, clusters (collapse)
+    monitor_knn: int = 1000  # training images of the per-epoch kNN monitor (0: off)
+    plot: bool = True  # training.png, redrawn every epoch
     tensorboard: bool = False
     compile: bool = False
     progress: bool = True
     max_iters: int = 0  # stop (after a checkpoint) once this many iterations are done
-    time_limit_min: float = 0.0  # stop (after a checkpoint) after this many minutes
+    time_limit_min: float = 0.0  # safety only: stop (after a checkpoint, with a loud warning)
 
 
 def vit_config(model: ModelConfig, img_size: int) -> ViTConfig:

@@ -51,13 +51,14 @@ from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import MaskGenerator
 from ibot_bench.pretrain.model import IbotStudent, IbotTeacher, build_networks, common_parameters
-from ibot_bench.pretrain.monitor import ClusterMonitor, JsonlLog
+from ibot_bench.pretrain.monitor import ClusterMonitor, JsonlLog, KnnProbe, collapse_warning
 from ibot_bench.pretrain.optim import (
     build_optimizer,
     cancel_last_layer_grads,
     clip_gradients_per_tensor,
     ema_update,
 )
+from ibot_bench.pretrain.plot import plot_training
 from ibot_bench.pretrain.schedules import cosine_schedule, teacher_temp_schedule
 from ibot_bench.runtime import (
     autocast,
@@ -258,6 +259,13 @@ class Trainer:
             collate_fn=BatchCollate(None if self.device_augment else batched) if batched else None,
         )
         self.n_global = cfg.crops.global_number
+        self.probe = (
+            KnnProbe(self.data, g_sizes[0], cfg.monitor_knn, seed=cfg.seed)
+            if cfg.monitor_knn > 0 and is_main()
+            else None
+        )
+        self.notes: list[str] = []  # what training.png says under its title
+
 
     # ------------------------------------------------------------------ checkpoints
     def _optimizer_names(self) -> list[list[str]]:
@@ -611,7 +619,10 @@ class Trainer:
             self.optimizer.step()
         ema_update(self.ema_teacher, self.ema_student, float(self.momentum[it]))
         if self.cfg.eval_clusters:
-            monitor.update(t_out.cls[0], s_out.cls[0], labels)
+            lc = self.cfg.loss
+            monitor.update(
+                t_out.cls[0], s_out.cls[0], labels, self.loss.center, tt, lc.student_temp
+            )
         return {
             "loss": total,
             "cls": cls_loss,
@@ -622,6 +633,75 @@ class Trainer:
             "teacher_temp": tt,
             "teacher_patch_temp": tpt,
         }
+
+    def _probe(self) -> float:
+        assert self.probe is not None
+        return self.probe(self.teacher.backbone, self.device)
+
+    def _end_epoch(
+        self, epoch: int, record: dict[str, Any], log: JsonlLog | None, wall_s: float
+    ) -> None:
+        """Main rank: the epoch's record (losses, monitors, center norm, kNN probe), the
+        console line, the collapse warning (once per run) and training.png."""
+        record["center_norm"] = float(self.loss.center.norm())
+        if self.probe is not None and not self.probe.skip:
+            record["knn_top1"] = self._probe()
+        if log is not None:
+            log.write({"type": "epoch", "epoch": epoch, **record}, epoch)
+        shown = [f"loss {record.get('loss', float('nan')):.4f}"]
+        shown += [
+            f"{key} {record[key]:{fmt}}"
+            for key, fmt in (
+                ("cls", ".4f"),
+                ("mim", ".4f"),
+                ("teacher_entropy", ".2f"),
+                ("teacher_clusters", "d"),
+                ("nmi", ".3f"),
+                ("knn_top1", ".1f"),
+            )
+            if key in record
+        ]
+        print(f"[pretrain] epoch {epoch}: {', '.join(shown)} {wall_s:.0f}s", file=sys.stderr)
+        warning = collapse_warning(record.get("teacher_entropy", 0.0), self.cfg.head.out_dim)
+        if warning and not any("collapse" in n for n in self.notes):
+            print(warning, file=sys.stderr)
+            self.notes.append(f"CLS head collapsed to the uniform output at epoch {epoch}")
+        self._plot()
+
+    def _report_cut(self, log: JsonlLog | None, wall_s: float) -> None:
+        """A stop before the configured end (time_limit_min / max_iters): said loudly on the
+        console, in log.jsonl ("type": "stopped") and on training.png."""
+        o, s = self.cfg.optim, self.state
+        done, total = s.epoch * self.iters_per_epoch + s.epoch_iter, o.epochs * self.iters_per_epoch
+        over_time = self.cfg.time_limit_min > 0 and wall_s > self.cfg.time_limit_min * 60
+        reason = f"time_limit_min={self.cfg.time_limit_min}" if over_time else "max_iters"
+        text = (
+            f"STOPPED EARLY by {reason} after {done} of {total} steps ({wall_s / 60:.1f} min): "
+            "the result depends on this machine's speed; rerun to resume"
+        )
+        print(f"[pretrain] WARNING: {text}", file=sys.stderr)
+        if log is not None:
+            record = {"type": "stopped", "epoch": s.epoch, "reason": reason, "steps": done}
+            log.write({**record, "total_steps": total, "wall_s": wall_s})
+        self.notes.append(text)
+        self._plot()
+
+    def _plot(self) -> None:
+        if not self.cfg.plot:
+            return
+        o = self.cfg.optim
+        title = (
+            f"iBOT {self.vit.name} on {self.cfg.data}: {o.epochs} epochs x "
+            f"{self.iters_per_epoch} steps, batch {o.batch_size}"
+        )
+        plot_training(
+            self.out / ckpt.LOG,
+            self.out / ckpt.PLOT,
+            self.iters_per_epoch,
+            self.cfg.head.out_dim,
+            title,
+            "; ".join(self.notes),
+        )
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or ``max_iters`` / ``time_limit_min``); returns a summary."""
@@ -644,6 +724,10 @@ class Trainer:
             state = self.checkpoint_state()
             if is_main():
                 ckpt.save_checkpoint(self.out / ckpt.INIT, state)
+                if log is not None and self.probe is not None and not self.probe.skip:
+                    log.write({"type": "init", "epoch": -1, "knn_top1": self._probe()}, 0)
+        if self.probe is not None and self.probe.skip:
+            self.notes.append(f"kNN monitor off: {self.probe.skip}")
         monitor = ClusterMonitor()
         stopped = False
         last: dict[str, float] = {}
@@ -690,17 +774,12 @@ class Trainer:
                     self.state = _State(epoch + 1, 0)
                     freq = cfg.saveckp_freq
                     self.save(snapshot=bool(freq and (epoch + 1) % freq == 0), export=True)
-                    if log is not None:
-                        record = {"type": "epoch", "epoch": epoch, **last, **summary}
-                        log.write(record, epoch)
                     if is_main():
-                        nmi = f" nmi {summary['nmi']:.3f}" if "nmi" in summary else ""
-                        print(
-                            f"[pretrain] epoch {epoch}: loss {last.get('loss', float('nan')):.4f}"
-                            f" (cls {last.get('cls', 0):.4f}, mim {last.get('mim', 0):.4f}){nmi}"
-                            f" {time.perf_counter() - start:.0f}s",
-                            file=sys.stderr,
+                        self._end_epoch(
+                            epoch, {**last, **summary}, log, time.perf_counter() - start
                         )
+                if stopped and self.state.epoch < o.epochs and is_main():
+                    self._report_cut(log, time.perf_counter() - start)
         finally:
             if log is not None:
                 log.close()
