@@ -266,7 +266,6 @@ class Trainer:
         )
         self.notes: list[str] = []  # what training.png says under its title
 
-
     # ------------------------------------------------------------------ checkpoints
     def _optimizer_names(self) -> list[list[str]]:
         """Per optimizer group, the student parameter names of its slots, in order."""
