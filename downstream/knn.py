@@ -6,43 +6,58 @@ top-k neighbours votes for its class with weight ``exp(sim / T)``, ``T = 0.07``;
 score is its summed weight. Top-1 / top-5 are reported for every k of ``ks`` and for the
 best k.
 
+The search is exact but cheap: a reduced-precision matmul (bf16 on CPUs where it is measured
+faster than fp32, fp16 on CUDA) picks the ``max(k) + margin`` best candidates of every query,
+which are re-ranked with fp32 similarities. A query keeps that answer only when its k-th
+fp32 similarity is above every excluded candidate's approximate similarity plus a proven
+bound on the reduced-precision error (:func:`error_bound`); otherwise it is searched again
+with 4x the candidates, up to the whole bank. Predictions therefore equal those of the
+exact fp32 formula (the fp32 similarity of the normalised vectors, one element-wise
+product and sum per pair).
+
 Differences from the reference (docs/protocols.md#reference-subtleties, last bullet), on purpose:
 
-- One faiss search at ``max(ks)`` serves every k (neighbours come sorted), in query chunks
-  of ``chunk_size`` so memory stays bounded for 1.28M x 384 banks; any number of test
-  samples works (the reference's chunk size was 0 below 100 samples).
+- One search at ``max(ks)`` serves every k, in query chunks of ``chunk_size`` and bank
+  blocks of ``BANK_BLOCK`` rows, so memory stays bounded for 1.28M x 384 banks; any number
+  of test samples works (the reference's chunk size was 0 below 100 samples).
+- Neighbours with equal similarity are ordered by their bank index (lowest first), so the
+  k-th neighbour is well defined.
 - k larger than the bank is clipped to the bank size (the effective k is in ``extra``).
 - Top-5 counts only classes that received votes: a query is a top-5 hit when its true
   class has a positive score and fewer than 5 classes rank ahead of it. Classes are
   ranked by score, ties broken by the lowest class index; this is deterministic and
   well defined for k < 5 and for fewer than 5 classes (the reference sorted zero-vote
   classes arbitrarily, or crashed for k < 5).
-- The faiss device (GPU when faiss has GPU support and a GPU, else CPU) is logged and
-  returned as ``extra["faiss_device"]``; asking for ``device: gpu`` without one is an error,
-  never a silent fallback.
+- The search runs in torch on ``device`` (``auto``: CUDA when available, else CPU); the
+  device, the candidate-search dtype and the number of re-searched queries are logged and
+  returned in ``extra`` (``search_device``, ``search_dtype``, ``researched``); asking for
+  ``device: gpu`` without CUDA is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
+import torch
 
 from ibot_bench.errors import ConfigError, UserError
-from ibot_bench.faiss_device import faiss_device
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
-if TYPE_CHECKING:  # annotations only: the kNN core needs numpy and faiss, not torch
+if TYPE_CHECKING:
     from ibot_bench.features import FeatureSet
 
 log = logging.getLogger(__name__)
 
-GPU_MAX_K = 2048  # faiss GPU flat indexes return at most 2048 neighbours
-Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+BANK_BLOCK = 131072  # bank rows per candidate-search matmul (bounds the similarity block)
+RERANK_ELEMS = 1 << 21  # gathered bank elements per exact re-ranking step
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-9, torch.float16: 2.0**-11}
+_CPU_SEARCH_DTYPE: list[torch.dtype] = []  # measured once per process
 
 
 @dataclass
@@ -51,8 +66,8 @@ class KnnConfig:
 
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07
-    chunk_size: int = 4096  # test queries per faiss search
-    device: str = "auto"  # auto | cpu | gpu (faiss)
+    chunk_size: int = 1024  # test queries per search step
+    device: str = "auto"  # auto | cpu | gpu (CUDA)
 
 
 @dataclass
@@ -63,7 +78,9 @@ class KnnResult:
     k_effective: dict[int, int]
     top1: dict[int, np.ndarray]
     top5: dict[int, np.ndarray]
-    faiss_device: str
+    device: str
+    search_dtype: str
+    researched: int  # queries whose candidate set had to be widened
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -71,59 +88,176 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12, chunk: int = 16384) -> np.ndarray:
-    """Row-wise L2-normalised float32 copy of ``x`` (rows of norm < eps are divided by eps).
+def l2_normalize(x: np.ndarray, eps: float = 1e-12, chunk: int = 16384) -> torch.Tensor:
+    """Row-wise L2-normalised float32 CPU tensor of ``x`` (rows of norm < eps are divided by eps).
 
     Works ``chunk`` rows at a time, so the only large allocation is the output itself.
     """
     x = np.asarray(x)
-    out = np.empty(x.shape, dtype=np.float32)
+    out = torch.empty(x.shape, dtype=torch.float32)
     for rows in _chunks(len(x), chunk):
-        part = np.asarray(x[rows], dtype=np.float32)
-        norms = np.sqrt(np.einsum("ij,ij->i", part, part))
-        if not np.isfinite(norms).all():
+        part = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
+        norms = torch.linalg.vector_norm(part, dim=1)
+        if not torch.isfinite(norms).all():
             raise UserError("features contain NaN or inf; the encoder produced invalid outputs")
-        out[rows] = part / np.maximum(norms, eps)[:, None]
+        torch.div(part, norms.clamp_min(eps)[:, None], out=out[rows])
     return out
 
 
-def _make_searcher(bank: np.ndarray, device: str) -> Searcher:
-    """Inner-product top-k search over ``bank`` (rows already L2-normalised)."""
-    if device == "gpu":
-        res = faiss.StandardGpuResources()
-        index = faiss.GpuIndexFlatIP(res, bank.shape[1])
-        index.add(bank)
-
-        def search_gpu(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            _ = res  # keep the GPU resources alive as long as the index
-            return index.search(queries, k)
-
-        return search_gpu
-
-    def search_cpu(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # faiss.knn searches the array in place: no second copy of the bank in an index
-        return faiss.knn(queries, bank, k, metric=faiss.METRIC_INNER_PRODUCT)
-
-    return search_cpu
+def search_device(requested: str = "auto") -> torch.device:
+    """Where the search runs for ``requested`` in {auto, cpu, gpu}: CUDA or CPU, never silently."""
+    if requested not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"device must be auto, cpu or gpu, got {requested!r}")
+    has_gpu = torch.cuda.is_available()
+    if requested == "gpu" and not has_gpu:
+        raise UserError("device: gpu asked for, but torch sees no CUDA GPU (use device: cpu)")
+    return torch.device("cuda" if requested != "cpu" and has_gpu else "cpu")
 
 
-def class_scores(
-    sims: np.ndarray, neighbor_labels: np.ndarray, temperature: float, num_classes: int
-) -> np.ndarray:
-    """(Q, C) float64 summed vote weights ``sum_j exp(sim_j / T)`` of the given neighbours."""
+def _best_seconds(fn, repeats: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def search_dtype(device: torch.device, dim: int) -> torch.dtype:
+    """Candidate-search dtype: fp16 on CUDA; on CPU bf16 when a measured matmul is faster.
+
+    The CPU choice times one bf16 and one fp32 (512, dim) x (dim, 16384) product, once per
+    process; exactness never depends on it (candidates are re-ranked in fp32).
+    """
+    if device.type == "cuda":
+        return torch.float16
+    if not _CPU_SEARCH_DTYPE:
+        a, b = torch.randn(512, dim), torch.randn(16384, dim)
+        fp32 = _best_seconds(lambda: a @ b.T)
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        bf16 = _best_seconds(lambda: a16 @ b16.T)
+        _CPU_SEARCH_DTYPE.append(torch.bfloat16 if bf16 < fp32 else torch.float32)
+        log.info("kNN: bf16 matmul %.2fx the speed of fp32 here", fp32 / bf16)
+    return _CPU_SEARCH_DTYPE[0]
+
+
+def error_bound(dtype: torch.dtype, dim: int) -> float:
+    """Bound on |fp32 similarity - ``dtype`` matmul similarity| for unit vectors.
+
+    Rounding both inputs to ``dtype`` (relative error u per element) moves a dot product of
+    unit vectors by at most (2u + u^2) (Cauchy-Schwarz); rounding the output adds u; the
+    fp32 accumulations of both computations add at most ``dim`` x 2^-22 each (generous for
+    any summation order and truncating accumulators). CUDA matmuls run with fp16
+    reduced-precision reductions off (:func:`candidates`), so they accumulate in fp32.
+    """
+    u = UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else 0.0
+    subnormal = dim * 2.0**-24  # elements below fp16's normal range: absolute error 2^-25
+    return (2 * u + u * u) * 1.0001 + u * 1.01 + 2 * dim * 2.0**-22 + subnormal
+
+
+def exact_similarities(
+    bank: torch.Tensor, queries: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """(Q, M) fp32 similarities of ``queries`` with bank rows ``idx``: one element-wise product
+    and sum per pair, so equal vectors get equal similarities wherever they sit."""
+    q, m = idx.shape
+    d = bank.shape[1]
+    out = torch.empty(q, m, dtype=torch.float32, device=bank.device)
+    rows = max(1, RERANK_ELEMS // max(m * d, 1))
+    cols = min(m, max(1, RERANK_ELEMS // d))
+    for r in range(0, q, rows):
+        for c in range(0, m, cols):
+            part = idx[r : r + rows, c : c + cols]
+            vecs = bank.index_select(0, part.reshape(-1)).view(*part.shape, d)
+            out[r : r + rows, c : c + cols] = (vecs * queries[r : r + rows, None]).sum(-1)
+    return out
+
+
+def candidates(
+    bank_lp: torch.Tensor, queries_lp: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``m`` best bank rows of every query by reduced-precision similarity, and
+    an upper bound of the approximate similarity of every bank row left out (-inf if none)."""
+    n = bank_lp.shape[0]
+    if m >= n:
+        idx = torch.arange(n, device=bank_lp.device).expand(len(queries_lp), n)
+        return idx, torch.full((len(queries_lp),), -math.inf, device=bank_lp.device)
+    vals, idxs = [], []
+    matmul = torch.backends.cuda.matmul
+    reduced = matmul.allow_fp16_reduced_precision_reduction
+    for block in _chunks(n, BANK_BLOCK):
+        matmul.allow_fp16_reduced_precision_reduction = False  # fp32 accumulation, bounded
+        try:
+            sims = queries_lp @ bank_lp[block].T
+        finally:
+            matmul.allow_fp16_reduced_precision_reduction = reduced
+        v, i = sims.topk(min(m, sims.shape[1]), dim=1, sorted=False)
+        vals.append(v.float())
+        idxs.append(i + block.start)
+    v, i = torch.cat(vals, 1), torch.cat(idxs, 1)
+    if v.shape[1] > m:  # every row left out of a block is below m rows of that block
+        v, pick = v.topk(m, dim=1, sorted=False)
+        i = i.gather(1, pick)
+    return i, v.amin(1)
+
+
+def nearest(
+    bank: torch.Tensor,
+    bank_lp: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact top-``k`` (fp32 similarity desc, bank index asc) of every query: ``(sims, idx,
+    researched)``; queries whose candidates do not provably hold the top-k are searched again
+    with 4x the candidates (the whole bank at most)."""
+    n = bank.shape[0]
+    sims = torch.empty(len(queries), k, device=bank.device)
+    idx = torch.empty(len(queries), k, dtype=torch.int64, device=bank.device)
+    todo = torch.arange(len(queries), device=bank.device)
+    m, researched = min(n, k + max(32, k // 2)), 0
+    while len(todo):
+        cand, outside = candidates(bank_lp, queries[todo].to(bank_lp.dtype), m)
+        cand = cand.sort(1).values  # index order first: stable sort keeps it within equal sims
+        exact = exact_similarities(bank, queries[todo], cand)
+        exact, order = exact.sort(dim=1, descending=True, stable=True)
+        ok = exact[:, k - 1] > outside + eps
+        done = todo[ok]
+        sims[done] = exact[ok, :k]
+        idx[done] = cand.gather(1, order[:, :k])[ok]
+        todo = todo[~ok]
+        researched += len(todo)
+        m = min(n, 4 * m)
+    return sims, idx, researched
+
+
+def vote(
+    sims: torch.Tensor, labels: torch.Tensor, ks: list[int], temperature: float, num_classes: int
+) -> dict[int, torch.Tensor]:
+    """(Q, 5) best classes for every k of ``ks`` (sorted) from neighbours sorted by similarity.
+
+    A class's score is its float64 summed ``exp(sim / T)``, accumulated in neighbour order
+    (one running sum serves every k); ranked by score, ties by the lowest class index; -1
+    where fewer than 5 classes have a positive score.
+    """
     q = sims.shape[0]
-    weights = np.exp(sims.astype(np.float64) / temperature)
-    flat = (np.arange(q)[:, None] * num_classes + neighbor_labels).ravel()
-    votes = np.bincount(flat, weights=weights.ravel(), minlength=q * num_classes)
-    return votes.reshape(q, num_classes)
-
-
-def rank_classes(scores: np.ndarray, top: int = 5) -> np.ndarray:
-    """(Q, top) best classes by score, ties by lowest class index; -1 where the score is 0."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    voted = np.take_along_axis(scores, order, axis=1) > 0
-    ranked = np.full((scores.shape[0], top), -1, dtype=np.int64)
-    ranked[:, : order.shape[1]] = np.where(voted, order, -1)
+    weights = (sims.double() / temperature).exp()
+    scores = torch.zeros(q, num_classes, dtype=torch.float64, device=sims.device)
+    ranked, done = {}, 0
+    for k in ks:
+        scores.scatter_add_(1, labels[:, done:k], weights[:, done:k])
+        done = k
+        lab = labels[:, :k].sort(1).values
+        val, order = scores.gather(1, lab).sort(dim=1, descending=True, stable=True)
+        lab = lab.gather(1, order)  # (score desc, class asc); a class's copies are adjacent
+        first = torch.ones_like(lab, dtype=torch.bool)
+        first[:, 1:] = lab[:, 1:] != lab[:, :-1]
+        keep = first & (val > 0)
+        rank = torch.where(keep, keep.cumsum(1) - 1, 5).clamp(max=5)
+        out = torch.full((q, 6), -1, dtype=torch.int64, device=sims.device)
+        out.scatter_(1, rank, torch.where(rank < 5, lab, -1))
+        ranked[k] = out[:, :5]
     return ranked
 
 
@@ -159,7 +293,7 @@ def knn_classify(
     ks: list[int],
     num_classes: int,
     temperature: float = 0.07,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     device: str = "auto",
 ) -> KnnResult:
     """Weighted kNN predictions of ``queries`` for every k in ``ks`` from one search.
@@ -182,28 +316,36 @@ def knn_classify(
             len(bank_labels),
             len(bank_labels),
         )
-    device = faiss_device(device)
-    if device == "gpu" and k_max > GPU_MAX_K:
-        raise ConfigError(f"faiss on GPU supports k <= {GPU_MAX_K}, got {k_max}")
+    dev = search_device(device)
+    bank_t = l2_normalize(bank).to(dev)
+    dtype = search_dtype(dev, bank_t.shape[1])
+    bank_lp = bank_t.to(dtype)
+    eps = error_bound(dtype, bank_t.shape[1])
+    labels_t = torch.from_numpy(bank_labels).to(dev)
     log.info(
-        "kNN: %d queries, bank %s, k_max %d, faiss on %s", len(queries), bank.shape, k_max, device
+        "kNN: %d queries, bank %s, k_max %d, search on %s in %s (error bound %.2g)",
+        len(queries),
+        tuple(bank.shape),
+        k_max,
+        dev.type,
+        str(dtype).removeprefix("torch."),
+        eps,
     )
-
-    search = _make_searcher(l2_normalize(bank), device)
     n_q = len(queries)
     top1 = {k: np.empty(n_q, dtype=np.int64) for k in ks}
     top5 = {k: np.empty((n_q, 5), dtype=np.int64) for k in ks}
+    researched = 0
     for rows in _chunks(n_q, chunk_size):
-        sims, idx = search(l2_normalize(queries[rows]), k_max)
-        neighbor_labels = bank_labels[idx]
+        q = l2_normalize(queries[rows]).to(dev)
+        sims, idx, again = nearest(bank_t, bank_lp, q, k_max, eps)
+        researched += again
+        ranked = vote(sims, labels_t[idx], sorted(set(k_eff.values())), temperature, num_classes)
         for k in ks:
-            scores = class_scores(
-                sims[:, : k_eff[k]], neighbor_labels[:, : k_eff[k]], temperature, num_classes
-            )
-            ranked = rank_classes(scores)
-            top1[k][rows] = ranked[:, 0]
-            top5[k][rows] = ranked
-    return KnnResult(ks, k_eff, top1, top5, device)
+            top5[k][rows] = ranked[k_eff[k]].cpu().numpy()
+            top1[k][rows] = top5[k][rows, 0]
+    if researched:
+        log.info("kNN: %d of %d queries searched again with more candidates", researched, n_q)
+    return KnnResult(ks, k_eff, top1, top5, dev.type, str(dtype).removeprefix("torch."), researched)
 
 
 def knn_metrics(result: KnnResult, labels: np.ndarray) -> dict[str, float]:
@@ -243,7 +385,9 @@ def knn_eval(train: FeatureSet, test: FeatureSet, cfg: KnnConfig) -> tuple[dict[
         cfg.device,
     )
     extra = {
-        "faiss_device": result.faiss_device,
+        "search_device": result.device,
+        "search_dtype": result.search_dtype,
+        "researched": result.researched,
         "k_effective": {str(k): v for k, v in result.k_effective.items()},
         "bank_size": len(train),
         "num_queries": len(test),

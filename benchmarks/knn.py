@@ -1,0 +1,131 @@
+"""kNN classifier vs. a plain-torch statement of DINO's ``knn_classifier`` (one run).
+
+Baseline (docs/protocols.md#knn, dino ``eval_knn.py``): the test set in 100 chunks, fp32
+``chunk @ bank.T``, ``topk(k)``, one-hot votes weighted by ``exp(sim / T)`` summed per
+class, sort; one such pass per k, as the reference loops over its ks. Ours:
+:func:`ibot_bench.downstream.knn.knn_classify` (one search for every k). Rows alternate
+ours and baseline; the top-1 predictions of every k must agree (``equal`` in the note).
+
+    python benchmarks/knn.py                 # 100k x 384 bank, 10k queries, 1,000 classes
+    python benchmarks/knn.py --small         # 10k bank, 1k queries, 100 classes (< 1 min)
+
+Targets (issue #15): k=20 >= 5x, ks {10, 20, 100, 200} >= 12x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from ibot_bench.downstream.knn import knn_classify
+
+T = 0.07
+KS = [10, 20, 100, 200]
+FULL = {"bank": 100_000, "queries": 10_000, "classes": 1000}
+SMALL = {"bank": 10_000, "queries": 1_000, "classes": 100}
+
+
+def dino_knn(
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int, classes: int
+) -> torch.Tensor:
+    """Top-1 class of every query by DINO's formula (normalised fp32 inputs)."""
+    n = len(queries)
+    chunk = max(1, n // 100)
+    bank_t = bank.T
+    one_hot = torch.zeros(chunk * k, classes)
+    preds = []
+    for start in range(0, n, chunk):
+        feats = queries[start : start + chunk]
+        b = len(feats)
+        dist, idx = (feats @ bank_t).topk(k, largest=True, sorted=True)
+        neighbours = bank_labels[idx]
+        one_hot.resize_(b * k, classes).zero_()
+        one_hot.scatter_(1, neighbours.view(-1, 1), 1)
+        weights = (dist / T).exp()
+        probs = (one_hot.view(b, -1, classes) * weights.view(b, -1, 1)).sum(1)
+        preds.append(probs.sort(1, True).indices[:, 0])
+    return torch.cat(preds)
+
+
+def _data(bank: int, queries: int, classes: int, dim: int = 384) -> tuple:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((bank, dim), dtype=np.float32)
+    y = rng.integers(0, classes, bank)
+    q = rng.standard_normal((queries, dim), dtype=np.float32)
+    return x, y, q
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def rows(
+    small: bool = False,
+    bank: int | None = None,
+    queries: int | None = None,
+    classes: int | None = None,
+) -> list[dict]:
+    """Both kNN rows: name, ours_s, baseline_s, ratio (baseline / ours), target, note."""
+    size = dict(SMALL if small else FULL)
+    size.update(
+        {
+            k: v
+            for k, v in {"bank": bank, "queries": queries, "classes": classes}.items()
+            if v is not None
+        }
+    )
+    x, y, q = _data(size["bank"], size["queries"], size["classes"])
+    xt = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    qt = torch.nn.functional.normalize(torch.from_numpy(q), dim=1)
+    yt = torch.from_numpy(y)
+    knn_classify(x[:2048], y[:2048], q[:64], [20], size["classes"])  # warm-up, dtype choice
+    shape = f"{size['bank'] // 1000}k bank, {size['queries'] // 1000}k queries"
+    out = []
+    for name, ks, target in (("k=20", [20], 5.0), ("ks 10,20,100,200", KS, 12.0)):
+        ours, ours_s = _timed(lambda ks=ks: knn_classify(x, y, q, ks, size["classes"]))
+        base, base_s = _timed(
+            lambda ks=ks: {k: dino_knn(xt, yt, qt, k, size["classes"]) for k in ks}
+        )
+        differ = sum(int((ours.top1[k] != base[k].numpy()).sum()) for k in ks)
+        note = (
+            f"{shape}, {size['classes']} classes; top-1 equal: {differ == 0} "
+            f"({differ} differ); search {ours.device}/{ours.search_dtype}, "
+            f"{ours.researched} re-searched"
+        )
+        out.append(
+            {
+                "name": f"kNN {name}",
+                "ours_s": ours_s,
+                "baseline_s": base_s,
+                "ratio": base_s / ours_s,
+                "target": target,
+                "note": note,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="10k bank, 1k queries, 100 classes")
+    p.add_argument("--bank", type=int)
+    p.add_argument("--queries", type=int)
+    p.add_argument("--classes", type=int)
+    args = p.parse_args(argv)
+    result = rows(args.small, args.bank, args.queries, args.classes)
+    print("name | ours | baseline | ratio | target")
+    for r in result:
+        print(
+            f"{r['name']} | {r['ours_s']:.2f}s | {r['baseline_s']:.2f}s | "
+            f"{r['ratio']:.1f}x | >= {r['target']:g}x  ({r['note']})"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    main()
