@@ -396,6 +396,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, overrides)
     profile = load_profile(args.profile)
     output = args.output or f"results/{suite.name}"
+    name_encoders(args.encoder)  # two encoders given one name: refused before anything starts
     if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
         return launched
     pretrain_name = args.pretrain or suite.pretrain
@@ -407,7 +408,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         encoders = list(suite.encoders)
     if not encoders:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
-    names = name_encoders(encoders)  # duplicate display names fail here, before any work
+    names = name_encoders(encoders)  # suite encoder lists: duplicates fail before any work
     _check_baseline(args.baseline, names, output)
     tasks = args.tasks.split(",") if args.tasks else None
     outcomes = run_suite(

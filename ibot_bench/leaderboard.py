@@ -389,7 +389,12 @@ def legend_lines(board: GroupBoard, text: Callable[[object], str]) -> list[str]:
         fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
         lines.append(f"{text(name)}{mark}: {text(spec)}{fp}")
     columns = "; ".join(f"{text(c)} = {text(p)} {text(m)}" for c, (p, m) in board.columns.items())
-    return [*lines, f"columns (protocol metric): {columns}"]
+    if board.baseline is None:
+        colours = "no baseline (random/init encoder or --baseline): leaderboard.png colours "
+        colours += "each column on its own scale"
+    else:
+        colours = f"leaderboard.png colours the difference from {text(board.baseline)}"
+    return [*lines, f"columns (protocol metric): {columns}", colours]
 
 
 NOTE = (

@@ -52,21 +52,30 @@ def write_heatmap(boards: Sequence[GroupBoard], path: Path) -> None:
         plt.close(fig)
 
 
-def _panel(ax, board: GroupBoard) -> None:
+def cell_colours(board: GroupBoard) -> tuple[np.ndarray, np.ndarray | None, str, str]:
+    """(colour in -1..1 per cell, difference from the baseline or None, colormap, note).
+
+    With a baseline: the difference in points over the largest one of the panel, so 0 (the
+    baseline's own row) is the colormap's centre. Without: each column scaled to -1..1.
+    """
     values = board.table.to_numpy(dtype=float)
-    best = board.best().to_numpy()
     if board.baseline is not None:
         diff = values - board.table.loc[board.baseline].to_numpy(dtype=float)
         reach = np.nanmax(np.abs(diff), initial=0.0) or 1.0
-        colour, cmap = diff / reach, "RdBu"  # -1..1, 0 = as the baseline
         note = f"colour: difference from {_short(board.baseline)} (points)"
-    else:
-        diff = None
+        return diff / reach, diff, "RdBu", note
+    with np.errstate(all="ignore"):  # an all-NaN column stays NaN
         low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-        colour, cmap = 2 * (values - low) / np.where(high > low, high - low, 1) - 1, "viridis"
-        note = "no baseline encoder: colour scaled per column"
+        colour = 2 * (values - low) / np.where(high > low, high - low, 1) - 1
+    return colour, None, "viridis", "no baseline encoder: colour scaled per column"
+
+
+def _panel(ax, board: GroupBoard) -> None:
     import matplotlib
 
+    values = board.table.to_numpy(dtype=float)
+    best = board.best().to_numpy()
+    colour, diff, cmap, note = cell_colours(board)
     shades = matplotlib.colormaps[cmap].with_extremes(bad="#eeeeee")
     ax.imshow(np.ma.masked_invalid(colour), cmap=shades, vmin=-1, vmax=1, aspect="auto")
     rows = [_short(n) + (" (baseline)" if n == board.baseline else "") for n in board.table.index]

@@ -1,0 +1,207 @@
+"""Leaderboards at a glance: one headline metric per protocol, short display names with a
+legend, best per column marked, a heatmap <= 1600 px coloured against a baseline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ibot_bench.cli import main
+from ibot_bench.display_names import derive_name, name_encoders, split_named
+from ibot_bench.errors import UserError
+from ibot_bench.leaderboard import headline_boards, long_frame
+from ibot_bench.leaderboard_png import MAX_WIDTH_PX, cell_colours
+from ibot_bench.records import ResultRecord, read_records
+
+QUICK = "ibot:results/quick/pretrain/quick/checkpoint.pth"
+INIT = "ibot:results/quick/pretrain/quick/checkpoint_init.pth"
+DINO = "dino:/ckpt/dino_deitsmall16_pretrain.pth"
+# (task, protocol, metrics) per group; the gain is added to every metric of an encoder
+RUNS = {
+    "shapes-32px": [
+        ("knn", "knn", {"top1": 30.0, "top5": 60.0, "top1_k10": 29.0, "best_k": 10.0}),
+        ("linear", "linear", {"top1": 20.0, "top5": 50.0}),
+        ("cluster", "cluster-kmeans", {"nmi": 10.0, "ari": 5.0, "acc": 25.0}),
+        ("cluster-head", "cluster-head", {"nmi": 8.0, "acc": 22.0}),
+        ("semi", "semi-10pct", {"logreg_top1": 15.0, "knn_top1": 14.0, "linear_top1": 13.0}),
+        ("semi-finetune", "semi-ft-head-10pct", {"top1": 12.0, "top5": 40.0}),
+        ("finetune", "finetune", {"top1": 40.0, "top5": 80.0, "best_epoch": 3.0}),
+    ],
+    "digits-32px": [
+        ("knn", "knn", {"top1": 50.0, "top5": 90.0}),
+        ("logreg", "logreg", {"top1": 60.0, "top5": 95.0}),
+    ],
+}
+GAIN = {QUICK: 10.0, INIT: 0.0, DINO: 5.0}
+HEADLINE = {
+    "shapes-32px": ["kNN top-1", "linear top-1", "k-means NMI", "head NMI", "semi 10% top-1",
+                    "semi-ft 10% top-1", "fine-tune top-1"],
+    "digits-32px": ["kNN top-1", "logreg top-1"],
+}  # fmt: skip
+
+
+def _record(spec: str, group: str, task: str, protocol: str, metrics: dict, name: str = ""):
+    encoder = {"spec": spec, "fingerprint": hashlib.sha256(spec.encode()).hexdigest()}
+    if name:
+        encoder["name"] = name
+    return ResultRecord(
+        task=task,
+        protocol=protocol,
+        encoder=encoder,
+        dataset={"spec": f"synthetic:{group}", "group": group, "fingerprint": group},
+        metrics=metrics,
+        config={"seeds": [0]},
+    )
+
+
+def _write_suite(folder, names: dict[str, str] | None = None) -> list[ResultRecord]:
+    """3 encoders x 2 groups of records; the DINO one loses fine-tuning (best stays init)."""
+    written = []
+    for spec, gain in GAIN.items():
+        for group, runs in RUNS.items():
+            for task, protocol, metrics in runs:
+                bump = -gain if task == "finetune" else gain
+                values = {m: v + bump for m, v in metrics.items()}
+                record = _record(spec, group, task, protocol, values, (names or {}).get(spec, ""))
+                record.write(folder)
+                written.append(record)
+    return written
+
+
+def _md_table(text: str, group: str) -> list[list[str]]:
+    part = text.split(f"## {group}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in part.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]
+
+
+def test_display_names_rule():
+    assert split_named("ours=ibot:out/checkpoint.pth") == ("ours", "ibot:out/checkpoint.pth")
+    assert split_named("my run 2=random:vit_small") == ("my run 2", "random:vit_small")
+    for spec in ("ibot:ckpt.pth?key=val", "synthetic:shapes?x=1", "a/b=c", "ibot:x", "x?y=z"):
+        assert split_named(spec) == (None, spec)  # '=' after ':', '/' or '?': a spec
+    with pytest.raises(UserError, match="non-empty name and spec"):
+        split_named(" =ibot:x")
+    assert derive_name(QUICK) == "quick" and derive_name(INIT) == "quick-init"
+    assert derive_name("timm:vit_small_patch16_224") == "vit_small_patch16_224"
+    assert derive_name("random:vit_tiny_patch8") == "random-vit_tiny_patch8"
+    assert derive_name(DINO + ":student") == "dino_deitsmall16_pretrain-student"
+    named = name_encoders(
+        ["ibot:a/quick/checkpoint.pth", "ibot:b/quick/checkpoint.pth", "x=" + INIT]
+    )
+    assert list(named.values())[2] == "x" and len(set(named.values())) == 3
+    assert named == name_encoders(["ibot:a/quick/checkpoint.pth", "ibot:b/quick/checkpoint.pth",
+                                   "x=" + INIT])  # fmt: skip  # stable
+    assert all(n.startswith("quick-") for n in list(named.values())[:2])
+    with pytest.raises(UserError, match="two encoders are named 'a'"):
+        name_encoders(["a=random:vit_tiny_patch8", "a=random:vit_tiny_patch16"])
+
+
+def test_old_records_get_a_derived_name_and_names_are_validated(tmp_path):
+    data = json.loads(_record(QUICK, "g", "knn", "knn", {"top1": 1.0}).to_json())
+    assert "name" not in data["encoder"]  # written before names existed
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "old.json").write_text(json.dumps(data))
+    data["encoder"]["name"] = ["x"]
+    (tmp_path / "records" / "bad.json").write_text(json.dumps(data))
+    records, errors = read_records(tmp_path)
+    assert [r.display_name for r in records] == ["quick"]
+    assert len(errors) == 1 and "encoder['name'] must be a non-empty string" in errors[0][1]
+
+
+def test_leaderboard_three_encoders_two_groups(tmp_path, capsys):
+    res = tmp_path / "res"
+    records = _write_suite(res, {DINO: "dino <b>S</b>|16"})
+    assert main(["report", str(res)]) == 0
+    text = capsys.readouterr().out
+    assert text == (res / "leaderboard.md").read_text() + "\n"
+    for group, columns in HEADLINE.items():
+        table = _md_table(text, group)
+        assert table[0] == ["encoder", *columns]  # one headline per protocol run, in order
+        rows = {r[0]: r[1:] for r in table[2:]}
+        assert set(rows) == {"quick", "quick-init (baseline)", r"dino \<b\>S\</b\>\|16"}
+        best = {c: [n for n, cells in rows.items() if cells[i].startswith("**")]
+                for i, c in enumerate(columns)}  # fmt: skip
+        for column, winners in best.items():
+            assert winners == ["quick-init (baseline)" if column == "fine-tune top-1" else "quick"]
+        assert rows["quick"][0] == f"**{RUNS[group][0][2]['top1'] + 10:.2f}**"
+    for hidden in ("top5", "ari", "best_k", "top1_k10", "knn_top1"):  # detail stays out
+        assert hidden not in text.split("columns (protocol metric)")[0], hidden
+    # legend: the full spec and fingerprint of each name, what each column is
+    fingerprint = {r.encoder["spec"]: r.encoder["fingerprint"][:12] for r in records}
+    for spec in (QUICK, INIT):
+        name = derive_name(spec)
+        assert re.search(
+            rf"^- {re.escape(name)}( \(baseline\))?: {re.escape(spec.replace('_', chr(92) + '_'))}, "
+            rf"fingerprint {fingerprint[spec]}$",
+            text,
+            re.M,
+        ), name
+    assert r"- dino \<b\>S\</b\>\|16: dino:/ckpt/dino\_deitsmall16\_pretrain.pth" in text
+    assert "semi 10% top-1 = semi-10pct logreg\\_top1" in text
+    assert "leaderboard.png colours the difference from quick-init" in text
+    assert "<b>" not in text
+    # every metric remains in records.csv and --detail
+    assert "ari" in (res / "records.csv").read_text()
+    assert main(["report", str(res), "--detail"]) == 0
+    assert "cluster-kmeans ari" in capsys.readouterr().out
+    with Image.open(res / "leaderboard.png") as image:
+        assert image.width <= MAX_WIDTH_PX and image.height < 2000
+
+
+def test_baseline_colouring(tmp_path):
+    _write_suite(tmp_path)
+    long = long_frame(read_records(tmp_path)[0])
+    boards = headline_boards(long)
+    assert [b.baseline for b in boards] == ["quick-init", "quick-init"]  # the default
+    colour, diff, cmap, note = cell_colours(boards[0])
+    rows = list(boards[0].table.index)
+    assert cmap == "RdBu" and "difference from quick-init" in note
+    assert np.all(diff[rows.index("quick-init")] == 0)  # the centre of the diverging map
+    quick = diff[rows.index("quick")]
+    assert np.allclose(quick[:-1], 10.0) and quick[-1] == -10.0  # fine-tune: 40-10 vs 40
+    assert colour.min() == -1.0 and np.all(np.abs(colour) <= 1)
+    chosen = headline_boards(long, baseline="quick")
+    assert cell_colours(chosen[0])[1][rows.index("quick")].tolist() == [0.0] * len(quick)
+    # no random/init encoder: no baseline, plain per-column colouring, and it says so
+    plain = [r for r in read_records(tmp_path)[0] if r.encoder["spec"] != INIT]
+    boards = headline_boards(long_frame(plain))
+    assert boards[0].baseline is None
+    colour, diff, cmap, note = cell_colours(boards[0])
+    assert diff is None and "scaled per column" in note
+    assert np.nanmax(colour) == 1.0 and np.nanmin(colour) == -1.0
+
+
+def test_bad_leaderboard_input(tmp_path, capsys):
+    _write_suite(tmp_path / "res")
+    assert main(["report", str(tmp_path / "res"), "--baseline", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline 'nope' is not an encoder" in err
+    assert "'quick'" in err and "'quick-init'" in err and "'dino_deitsmall16_pretrain'" in err
+    # two encoders given one display name: refused before any work
+    out = tmp_path / "dup"
+    code = main(["run", "--suite", "smoke", "--output", str(out),
+                 "--encoder", "a=random:vit_tiny_patch8", "--encoder", "a=random:vit_tiny_patch16"])  # fmt: skip
+    assert code == 2 and "two encoders are named 'a'" in capsys.readouterr().err
+    assert not out.exists()
+    code = main(["run", "--suite", "smoke", "--output", str(out),
+                 "--encoder", "a=random:vit_tiny_patch8", "--baseline", "b"])  # fmt: skip
+    assert code == 2 and "--baseline 'b' is not one of" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_run_records_the_display_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--suite", "smoke", "--tasks", "knn", "--output", str(out),
+                 "--encoder", "tiny <i>8 *x*|y=random:vit_tiny_patch8"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    (record,) = read_records(out)[0]
+    assert record.encoder["name"] == "tiny <i>8 *x*|y" == record.display_name
+    assert "tiny <i>8 *x*|y" in printed and "random:vit_tiny_patch8" in printed  # name, legend
+    text = (out / "leaderboard.md").read_text()
+    assert r"tiny \<i\>8 \*x\*\|y" in text and "<i>" not in text
