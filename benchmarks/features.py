@@ -25,7 +25,8 @@ from ibot_bench.data import load_split
 from ibot_bench.data.classification import EvalTransform, normalize_batch
 from ibot_bench.encoders import load_encoder
 from ibot_bench.features import FeatureConfig, extract_features
-from ibot_bench.runtime import autocast, bf16_is_fast
+from ibot_bench.precision import cpu_bf16_support
+from ibot_bench.runtime import autocast
 
 
 def write_jpegs(root: Path, n: int, size: int = 256, classes: int = 4) -> None:
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     precisions = args.precisions.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fast bf16 on this CPU: {bf16_is_fast(torch.device('cpu'))}")  # fmt: skip
+          f"bf16 on this CPU: {cpu_bf16_support()}")  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if "vit_s16_224" in args.cases:

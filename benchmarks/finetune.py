@@ -6,8 +6,8 @@
 Times the full training step of ``finetune`` — forward with drop-path, soft-target loss,
 backward, AdamW over the layer-decay groups — on random images (data loading excluded),
 once per precision, after warm-up steps, and prints images/s and the bf16 / fp32 ratio.
-``precision=auto`` picks bf16 only where :func:`ibot_bench.runtime.bf16_is_fast` says so
-(CUDA, or CPUs with AMX tiles); the table shows why.
+``precision=auto`` times a few such steps itself (:mod:`ibot_bench.precision`) and keeps the
+faster precision; this table is the long-form version of that measurement.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from timm.optim import create_optimizer_v2
 from ibot_bench.downstream.finetune import FinetuneModel, param_groups
 from ibot_bench.encoders import load_encoder
 from ibot_bench.layer_decay import set_drop_path
-from ibot_bench.runtime import autocast, bf16_is_fast, resolve_device, resolve_precision
+from ibot_bench.precision import cpu_bf16_support
+from ibot_bench.runtime import autocast, resolve_device
 
 
 def time_steps(
@@ -67,12 +68,10 @@ def main() -> None:
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(
         f"device {device} ({where or platform.machine()}), {torch.get_num_threads()} threads, "
-        f"AMX {amx}, bf16 fast: {bf16_is_fast(device)} -> precision=auto uses "
-        f"{resolve_precision(device, 'auto')}"
+        f"bf16: {'native' if device.type == 'cuda' else cpu_bf16_support()}"
     )
     print(f"{args.arch} @{args.img_size}px, batch {args.batch}, median of {args.steps} steps\n")
     print(f"{'precision':<10}{'s/step':>10}{'img/s':>10}{'vs fp32':>10}")

@@ -25,10 +25,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from ibot_bench.config import load_config  # noqa: E402
+from ibot_bench.precision import cpu_bf16_support  # noqa: E402
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes  # noqa: E402
 from ibot_bench.pretrain.monitor import ClusterMonitor  # noqa: E402
 from ibot_bench.pretrain.train import Trainer  # noqa: E402
-from ibot_bench.runtime import bf16_is_fast, resolve_device  # noqa: E402
+from ibot_bench.runtime import resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -139,13 +140,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    # emulated bf16 (no AMX) runs a 4096^3 matmul for minutes: measure a 1024^3 one there
-    args.peak_size = args.peak_size or (4096 if bf16_is_fast(device) else 1024)
+    # emulated bf16 (AVX2 only) runs a 4096^3 matmul for minutes: measure a 1024^3 one there
+    bf16 = "native" if device.type == "cuda" else cpu_bf16_support()
+    args.peak_size = args.peak_size or (1024 if bf16 == "emulated" else 4096)
     peak16 = matmul_peak(torch.bfloat16, args.peak_size, device)
     peak32 = matmul_peak(torch.float32, args.peak_size, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"{where}, {torch.get_num_threads()} threads, fast bf16: {bf16_is_fast(device)}; "
+        f"{where}, {torch.get_num_threads()} threads, bf16: {bf16}; "
         f"{args.peak_size}^3 matmul peak: bf16 {peak16 / 1e9:.1f} GFLOP/s, "
         f"fp32 {peak32 / 1e9:.1f} GFLOP/s"
     )

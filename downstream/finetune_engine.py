@@ -29,6 +29,7 @@ is :func:`train_one_epoch`, :func:`evaluate_epoch` when due, and :func:`save_che
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,8 @@ from ibot_bench.data.classification import (
 from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
 from ibot_bench.errors import CheckpointError, ConfigError, UserError, first_line
 from ibot_bench.io import atomic_write
-from ibot_bench.runtime import autocast, loader_workers, resolve_device, resolve_precision
+from ibot_bench.precision import choose_precision, probe_step, scratch
+from ibot_bench.runtime import autocast, check_precision, loader_workers, resolve_device
 from ibot_bench.tasks import TaskContext
 
 CHECKPOINT = "checkpoint.pth"
@@ -371,6 +373,38 @@ class FitRun:
     log: Callable[[str], None]
 
 
+def train_precision(
+    model: nn.Module,
+    device: torch.device,
+    requested: str,
+    micro: int,
+    img_size: int,
+    log: Callable[[str], None],
+) -> str:
+    """``requested``; for ``auto`` the fastest precision for a training step (forward,
+    backward) of ``model`` at this input, timed once per machine and model shape. fp16 is
+    a candidate on GPUs: the run's GradScaler covers it."""
+    key = {
+        "work": "finetune",
+        "model": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "img_size": img_size,
+        "batch": micro,
+    }
+
+    @functools.cache
+    def images(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, img_size, img_size, device=device)
+
+    def run(n: int) -> None:
+        with scratch(model):
+            out = model(images(n))
+            (out[0] if isinstance(out, tuple) else out).float().mean().backward()
+
+    step = probe_step(device, micro, run)
+    return choose_precision(device, requested, key, step, log=log)
+
+
 def build_run(
     ctx: TaskContext,
     model: nn.Module,
@@ -387,7 +421,7 @@ def build_run(
     init_distributed()
     rank, world_size = world()
     device = resolve_device(cfg.device)
-    precision = resolve_precision(device, cfg.precision)
+    check_precision(device, cfg.precision)
     micro = check_batch(cfg, world_size, len(train))
     steps_per_epoch = len(train) // cfg.batch_size
     total_steps = epochs * steps_per_epoch
@@ -406,6 +440,7 @@ def build_run(
     peak_lr = cfg.lr * cfg.batch_size / cfg.lr_batch_ref if cfg.lr_batch_ref > 0 else cfg.lr
 
     model.to(device)
+    precision = train_precision(model, device, cfg.precision, micro, img_size, ctx.log)
     optimizer = create_optimizer_v2(list(groups), opt="adamw", lr=peak_lr, weight_decay=0.0)
     scheduler = CosineLRScheduler(
         optimizer,

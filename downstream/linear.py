@@ -3,10 +3,12 @@
 docs/protocols.md#linear-probe: ``Linear(D, C)`` heads, weight
 N(0, 0.01), bias 0, SGD momentum 0.9, weight decay 0, cosine schedule to 0 (stepped per
 iteration here), lr scaled by ``batch_size / 256``. Every (learning rate, feature
-variant) pair is one head; all heads train in one model with one optimizer (a param
-group per head), on the same shuffled mini-batches, as DINOv2 does — one pass over the
-cached features instead of one run per learning rate (the reference recomputed the
-backbone every epoch, dino#141).
+variant) pair is one head; all heads train in one model on the same shuffled mini-batches,
+as DINOv2 does — one pass over the cached features instead of one run per learning rate
+(the reference recomputed the backbone every epoch, dino#141). The heads reading one
+feature variant are column blocks of one weight matrix: one matmul forward, one for the
+weight gradient, and an SGD-momentum step with a per-column learning rate, so every head
+keeps its own lr and its own gradient (the loss is the sum of the heads' losses).
 
 Feature variants (docs/protocols.md#default-features):
 
@@ -116,37 +118,87 @@ class HeadSpec:
 
 
 class LinearHeads(nn.Module):
-    """One ``Linear(D_f, C)`` per head, weight N(0, 0.01), bias 0 (docs/protocols.md#linear-probe)."""
+    """Every head's ``Linear(D_f, C)``, weight N(0, 0.01), bias 0 (docs/protocols.md#linear-probe).
+
+    The heads reading one feature variant are column blocks of one ``(D_f, H_f * C)`` weight
+    (and one ``H_f * C`` bias), so their forward pass is a single matmul and so is the
+    gradient of their weights. Initial values are drawn head by head in ``specs`` order, as
+    separate ``(C, D_f)`` weights would be.
+    """
 
     def __init__(
         self, specs: list[HeadSpec], dims: dict[str, int], num_classes: int, seed: int
     ) -> None:
         super().__init__()
         self.specs = specs
+        self.num_classes = num_classes
         gen = torch.Generator().manual_seed(seed)
-        self.heads = nn.ModuleList(nn.Linear(dims[s.feature], num_classes) for s in specs)
-        for head in self.heads:
-            nn.init.normal_(head.weight, mean=0.0, std=0.01, generator=gen)
-            nn.init.zeros_(head.bias)
+        drawn = [
+            torch.normal(0.0, 0.01, (num_classes, dims[s.feature]), generator=gen) for s in specs
+        ]
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(specs):
             groups.setdefault(s.feature, []).append(i)
         self.groups = groups
+        self.weight = nn.ParameterDict(
+            {
+                f: nn.Parameter(torch.cat([drawn[i] for i in idx]).T.contiguous())
+                for f, idx in groups.items()
+            }
+        )
+        self.bias = nn.ParameterDict(
+            {f: nn.Parameter(torch.zeros(len(idx) * num_classes)) for f, idx in groups.items()}
+        )
         order = torch.tensor([i for idx in groups.values() for i in idx])
         self.register_buffer("restore", torch.argsort(order), persistent=False)
 
-    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(H, B, C) logits of every head, in ``specs`` order.
+    def logits(self, feature: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, H_f, C) logits of the heads reading ``feature``: one ``x @ W_f + b_f``."""
+        out = torch.addmm(self.bias[feature], x, self.weight[feature])
+        return out.view(len(x), -1, self.num_classes)
 
-        Heads reading the same feature variant run as one batched matmul over their stacked
-        weights (each head keeps its own parameters, hence its own lr param group).
-        """
-        outs = []
-        for feature, idx in self.groups.items():
-            weight = torch.stack([self.heads[i].weight for i in idx])  # (h, C, D)
-            bias = torch.stack([self.heads[i].bias for i in idx])  # (h, C)
-            outs.append(torch.matmul(feats[feature], weight.transpose(1, 2)) + bias[:, None])
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(H, B, C) logits of every head, in ``specs`` order."""
+        outs = [self.logits(f, feats[f]).transpose(0, 1) for f in self.groups]
         return torch.cat(outs)[self.restore]
+
+    def column_lrs(self, specs_lr: list[float]) -> dict[str, torch.Tensor]:
+        """Per-column learning rate of every variant's weight (each head's lr over its C columns)."""
+        return {
+            f: torch.tensor([specs_lr[i] for i in idx], dtype=torch.float32)
+            .repeat_interleave(self.num_classes)
+            .to(self.weight[f].device)
+            for f, idx in self.groups.items()
+        }
+
+
+class HeadsSGD:
+    """SGD with momentum and weight decay (``torch.optim.SGD``'s update) over the heads' flat
+    weights, with a per-column learning rate: each head keeps its own lr, in one update."""
+
+    def __init__(self, model: LinearHeads, momentum: float, weight_decay: float) -> None:
+        self.model, self.momentum, self.weight_decay = model, momentum, weight_decay
+        self.lrs = model.column_lrs([s.lr for s in model.specs])
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, factor: float) -> None:
+        """One update with every head's lr scaled by ``factor`` (the schedule)."""
+        for f in self.model.groups:
+            for p in (self.model.weight[f], self.model.bias[f]):
+                grad = p.grad if not self.weight_decay else p.grad.add(p, alpha=self.weight_decay)
+                buf = self.buffers.get(id(p))
+                if buf is None:
+                    buf = self.buffers[id(p)] = grad.clone()
+                else:
+                    buf.mul_(self.momentum).add_(grad)
+                p.addcmul_(buf, self.lrs[f], value=-factor)
+                p.grad = None
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Cosine decay from 1 to 0 over ``total`` steps (``CosineAnnealingLR`` with eta_min 0)."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 def _check_known(features: list[str]) -> None:
@@ -318,8 +370,9 @@ def train_heads(
 ) -> LinearHeads:
     """Train all heads of ``specs`` together on rows ``rows`` of ``fs``.
 
-    docs/protocols.md#linear-probe: SGD (momentum, weight decay from ``cfg``), one param group per
-    head with its own lr, cosine decay to 0 per iteration, seeded shuffling.
+    docs/protocols.md#linear-probe: SGD (momentum, weight decay from ``cfg``), every head with
+    its own lr (:class:`HeadsSGD`), cosine decay to 0 per iteration, seeded shuffling; the
+    heads of one feature variant run as one matmul (:class:`LinearHeads`).
     ``on_epoch(epoch, model)`` is called after every epoch. With ``cfg.augment`` the
     training features of each batch are computed live from augmented ``views``.
     """
@@ -329,10 +382,9 @@ def train_heads(
     device = resolve_device(cfg.device)
     dims = check_variants(fs, [s.feature for s in specs])
     model = LinearHeads(specs, dims, num_classes, cfg.seed).to(device)
-    groups = [{"params": h.parameters(), "lr": s.lr} for s, h in zip(specs, model.heads)]
-    opt = torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = HeadsSGD(model, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    total_steps, step = cfg.epochs * steps_per_epoch, 0
     rng = np.random.default_rng(cfg.seed)
     labels = np.asarray(fs.labels, dtype=np.int64)
     features = sorted(dims)
@@ -346,15 +398,17 @@ def train_heads(
             else:
                 feats = {k: v.to(device) for k, v in source(batch).items() if k in features}
             y = torch.from_numpy(labels[batch]).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(feats)
             # sum over heads of each head's batch-mean cross-entropy
-            flat = logits.float().reshape(-1, num_classes)
-            loss = F.cross_entropy(flat, y.repeat(len(specs)), reduction="sum") / len(batch)
-            opt.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            for f, idx in model.groups.items():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits = model.logits(f, feats[f])
+                flat = logits.float().reshape(-1, num_classes)
+                target = y.repeat_interleave(len(idx))
+                loss = loss + F.cross_entropy(flat, target, reduction="sum") / len(batch)
             loss.backward()
-            opt.step()
-            sched.step()
+            opt.step(cosine_factor(step, total_steps))
+            step += 1
             total += loss.item()
         log.debug(
             "linear epoch %d: mean loss per head %.4f", epoch, total / steps_per_epoch / len(specs)

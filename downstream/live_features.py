@@ -17,8 +17,8 @@ import torchvision.transforms.v2 as T
 from ibot_bench.data import require_classification
 from ibot_bench.data.classification import normalize_batch
 from ibot_bench.errors import UserError
-from ibot_bench.features import FeatureSet
-from ibot_bench.runtime import autocast, resolve_device, resolve_precision
+from ibot_bench.features import FeatureSet, inference_precision
+from ibot_bench.runtime import autocast, resolve_device
 from ibot_bench.tasks import TaskContext
 
 FeatureSource = Callable[[np.ndarray], dict[str, torch.Tensor]]
@@ -47,7 +47,9 @@ def augmented_source(
     crop = ctx.feature_config.img_size or data.default_img_size
     encoder = ctx.encoder().to(device).eval()
     n_blocks = encoder.resolve_last_blocks(ctx.feature_config.n_last_blocks)
-    precision = resolve_precision(device, ctx.feature_config.precision)
+    precision = inference_precision(  # the precision the cached features were made in
+        device, ctx.feature_config, encoder.info.fingerprint, crop, lambda: encoder, ctx.log
+    )
     augment = T.Compose(
         [
             T.RandomResizedCrop(crop, scale=scale, interpolation=T.InterpolationMode.BICUBIC),

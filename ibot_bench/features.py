@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -31,13 +32,8 @@ from ibot_bench.distributed import (
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
 from ibot_bench.errors import ConfigError, DatasetError, UserError
 from ibot_bench.io import remove_stale_temps, temp_prefix
-from ibot_bench.runtime import (
-    autocast,
-    bf16_is_fast,
-    loader_workers,
-    resolve_device,
-    resolve_precision,
-)
+from ibot_bench.precision import choose_precision, probe_step
+from ibot_bench.runtime import autocast, loader_workers, resolve_device
 
 
 @dataclass
@@ -255,6 +251,44 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
         raise
 
 
+def inference_precision(
+    device: torch.device,
+    cfg: FeatureConfig,
+    encoder_fp: str,
+    crop: int,
+    built: Callable[[], Encoder],
+    log: Callable[[str], None] = print,
+) -> str:
+    """``cfg.precision``; for ``auto`` the faster one for this encoder's forward at ``crop``
+    px, timed once per machine, encoder and input (:mod:`ibot_bench.precision`).
+
+    ``built()`` returns the encoder on ``device`` in eval mode; it is called only when the
+    decision is not cached. The augmented-view probes use the same key, so they run in the
+    precision the cached features were extracted in.
+    """
+    key = {
+        "work": "features",
+        "encoder": encoder_fp,
+        "img_size": crop,
+        "batch": cfg.batch_size,
+        "n_last_blocks": cfg.n_last_blocks,
+        "channels_last": cfg.channels_last,
+    }
+
+    @functools.cache
+    def images(n: int) -> torch.Tensor:
+        x = torch.randn(n, 3, crop, crop, device=device)
+        return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+    def run(n: int) -> None:
+        encoder = built()
+        with torch.inference_mode():
+            encoder.forward_features(images(n), encoder.resolve_last_blocks(cfg.n_last_blocks))
+
+    step = probe_step(device, cfg.batch_size, run)
+    return choose_precision(device, cfg.precision, key, step, log=log)
+
+
 def extract_features(
     encoder_spec: str,
     data_spec: str,
@@ -274,7 +308,8 @@ def extract_features(
 
     The cache key covers the encoder fingerprint (weights-file hash), the dataset
     fingerprint (file list + sizes + labels), the transform, the feature spec and the
-    precision, so a hit is never stale; a hit skips building the model altogether.
+    precision, so a hit is never stale; a hit skips building the model altogether (unless
+    ``precision=auto`` has yet to be timed for this encoder on this machine).
     Under torchrun each rank extracts a contiguous shard and the rows are gathered in
     dataset order on every rank; rank 0 writes the cache. ``data`` is the already loaded
     split of ``data_spec`` when the caller has it (saves scanning the folder again).
@@ -290,11 +325,22 @@ def extract_features(
     transform = EvalTransform.for_size(cfg.img_size or data.default_img_size, cfg.crop_pct)
     transform = EvalTransform(transform.crop, transform.resize, cfg.interpolation)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(device, cfg.precision)
     if isinstance(encoder, Encoder):
         enc_fp = encoder.info.fingerprint
     else:
         enc_fp = fingerprint or encoder_fingerprint(encoder_spec)
+
+    @functools.cache
+    def built() -> Encoder:  # only on a cache miss (of the features, or of the precision)
+        if encoder is None:
+            model = load_encoder(encoder_spec, allow_partial=allow_partial)
+        else:
+            model = encoder if isinstance(encoder, Encoder) else encoder()
+        model = model.to(device).eval()
+        return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+    init_distributed()
+    precision = inference_precision(device, cfg, enc_fp, transform.crop, built, log)
     key_parts = {
         "version": CACHE_VERSION,
         "encoder": enc_fp,
@@ -305,7 +351,6 @@ def extract_features(
         "skip_corrupt": cfg.skip_corrupt,
     }
     path = Path(cache_dir or cache_root() / "features") / cache_key(key_parts)
-    init_distributed()
     rank, world_size = world()
     # a hit only if every rank has one (e.g. nodes without a shared cache folder): the
     # extraction below is collective, so all ranks must take the same branch
@@ -318,20 +363,13 @@ def extract_features(
 
     if rank == 0:  # fail before the expensive part, not after it
         shutil.rmtree(_make_temp_dir(path))
-    if encoder is None:
-        encoder = load_encoder(encoder_spec, allow_partial=allow_partial)
-    elif not isinstance(encoder, Encoder):
-        encoder = encoder()
-    encoder = encoder.to(device).eval()
+    encoder = built()
     n_last_blocks = encoder.resolve_last_blocks(cfg.n_last_blocks)
     layout = encoder.layout(cfg.n_last_blocks)
-    if cfg.channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
     if rank == 0:
         log(
             f"features: {encoder_spec} on {data_spec} [{split}], {len(data)} images, "
-            f"{transform.crop}px, device {device}, precision {precision} "
-            f"({'bf16 fast here' if bf16_is_fast(device) else 'no fast bf16 here'}), "
+            f"{transform.crop}px, device {device}, precision {precision}, "
             f"cls = {layout['cls']}, cls_last_n = CLS of the last {n_last_blocks} block(s)"
         )
     rows = shard_range(len(data), rank, world_size)

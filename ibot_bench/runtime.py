@@ -1,5 +1,5 @@
-"""Where and how work runs, one rule each for every entry point: device, precision,
-autocast, torch threads and data-loader worker processes.
+"""Where and how work runs, one rule each for every entry point: device, the precisions a
+device supports, autocast, torch threads and data-loader worker processes.
 
 Feature extraction, the probes, fine-tuning and pretraining all call these, so a machine
 gets the same choices whatever command runs on it.
@@ -7,6 +7,7 @@ gets the same choices whatever command runs on it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,25 +32,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 pays off on CUDA (Ampere+) and on CPUs with AMX tiles; elsewhere it is emulated.
+@functools.cache
+def _cpu_bf16_works() -> bool:
+    """A bf16 matmul runs on this CPU (natively or emulated); a build without it raises."""
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16)
+        return bool(torch.isfinite((a @ a).float()).all())
+    except (RuntimeError, TypeError):
+        return False
 
-    Measured on an AVX2-only AMD EPYC: a bf16-autocast Linear ran ~8x *slower* than fp32.
-    """
+
+def available_precisions(device: torch.device) -> tuple[str, ...]:
+    """The precisions ``device`` can run, most exact first: fp32 everywhere, bf16 where its
+    matmuls run, fp16 on CUDA only (CPU fp16 autocast is not supported by this project)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
+        return ("fp32", "bf16", "fp16") if torch.cuda.is_bf16_supported() else ("fp32", "fp16")
+    if device.type == "cpu" and _cpu_bf16_works():
+        return ("fp32", "bf16")
+    return ("fp32",)
 
 
-def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """``auto`` -> bf16 where it is fast (:func:`bf16_is_fast`), else fp32; fp16 needs a GPU."""
+def check_precision(device: torch.device, precision: str) -> str:
+    """``precision`` if it is ``auto`` or runs on ``device``; else a UserError naming what does.
+
+    ``auto`` is decided by measurement (:func:`ibot_bench.precision.choose_precision`).
+    """
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} unknown; use {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if bf16_is_fast(device) else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    available = available_precisions(device)
+    if precision != "auto" and precision not in available:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise UserError(
+            f"precision {precision} is not available on {device} ({name}); "
+            f"available here: auto, {', '.join(available)}"
+        )
     return precision
 
 

@@ -47,6 +47,7 @@ from ibot_bench.errors import CheckpointError, DatasetError, UserError
 from ibot_bench.pretrain import checkpoint as ckpt
 from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
 from ibot_bench.pretrain.augment_batched import BatchCollate, BatchedMultiCrop, augment_mode
+from ibot_bench.pretrain.auto_precision import pretrain_precision
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import MaskGenerator
@@ -62,9 +63,9 @@ from ibot_bench.pretrain.plot import plot_training
 from ibot_bench.pretrain.schedules import cosine_schedule, teacher_temp_schedule
 from ibot_bench.runtime import (
     autocast,
+    check_precision,
     loader_workers,
     resolve_device,
-    resolve_precision,
     set_threads,
 )
 
@@ -147,7 +148,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        self.precision = resolve_precision(self.device, cfg.precision)
+        check_precision(self.device, cfg.precision)  # fails before anything is built
         set_threads(cfg.threads)
 
         self.data = require_classification(load_split(cfg.data, "train"), cfg.data)
@@ -181,6 +182,9 @@ class Trainer:
         )
         self.student: IbotStudent = student.to(self.device)
         self.teacher: IbotTeacher = teacher.to(self.device).eval()
+        self.precision = pretrain_precision(
+            cfg, self.student, self.teacher, self.device, self.batch, _stderr
+        )
         if cfg.compile:
             self.student.backbone.compile()
             self.teacher.backbone.compile()
@@ -791,6 +795,10 @@ class Trainer:
             "wall_s": time.perf_counter() - start,
             "last": last,
         }
+
+
+def _stderr(message: str) -> None:
+    print(f"[pretrain] {message}", file=sys.stderr)
 
 
 def _plain(value: Any) -> Any:

@@ -101,12 +101,12 @@ def test_unwritable_cache_dir(tiny_imagefolder, tmp_path):
 
 def test_precision_choice_is_explicit():
     cpu = torch.device("cpu")
-    assert runtime.resolve_precision(cpu, "fp32") == "fp32"
-    assert runtime.resolve_precision(cpu, "auto") in ("bf16", "fp32")
-    with pytest.raises(UserError, match="fp16 needs a GPU"):
-        runtime.resolve_precision(cpu, "fp16")
+    assert runtime.check_precision(cpu, "fp32") == "fp32"
+    assert runtime.check_precision(cpu, "auto") == "auto"  # measured: tests/test_precision.py
+    with pytest.raises(UserError, match="fp16 is not available on cpu.*available here: auto, fp32"):
+        runtime.check_precision(cpu, "fp16")
     with pytest.raises(UserError, match="unknown"):
-        runtime.resolve_precision(cpu, "int8")
+        runtime.check_precision(cpu, "int8")
 
 
 def test_default_last_blocks_resolved_per_encoder_and_recorded(tiny_imagefolder, tmp_path):

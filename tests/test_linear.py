@@ -15,9 +15,11 @@ from ibot_bench.downstream.linear import (
     PAPER_BASE_LRS,
     LinearConfig,
     LinearPaperConfig,
+    feature_batch,
     head_specs,
     linear,
     linear_paper,
+    train_heads,
 )
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
@@ -157,3 +159,48 @@ def test_augment_mode_trains_on_live_augmented_features(tiny_imagefolder):
     out = linear(ctx, LinearConfig(**{**FAST, "epochs": 2, "batch_size": 4}, augment=True,
                                    val_fraction=0.25))  # fmt: skip
     assert out.protocol == "linear-aug" and 0 <= out.metrics["top1"] <= 100
+
+
+def test_heads_as_one_matmul_train_like_separate_torch_heads():
+    """Each column block trains as its own ``nn.Linear`` with torch's SGD and cosine schedule
+    would: same init draws, same batches, its own lr (weight decay on)."""
+    fs, cpu = blobs(120, 0), torch.device("cpu")
+    cfg = LinearConfig(
+        epochs=3,
+        batch_size=32,
+        base_lrs=[0.01, 0.5],
+        variants=["cls", "cls_patch"],
+        weight_decay=1e-3,
+        device="cpu",
+    )
+    specs, rows = head_specs(cfg), np.arange(120)
+    model = train_heads(fs, rows, specs, 6, cfg)
+    test = feature_batch(blobs(50, 1), np.arange(50), ["cls", "cls_patch"], cpu)
+    with torch.no_grad():
+        ours = model(test)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dims = {"cls": 16, "cls_patch": 32}
+    inits = [torch.normal(0.0, 0.01, (6, dims[s.feature]), generator=gen) for s in specs]
+    for h, spec in enumerate(specs):
+        head = torch.nn.Linear(dims[spec.feature], 6)
+        with torch.no_grad():
+            head.weight.copy_(inits[h])
+            head.bias.zero_()
+        opt = torch.optim.SGD(head.parameters(), lr=spec.lr, momentum=0.9, weight_decay=1e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * 4)
+        rng = np.random.default_rng(cfg.seed)
+        for _ in range(cfg.epochs):
+            perm = rng.permutation(rows)
+            for start in range(0, 120, 32):
+                batch = perm[start : start + 32]
+                x = feature_batch(fs, batch, [spec.feature], cpu)[spec.feature]
+                loss = torch.nn.functional.cross_entropy(
+                    head(x), torch.from_numpy(fs.labels[batch])
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            expected = head(test[spec.feature])
+        assert torch.allclose(ours[h], expected, atol=1e-4, rtol=1e-4), spec
