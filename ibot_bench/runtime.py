@@ -61,9 +61,11 @@ def check_precision(device: torch.device, precision: str) -> str:
         raise UserError(f"precision {precision!r} unknown; use {', '.join(PRECISIONS)}")
     available = available_precisions(device)
     if precision != "auto" and precision not in available:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        where = "this CPU"
+        if device.type == "cuda":
+            where = f"{device} ({torch.cuda.get_device_name(device)})"
         raise UserError(
-            f"precision {precision} is not available on {device} ({name}); "
+            f"precision {precision} is not available on {where}; "
             f"available here: auto, {', '.join(available)}"
         )
     return precision

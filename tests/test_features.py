@@ -103,7 +103,9 @@ def test_precision_choice_is_explicit():
     cpu = torch.device("cpu")
     assert runtime.check_precision(cpu, "fp32") == "fp32"
     assert runtime.check_precision(cpu, "auto") == "auto"  # measured: tests/test_precision.py
-    with pytest.raises(UserError, match="fp16 is not available on cpu.*available here: auto, fp32"):
+    with pytest.raises(
+        UserError, match="fp16 is not available on this CPU.*available here: auto, fp32"
+    ):
         runtime.check_precision(cpu, "fp16")
     with pytest.raises(UserError, match="unknown"):
         runtime.check_precision(cpu, "int8")

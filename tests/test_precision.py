@@ -101,12 +101,12 @@ def test_damaged_or_foreign_cache_is_ignored_and_rewritten(tmp_path, damage):
 
 def test_unavailable_precisions_name_the_available_ones(monkeypatch, tmp_path):
     with pytest.raises(
-        UserError, match=r"fp16 is not available on cpu.*available here: auto, fp32"
+        UserError, match=r"fp16 is not available on this CPU.*available here: auto, fp32"
     ):
         choose(tmp_path, fake_step("bf16", Counter()), "fp16")
     monkeypatch.setattr(runtime, "available_precisions", lambda _d: ("fp32",))
     with pytest.raises(
-        UserError, match=r"bf16 is not available on cpu.*available here: auto, fp32$"
+        UserError, match=r"bf16 is not available on this CPU.*available here: auto, fp32$"
     ):
         choose(tmp_path, fake_step("bf16", Counter()), "bf16")
     with pytest.raises(UserError, match="unknown"):
