@@ -9,6 +9,8 @@ depend on the number of loader workers or on where a run was resumed.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,18 @@ from torch.utils.data import Dataset
 from ibot_bench.data.classification import ClassificationSplit
 from ibot_bench.pretrain.config import CropsConfig, per_crop
 from ibot_bench.pretrain.masking import MaskGenerator
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small per-image ops on one torch thread: on tiny images thread start-up costs
+    ~10x the work (measured, 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def blur_kernel_size(sigma_max: float) -> int:
@@ -106,12 +120,7 @@ class MaskedMultiCrop(Dataset):
         label = int(self.data.labels[index])
         if self.augment is None:
             return img, masks, label, s
-        threads = torch.get_num_threads()
-        try:  # small per-image ops: thread start-up costs ~10x the work (measured, 2 cores)
-            torch.set_num_threads(1)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                views = self.augment(img)
-        finally:
-            torch.set_num_threads(threads)
+        with one_thread(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            views = self.augment(img)
         return views, masks, label
