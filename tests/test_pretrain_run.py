@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,17 @@ def test_refuses_to_resume_into_another_architecture(tmp_path):
 def test_shipped_configs_are_valid(path):
     cfg = load_config(PretrainConfig, path)
     validate(cfg, world_size=1)
+
+
+def test_batched_augmentation_trains_and_ignores_the_worker_count(tmp_path):
+    losses = {}
+    for mode, workers in (("batched", 0), ("batched", 1), ("per-image", 0)):
+        trainer = Trainer(
+            smoke(tmp_path / f"{mode}{workers}", f"augment={mode}", f"num_workers={workers}")
+        )
+        assert trainer.augment == mode
+        last = trainer.fit()["last"]
+        assert math.isfinite(last["loss"]), mode
+        losses[mode, workers] = last["loss"]
+    assert losses["batched", 0] == losses["batched", 1]  # crops seeded per batch
+    assert losses["batched", 0] != losses["per-image", 0]
