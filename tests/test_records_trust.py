@@ -203,7 +203,7 @@ def test_markdown_shows_names_literally_and_keeps_the_table(tmp_path, capsys):
     assert _md_cells(rows[3]) == ["plain", "60.50"]
     legend = [_md_cells(f"|{line[2:]}|")[0] for line in text.splitlines() if line[:2] == "- "]
     assert f"{NASTY['name']}: {NASTY['encoder']}, fingerprint fp-enc|pipe" in legend
-    assert f"kNN top-1 = {NASTY['protocol']} top1" in legend[-1]
+    assert f"kNN top-1 = {NASTY['protocol']} top1" in legend[-2]
     for raw in ("<b>", "<script>", "<i>"):  # no live HTML in the Markdown
         assert raw not in text
     # every metric, by spec, with --detail
