@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.downstream.live_features import LiveViews, live_views
@@ -151,6 +150,7 @@ class LinearHeads(nn.Module):
         )
         order = torch.tensor([i for idx in groups.values() for i in idx])
         self.register_buffer("restore", torch.argsort(order), persistent=False)
+        self.scratch: dict[str, torch.Tensor] = {}  # training logits, reused across steps
 
     def logits(self, feature: str, x: torch.Tensor) -> torch.Tensor:
         """(B, H_f, C) logits of the heads reading ``feature``: one ``x @ W_f + b_f``."""
@@ -170,6 +170,44 @@ class LinearHeads(nn.Module):
             .to(self.weight[f].device)
             for f, idx in self.groups.items()
         }
+
+
+@torch.no_grad()
+def heads_gradients(
+    model: LinearHeads, feats: dict[str, torch.Tensor], y: torch.Tensor, bf16: bool = False
+) -> float:
+    """Set every weight's and bias's ``.grad`` for the loss ``sum over heads of the batch-mean
+    cross-entropy`` (each head's gradient is its own), and return that loss.
+
+    Written out instead of autograd: logits ``x @ W + b`` (one matmul per feature variant),
+    softmax minus one-hot in place, weight gradient ``x.T @ dlogits`` (one matmul); the
+    ``.grad`` buffers are reused. ``bf16`` runs both matmuls in bfloat16 as autocast would.
+    """
+    low = (lambda t: t.bfloat16()) if bf16 else (lambda t: t)
+    batch, loss = len(y), 0.0
+    for f, idx in model.groups.items():
+        x, weight, bias = feats[f], model.weight[f], model.bias[f]
+        if bf16:
+            z = torch.addmm(low(bias), low(x), low(weight)).float()
+        else:  # into a kept buffer: no fresh (B, H_f x C) allocation every step
+            size = (batch, weight.shape[1])
+            if model.scratch.get(f) is None or model.scratch[f].shape[0] < batch:
+                model.scratch[f] = torch.empty(size, device=x.device)
+            z = torch.addmm(bias, x, weight, out=model.scratch[f][:batch])
+        heads = z.view(batch, len(idx), model.num_classes)
+        lse = heads.logsumexp(2, keepdim=True)
+        target = y.view(-1, 1, 1).expand(-1, len(idx), 1)
+        loss += float((lse - heads.gather(2, target)).sum()) / batch
+        heads.sub_(lse).exp_()  # softmax
+        heads.scatter_add_(2, target, torch.full_like(lse, -1.0)).div_(batch)
+        if weight.grad is None:
+            weight.grad, bias.grad = torch.empty_like(weight), torch.empty_like(bias)
+        if bf16:
+            weight.grad.copy_(torch.mm(low(x).T, low(z)))
+        else:
+            torch.mm(x.T, z, out=weight.grad)
+        torch.sum(z, 0, out=bias.grad)
+    return loss
 
 
 class HeadsSGD:
@@ -193,7 +231,6 @@ class HeadsSGD:
                 else:
                     buf.mul_(self.momentum).add_(grad)
                 p.addcmul_(buf, self.lrs[f], value=-factor)
-                p.grad = None
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -399,17 +436,9 @@ def train_heads(
                 feats = {k: v.to(device) for k, v in source(batch).items() if k in features}
             y = torch.from_numpy(labels[batch]).to(device)
             # sum over heads of each head's batch-mean cross-entropy
-            loss = torch.zeros((), device=device)
-            for f, idx in model.groups.items():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    logits = model.logits(f, feats[f])
-                flat = logits.float().reshape(-1, num_classes)
-                target = y.repeat_interleave(len(idx))
-                loss = loss + F.cross_entropy(flat, target, reduction="sum") / len(batch)
-            loss.backward()
+            total += heads_gradients(model, feats, y, cfg.bf16)
             opt.step(cosine_factor(step, total_steps))
             step += 1
-            total += loss.item()
         log.debug(
             "linear epoch %d: mean loss per head %.4f", epoch, total / steps_per_epoch / len(specs)
         )
