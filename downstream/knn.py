@@ -142,18 +142,40 @@ def search_dtype(device: torch.device, dim: int) -> torch.dtype:
     return _CPU_SEARCH_DTYPE[0]
 
 
-def error_bound(dtype: torch.dtype, dim: int) -> float:
-    """Bound on |fp32 similarity - ``dtype`` matmul similarity| for unit vectors.
+def residual_norm(x: torch.Tensor, dtype: torch.dtype, chunk: int = 16384) -> torch.Tensor:
+    """Row norms of ``x - x.to(dtype)``: what rounding to ``dtype`` moved each row.
 
-    Rounding both inputs to ``dtype`` (relative error u per element) moves a dot product of
-    unit vectors by at most (2u + u^2) (Cauchy-Schwarz); rounding the output adds u; the
-    fp32 accumulations of both computations add at most ``dim`` x 2^-22 each (generous for
-    any summation order and truncating accumulators). CUDA matmuls run with fp16
-    reduced-precision reductions off (:func:`candidates`), so they accumulate in fp32.
+    The difference is exact in fp32 (a rounding residual); the norm's own rounding is far
+    below the 0.1% slack of :func:`error_bound`.
+    """
+    out = torch.empty(len(x), dtype=torch.float64, device=x.device)
+    for rows in _chunks(len(x), chunk):
+        out[rows] = torch.linalg.vector_norm(x[rows] - x[rows].to(dtype).float(), dim=1).double()
+    return out
+
+
+def error_bound(
+    dtype: torch.dtype,
+    dim: int,
+    query_residual: torch.Tensor,
+    bank_residual: float,
+    outside: torch.Tensor,
+) -> torch.Tensor:
+    """Per query, a bound on how far the fp32 similarity of any bank row whose ``dtype``
+    similarity is at most ``outside`` can lie above ``outside``.
+
+    With q~ = q + dq, b~ = b + db (unit q, b): |q.b - q~.b~| <= |dq| + |q~| max|db|
+    (Cauchy-Schwarz, measured residuals); rounding the output to nearest moves a value by at
+    most u |value|, so a rounded value <= ``outside`` came from one <= outside + u|outside|/(1-u);
+    the fp32 accumulations of the search and of the re-ranking add at most ``dim`` x 2^-22
+    together (generous for any summation order and truncating accumulators). CUDA matmuls
+    run with fp16 reduced-precision reductions off (:func:`candidates`), so they accumulate
+    in fp32.
     """
     u = UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else 0.0
-    subnormal = dim * 2.0**-24  # elements below fp16's normal range: absolute error 2^-25
-    return (2 * u + u * u) * 1.0001 + u * 1.01 + 2 * dim * 2.0**-22 + subnormal
+    inputs = query_residual + (1.0 + query_residual) * bank_residual
+    output = u * outside.double().abs() / (1.0 - u) + 2.0**-24  # 2^-24: subnormal outputs
+    return ((inputs + output) * 1.001 + dim * 2.0**-22).float()
 
 
 def exact_similarities(
@@ -207,7 +229,7 @@ def nearest(
     bank_lp: torch.Tensor,
     queries: torch.Tensor,
     k: int,
-    eps: float,
+    bank_residual: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Exact top-``k`` (fp32 similarity desc, bank index asc) of every query: ``(sims, idx,
     researched)``; queries whose candidates do not provably hold the top-k are searched again
@@ -222,7 +244,9 @@ def nearest(
         cand = cand.sort(1).values  # index order first: stable sort keeps it within equal sims
         exact = exact_similarities(bank, queries[todo], cand)
         exact, order = exact.sort(dim=1, descending=True, stable=True)
-        ok = exact[:, k - 1] > outside + eps
+        residual = residual_norm(queries[todo], bank_lp.dtype)
+        eps = error_bound(bank_lp.dtype, bank.shape[1], residual, bank_residual, outside)
+        ok = (exact[:, k - 1] > outside + eps) | (m >= n)  # m >= n: nothing left out
         done = todo[ok]
         sims[done] = exact[ok, :k]
         idx[done] = cand.gather(1, order[:, :k])[ok]
@@ -320,16 +344,16 @@ def knn_classify(
     bank_t = l2_normalize(bank).to(dev)
     dtype = search_dtype(dev, bank_t.shape[1])
     bank_lp = bank_t.to(dtype)
-    eps = error_bound(dtype, bank_t.shape[1])
+    bank_residual = float(residual_norm(bank_t, dtype).max())
     labels_t = torch.from_numpy(bank_labels).to(dev)
     log.info(
-        "kNN: %d queries, bank %s, k_max %d, search on %s in %s (error bound %.2g)",
+        "kNN: %d queries, bank %s, k_max %d, search on %s in %s (bank rounding <= %.2g)",
         len(queries),
         tuple(bank.shape),
         k_max,
         dev.type,
         str(dtype).removeprefix("torch."),
-        eps,
+        bank_residual,
     )
     n_q = len(queries)
     top1 = {k: np.empty(n_q, dtype=np.int64) for k in ks}
@@ -337,7 +361,7 @@ def knn_classify(
     researched = 0
     for rows in _chunks(n_q, chunk_size):
         q = l2_normalize(queries[rows]).to(dev)
-        sims, idx, again = nearest(bank_t, bank_lp, q, k_max, eps)
+        sims, idx, again = nearest(bank_t, bank_lp, q, k_max, bank_residual)
         researched += again
         ranked = vote(sims, labels_t[idx], sorted(set(k_eff.values())), temperature, num_classes)
         for k in ks:
