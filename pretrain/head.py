@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ibot_bench.encoders.head import ProjectionHead
 
@@ -75,16 +76,31 @@ class IbotHead(ProjectionHead):
     def forward_tokens(
         self, cls: torch.Tensor, patches: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(CLS logits, patch logits) of (..., D) CLS features and (..., D) patch tokens; the
-        MLP runs once over both when the last layer is shared."""
+        """(CLS logits, patch logits) of (..., D) CLS features and (..., D) patch tokens."""
         if patches is None:
-            return self.last_layer(self.embed(cls)), None
-        if self.last_layer2 is self.last_layer:
-            flat = torch.cat([cls.reshape(-1, cls.shape[-1]), patches.reshape(-1, cls.shape[-1])])
-            out = self.last_layer(self.embed(flat))
-            n = cls.numel() // cls.shape[-1]
-            return (
-                out[:n].reshape(*cls.shape[:-1], -1),
-                out[n:].reshape(*patches.shape[:-1], -1),
-            )
-        return self.last_layer(self.embed(cls)), self.last_layer2(self.embed(patches))
+            with record_function("step/head"):
+                return self.last_layer(self.embed(cls)), None
+        d = cls.shape[-1]
+        flat = torch.cat([cls.reshape(-1, d), patches.reshape(-1, d)])
+        c, p = self.forward_rows(flat, cls.numel() // d)
+        return c.reshape(*cls.shape[:-1], -1), p.reshape(*patches.shape[:-1], -1)
+
+    def forward_rows(self, rows: torch.Tensor, n_cls: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of (R, D) rows whose first ``n_cls`` are CLS features and the rest patch
+        tokens: the MLP runs once over all of them (and the last layer too when shared)."""
+        with record_function("step/head"):
+            z = self.embed(rows)
+            if self.last_layer2 is self.last_layer:
+                out = self.last_layer(z)
+                return out[:n_cls], out[n_cls:]
+            return self.last_layer(z[:n_cls]), self.last_layer2(z[n_cls:])
+
+    def forward_sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, out_dim) CLS and (B, N, patch_out_dim) patch logits of a (B, 1 + N, D) token
+        sequence, as the reference head does: no copies of the tokens."""
+        with record_function("step/head"):
+            z = self.embed(tokens)
+            if self.last_layer2 is self.last_layer:
+                out = self.last_layer(z)
+                return out[:, 0], out[:, 1:]
+            return self.last_layer(z[:, 0]), self.last_layer2(z[:, 1:])

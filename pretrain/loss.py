@@ -90,13 +90,15 @@ class IbotLoss(nn.Module):
     def update_center(self, teacher_cls: list[torch.Tensor], teacher_patch: list[torch.Tensor]):
         """c <- m c + (1 - m) mean over images of all ranks (CLS logits; per-image mean of
         all patch logits for c2, masked or not, docs/protocols.md#reference-subtleties)."""
-        cls = torch.cat(teacher_cls).float()
-        patch = torch.cat(teacher_patch).float().mean(1)
-        sums = torch.cat([cls.sum(0), patch.sum(0)])
+        # per view, without concatenating the (B, N, K) patch logits or upcasting a copy
+        cls_sum = sum(t.sum(0, dtype=torch.float32) for t in teacher_cls)
+        patch_sum = sum(t.mean(1, dtype=torch.float32).sum(0) for t in teacher_patch)
+        sums = torch.cat([cls_sum, patch_sum])
         _, world_size = world()
         if world_size > 1:
             dist.all_reduce(sums)
-        n = len(cls) * world_size
-        cls_center, patch_center = sums[: cls.shape[1]] / n, sums[cls.shape[1] :] / n
+        n = sum(len(t) for t in teacher_cls) * world_size
+        k = teacher_cls[0].shape[1]
+        cls_center, patch_center = sums[:k] / n, sums[k:] / n
         self.center.mul_(self.center_momentum).add_(cls_center, alpha=1 - self.center_momentum)
         self.center2.mul_(self.center_momentum2).add_(patch_center, alpha=1 - self.center_momentum2)

