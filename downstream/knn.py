@@ -80,7 +80,7 @@ class KnnResult:
     top5: dict[int, np.ndarray]
     device: str
     search_dtype: str
-    researched: int  # queries whose candidate set had to be widened
+    researched: int  # re-searches with more candidates (a query widened twice counts twice)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
