@@ -7,8 +7,9 @@ path (:mod:`ibot_bench.pretrain.augment`, torchvision's v2 transforms): RandomRe
 scale/ratio draw (10 tries, centre-crop fallback), flip, ColorJitter (p, factor ranges, a
 random order per image), grayscale, Gaussian blur (sigma per image, reflect padding),
 solarize. Each image draws its own parameters; the ops take them as per-row tensors.
-Resampling is ``roi_align`` (bilinear, averaging ceil(scale) samples per output pixel when
-shrinking) instead of antialiased bicubic: the crop geometry is identical, the kernel not.
+Resampling on a GPU is one ``roi_align`` per crop (bilinear, averaging ceil(scale) samples
+per output pixel when shrinking) instead of antialiased bicubic: the crop geometry is
+identical, the kernel not; on a CPU it is the per-image path's uint8 bicubic resize per crop.
 Views come back uint8 like the per-image path's, so the training step treats both alike.
 """
 
@@ -34,9 +35,10 @@ _RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 def augment_mode(requested: str, device: torch.device, processes: int = 1) -> str:
     """``per-image`` or ``batched`` for ``augment=requested``.
 
-    ``auto`` is batched on CUDA (per-image PIL-style work needs tens of CPU cores per GPU)
-    and on machines with <= 4 CPUs per process, where a loader core is a large share of the
-    machine (README "Pretraining" has the measurement); per-image elsewhere.
+    ``auto`` is batched on CUDA (per image, ViT-S's 12 crops run at 10-30 img/s per CPU
+    core, far below a GPU's step) and with <= 4 CPUs per process, where the per-image loader
+    takes a core for most of a step and batched needs a tenth of it (measured on 2 cores,
+    docs/protocols.md#multi-crop); per-image elsewhere.
     """
     if requested != "auto":  # validated by ibot_bench.pretrain.config.validate
         return requested
