@@ -75,11 +75,13 @@ def plot_training(
         ("teacher_entropy", "teacher, per image"),
         ("teacher_batch_entropy", "teacher, batch mean"),
         ("student_entropy", "student, per image"),
+        ("student_batch_entropy", "student, batch mean"),
     ):
-        ax.plot(*_series(per_epoch, "epoch", key, "x"), marker="o", ms=3, label=label)
+        ls = "--" if "batch" in key else "-"
+        ax.plot(*_series(per_epoch, "epoch", key, "x"), ls=ls, marker="o", ms=3, label=label)
     ax.axhline(math.log(out_dim), color="grey", ls=":", label="uniform")
     ax.axhline(math.log(out_dim) - 0.1, color="red", ls=":", lw=0.8, label="collapse warning")
-    ax.set_title("CLS output entropy (nats)")
+    ax.set_title("CLS output entropy (nats; per image = batch mean: constant output)")
     ax = axes[1, 1]
     ax.plot(
         *_series(per_epoch, "epoch", "teacher_clusters", "x"), marker="o", ms=3, label="clusters"

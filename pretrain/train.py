@@ -693,9 +693,10 @@ class Trainer:
         done, total = s.epoch * self.iters_per_epoch + s.epoch_iter, o.epochs * self.iters_per_epoch
         over_time = self.cfg.time_limit_min > 0 and wall_s > self.cfg.time_limit_min * 60
         reason = f"time_limit_min={self.cfg.time_limit_min}" if over_time else "max_iters"
+        why = "the result depends on this machine's speed" if over_time else "as asked"
         text = (
             f"STOPPED EARLY by {reason} after {done} of {total} steps ({wall_s / 60:.1f} min): "
-            "the result depends on this machine's speed; rerun to resume"
+            f"{why}; rerun to resume"
         )
         print(f"[pretrain] WARNING: {text}", file=sys.stderr)
         if log is not None:
