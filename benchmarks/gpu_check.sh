@@ -9,7 +9,7 @@
 #   1. install:   a venv (.venv-gpu) with ibot-bench[dev,gpu] (faiss-gpu)
 #   2. pretrain:  iBOT step benchmark, ViT-S/16, 2x224 + 10x96 crops, bf16, on the GPU
 #   3. features:  feature-engine throughput vs the raw forward, fp32 and bf16
-#   4. faiss:     kNN with faiss-GPU against faiss-CPU on the same features (must agree)
+#   4. knn:       kNN on the GPU against the CPU on the same features (must agree)
 #   5. finetune:  20 fine-tuning steps of ViT-S/16 in bf16
 #   6. torchrun:  `run --suite full --profile tiny`, frozen protocols, 2 processes
 #                 (nccl with >= 2 GPUs; with one GPU both ranks share it over gloo)
@@ -43,7 +43,7 @@ step pretrain 180 "vit_small" "$BIN/python" benchmarks/pretrain.py --cases vit_s
   --precisions bf16 --steps 5 --device cuda --out "$OUT/pretrain"
 step features 120 "vit_s16_224.*bf16|bf16" "$BIN/python" benchmarks/features.py \
   --precisions fp32,bf16 --images 512 --batch-size 128
-step faiss 120 "agree" "$BIN/python" benchmarks/faiss_agreement.py
+step knn 120 "agree" "$BIN/python" benchmarks/knn_gpu_agreement.py
 step finetune 120 "bf16" "$BIN/python" benchmarks/finetune.py --precisions fp32 bf16 \
   --steps 20 --batch 64 --device cuda
 NPROC=$("$BIN/python" -c "import torch; print(max(2, torch.cuda.device_count()))" 2>/dev/null || echo 2)
