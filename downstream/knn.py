@@ -96,7 +96,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12, chunk: int = 16384) -> torch
     x = np.asarray(x)
     out = torch.empty(x.shape, dtype=torch.float32)
     for rows in _chunks(len(x), chunk):
-        part = torch.from_numpy(np.asarray(x[rows], dtype=np.float32))
+        part = torch.as_tensor(np.array(x[rows], dtype=np.float32))  # a copy: x may be read-only
         norms = torch.linalg.vector_norm(part, dim=1)
         if not torch.isfinite(norms).all():
             raise UserError("features contain NaN or inf; the encoder produced invalid outputs")

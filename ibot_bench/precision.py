@@ -38,12 +38,14 @@ CPU_PROBE_FLOP = 50e9
 def probe_batch(device: torch.device, batch: int, run: Callable[[int], None]) -> int:
     """How many items to time ``run(n)`` (one step on ``n`` items) with: the real batch on a
     GPU (its speed depends on being filled); on a CPU as many as :data:`CPU_PROBE_FLOP`
-    allows, counted on one item (a few items already fill a CPU's cores)."""
-    if device.type == "cuda":
+    allows, counted on two items (a few items already fill a CPU's cores; one item would
+    break BatchNorm in training mode on a 1x1 feature map)."""
+    if device.type == "cuda" or batch <= 2:
         return max(1, batch)
     with FlopCounterMode(display=False) as counter:
-        run(1)
-    return max(1, min(batch, int(CPU_PROBE_FLOP // max(1, counter.get_total_flops()))))
+        run(2)
+    per_item = max(1, counter.get_total_flops() // 2)
+    return max(2, min(batch, int(CPU_PROBE_FLOP // per_item)))
 
 
 def probe_step(
