@@ -48,7 +48,13 @@ def augmented_source(
     encoder = ctx.encoder().to(device).eval()
     n_blocks = encoder.resolve_last_blocks(ctx.feature_config.n_last_blocks)
     precision = inference_precision(  # the precision the cached features were made in
-        device, ctx.feature_config, encoder.info.fingerprint, crop, lambda: encoder, ctx.log
+        device,
+        ctx.feature_config,
+        encoder.info.fingerprint,
+        crop,
+        lambda: encoder,
+        ctx.log,
+        every_rank=False,  # a frozen task: under torchrun only rank 0 runs it
     )
     augment = T.Compose(
         [

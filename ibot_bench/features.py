@@ -258,9 +258,11 @@ def inference_precision(
     crop: int,
     built: Callable[[], Encoder],
     log: Callable[[str], None] = print,
+    every_rank: bool = True,
 ) -> str:
     """``cfg.precision``; for ``auto`` the faster one for this encoder's forward at ``crop``
-    px, timed once per machine, encoder and input (:mod:`ibot_bench.precision`).
+    px, timed once per machine, encoder and input (:mod:`ibot_bench.precision`; called by
+    every rank unless ``every_rank`` is False).
 
     ``built()`` returns the encoder on ``device`` in eval mode; it is called only when the
     decision is not cached. The augmented-view probes use the same key, so they run in the
@@ -286,7 +288,7 @@ def inference_precision(
             encoder.forward_features(images(n), encoder.resolve_last_blocks(cfg.n_last_blocks))
 
     step = probe_step(device, cfg.batch_size, run)
-    return choose_precision(device, cfg.precision, key, step, log=log)
+    return choose_precision(device, cfg.precision, key, step, log=log, every_rank=every_rank)
 
 
 def extract_features(

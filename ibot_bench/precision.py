@@ -214,6 +214,7 @@ def choose_precision(
     *,
     log: Callable[[str], None] = print,
     cache_dir: str | Path | None = None,
+    every_rank: bool = True,
 ) -> str:
     """``requested`` if it is a precision; for ``auto`` the fastest one, measured once.
 
@@ -224,8 +225,9 @@ def choose_precision(
     actual model on a small batch of the real input shape; it is called inside autocast for
     that precision, only on a cache miss and only on rank 0: it must not use collectives
     (no DDP wrapper) and should leave no state behind (drop gradients). Under torchrun
-    every rank gets rank 0's decision. A damaged or foreign cache file is ignored and
-    rewritten atomically.
+    every rank gets rank 0's decision, so every rank must call this (a broadcast); code that
+    runs on one rank only (a rank-0 task) passes ``every_rank=False`` and decides alone. A
+    damaged or foreign cache file is ignored and rewritten atomically.
     """
     check_precision(device, requested)
     if requested != "auto":
@@ -233,6 +235,8 @@ def choose_precision(
     candidates = available_precisions(device)
     if len(candidates) == 1:
         return candidates[0]
+    if not every_rank:
+        return _choose_here(device, candidates, dict(key), step, log, cache_dir)
     choice = None
     if world()[0] == 0:
         choice = _choose_here(device, candidates, dict(key), step, log, cache_dir)
