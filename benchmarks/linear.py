@@ -83,7 +83,7 @@ def one_at_a_time_seconds(fs: FeatureSet, cfg: LinearConfig, classes: int) -> fl
         for s in range(0, len(perm), cfg.batch_size):
             batch = perm[s : s + cfg.batch_size]
             x = feature_batch(fs, batch, [spec.feature], device)[spec.feature]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 logits = head(x)
             loss = F.cross_entropy(logits.float(), y_all[batch])
             opt.zero_grad()
@@ -97,7 +97,8 @@ def rows(small: bool = False, bf16: bool = False) -> list[dict]:
     """Two rows: fraction of the matmul peak (ratio), and speed-up over one head at a time."""
     size = SMALL if small else FULL
     fs = features(size["samples"], size["dim"], size["classes"])
-    cfg = LinearConfig(epochs=2, base_lrs=list(DINOV2_BASE_LRS), bf16=bf16, device="cpu")
+    precision = "bf16" if bf16 else "fp32"
+    cfg = LinearConfig(epochs=2, base_lrs=list(DINOV2_BASE_LRS), precision=precision, device="cpu")
     dtype = torch.bfloat16 if bf16 else torch.float32
     specs = head_specs(cfg)
     dims = {"cls": size["dim"], "cls_last4": 4 * size["dim"], "cls_patch": 2 * size["dim"]}

@@ -60,6 +60,7 @@ from ibot_bench.downstream.live_features import LiveViews, live_views
 from ibot_bench.encoders.base import DEFAULT_LAST_BLOCKS
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet, feature_layout
+from ibot_bench.precision import choose_precision
 from ibot_bench.runtime import resolve_device
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
@@ -80,7 +81,7 @@ class LinearBaseConfig:
     variants: list[str] = field(default_factory=lambda: list(FEATURE_VARIANTS))
     momentum: float = 0.9
     weight_decay: float = 0.0
-    bf16: bool = False  # bfloat16 autocast for the heads' forward pass
+    precision: str = "auto"  # auto | fp32 | bf16 for the heads' matmuls (auto: measured once)
     eval_batch_size: int = 4096
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -151,6 +152,7 @@ class LinearHeads(nn.Module):
         order = torch.tensor([i for idx in groups.values() for i in idx])
         self.register_buffer("restore", torch.argsort(order), persistent=False)
         self.scratch: dict[str, torch.Tensor] = {}  # training logits, reused across steps
+        self.bf16 = False  # matmuls in bfloat16 (set by train_heads from cfg.precision)
 
     def logits(self, feature: str, x: torch.Tensor) -> torch.Tensor:
         """(B, H_f, C) logits of the heads reading ``feature``: one ``x @ W_f + b_f``."""
@@ -377,7 +379,6 @@ def evaluate_heads(
     rows: np.ndarray,
     batch_size: int,
     device: torch.device,
-    bf16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 and top-5 accuracy (percent) of every head on rows ``rows`` of ``fs``."""
     features = sorted({s.feature for s in model.specs})
@@ -387,13 +388,45 @@ def evaluate_heads(
     for start in range(0, len(rows), batch_size):
         y = labels[start : start + batch_size]
         feats = feature_batch(fs, rows[start : start + batch_size], features, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.bf16):
             logits = model(feats)
         top = logits.float().topk(min(5, logits.shape[2]), dim=2).indices  # (H, B, 5)
         hits1 += (top[:, :, 0] == y).sum(1).double().cpu()
         hits5 += (top == y[None, :, None]).any(2).sum(1).double().cpu()
     n = max(len(rows), 1)
     return (100.0 * hits1 / n).numpy(), (100.0 * hits5 / n).numpy()
+
+
+def heads_precision(
+    model: LinearHeads, dims: dict[str, int], cfg: LinearBaseConfig, device: torch.device
+) -> str:
+    """``cfg.precision`` for the heads' matmuls; ``auto`` times one training step of these
+    heads (on random features of their shape) in fp32 and bf16 once per machine and shape
+    and keeps the faster (:func:`ibot_bench.precision.choose_precision`)."""
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(
+            f"precision {cfg.precision!r}: the linear heads run in auto, fp32 or bf16"
+        )
+    rows = min(cfg.batch_size, 256)  # the ratio, not the step, is what is measured
+    gen = torch.Generator().manual_seed(0)
+    feats = {f: torch.randn(rows, d, generator=gen).to(device) for f, d in dims.items()}
+    y = torch.randint(0, model.num_classes, (rows,), generator=gen).to(device)
+    key = {
+        "work": "linear-heads",
+        "dims": dict(sorted(dims.items())),
+        "heads": {f: len(idx) for f, idx in sorted(model.groups.items())},
+        "classes": model.num_classes,
+        "rows": rows,
+    }
+    return choose_precision(
+        device,
+        cfg.precision,
+        key,
+        lambda p: heads_gradients(model, feats, y, bf16=p == "bf16"),
+        log=log.info,
+        every_rank=False,  # a frozen task: under torchrun only rank 0 trains the heads
+        allowed=("fp32", "bf16"),
+    )
 
 
 def train_heads(
@@ -419,6 +452,7 @@ def train_heads(
     device = resolve_device(cfg.device)
     dims = check_variants(fs, [s.feature for s in specs])
     model = LinearHeads(specs, dims, num_classes, cfg.seed).to(device)
+    model.bf16 = heads_precision(model, dims, cfg, device) == "bf16"
     opt = HeadsSGD(model, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total_steps, step = cfg.epochs * steps_per_epoch, 0
@@ -436,7 +470,7 @@ def train_heads(
                 feats = {k: v.to(device) for k, v in source(batch).items() if k in features}
             y = torch.from_numpy(labels[batch]).to(device)
             # sum over heads of each head's batch-mean cross-entropy
-            total += heads_gradients(model, feats, y, cfg.bf16)
+            total += heads_gradients(model, feats, y, model.bf16)
             opt.step(cosine_factor(step, total_steps))
             step += 1
         log.debug(
@@ -474,7 +508,7 @@ def linear_probe(
     fit_rows, val_rows = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
     model = train_heads(train, fit_rows, specs, num_classes, cfg, views=views)
     device = next(model.parameters()).device
-    val1, _ = evaluate_heads(model, train, val_rows, cfg.eval_batch_size, device, cfg.bf16)
+    val1, _ = evaluate_heads(model, train, val_rows, cfg.eval_batch_size, device)
     best = int(np.argmax(val1))
     chosen = specs[best]
     log.info("linear: chose %s (val top-1 %.2f)", chosen, val1[best])
@@ -482,11 +516,12 @@ def linear_probe(
         all_rows = np.arange(len(train))
         model, best = train_heads(train, all_rows, [chosen], num_classes, cfg, views=views), 0
     test_rows = np.arange(len(test))
-    top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device, cfg.bf16)
+    top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device)
     extra = {
         "chosen_head": {**chosen.as_dict(), "val_top1": float(val1.max())},
         "heads": [{**s.as_dict(), "val_top1": float(v)} for s, v in zip(specs, val1)],
         "refit": cfg.refit,
+        "precision": "bf16" if model.bf16 else "fp32",
         "num_train": len(fit_rows),
         "num_val": len(val_rows),
         "variants": variants,
@@ -516,17 +551,18 @@ def linear_probe_paper(
         if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
             return
         device = next(model.parameters()).device
-        top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device, cfg.bf16)
+        top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device)
         np.maximum(per_head, top1, out=per_head)
         h = int(np.argmax(top1))
         if top1[h] > best["top1"]:
             best.update(top1=float(top1[h]), top5=float(top5[h]), head=h, epoch=epoch + 1)
 
-    train_heads(train, np.arange(len(train)), specs, num_classes, cfg, on_epoch, views)
+    model = train_heads(train, np.arange(len(train)), specs, num_classes, cfg, on_epoch, views)
     extra = {
         "chosen_head": {**specs[best["head"]].as_dict(), "epoch": best["epoch"]},
         "heads": [{**s.as_dict(), "best_test_top1": float(v)} for s, v in zip(specs, per_head)],
         "selection": "max over heads and epochs on the test set (reference protocol)",
+        "precision": "bf16" if model.bf16 else "fp32",
         "variants": variants,
     }
     return _test_metrics(best["top1"], best["top5"], num_classes), extra

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ibot_bench.distributed import broadcast_object, world
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
-from ibot_bench.runtime import autocast, available_precisions, check_precision
+from ibot_bench.runtime import PRECISIONS, autocast, available_precisions, check_precision
 
 SCHEMA = "ibot-bench/precision-v1"
 # a less exact precision must beat the more exact one by this factor to replace it: a tie
@@ -215,6 +215,7 @@ def choose_precision(
     log: Callable[[str], None] = print,
     cache_dir: str | Path | None = None,
     every_rank: bool = True,
+    allowed: tuple[str, ...] | None = None,
 ) -> str:
     """``requested`` if it is a precision; for ``auto`` the fastest one, measured once.
 
@@ -227,12 +228,13 @@ def choose_precision(
     (no DDP wrapper) and should leave no state behind (drop gradients). Under torchrun
     every rank gets rank 0's decision, so every rank must call this (a broadcast); code that
     runs on one rank only (a rank-0 task) passes ``every_rank=False`` and decides alone. A
-    damaged or foreign cache file is ignored and rewritten atomically.
+    damaged or foreign cache file is ignored and rewritten atomically. ``allowed`` limits
+    the candidates to the precisions the caller implements (e.g. no fp16).
     """
     check_precision(device, requested)
     if requested != "auto":
         return requested
-    candidates = available_precisions(device)
+    candidates = tuple(p for p in available_precisions(device) if p in (allowed or PRECISIONS))
     if len(candidates) == 1:
         return candidates[0]
     if not every_rank:

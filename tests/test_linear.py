@@ -62,9 +62,11 @@ def test_linear_selects_on_validation_and_reports_test():
 
 def test_linear_refit_and_bf16_run():
     out = linear(
-        feature_context(TRAIN, TEST), LinearConfig(**FAST, refit=True, bf16=True, variants=["cls"])
+        feature_context(TRAIN, TEST),
+        LinearConfig(**FAST, refit=True, precision="bf16", variants=["cls"]),
     )
     assert out.extra["refit"] is True and out.metrics["top1"] > 80
+    assert out.extra["precision"] == "bf16"
 
 
 def test_linear_paper_is_max_over_heads_and_epochs_on_test():
@@ -172,6 +174,7 @@ def test_heads_as_one_matmul_train_like_separate_torch_heads():
         variants=["cls", "cls_patch"],
         weight_decay=1e-3,
         device="cpu",
+        precision="fp32",  # the maths, compared with fp32 torch heads
     )
     specs, rows = head_specs(cfg), np.arange(120)
     model = train_heads(fs, rows, specs, 6, cfg)
@@ -204,3 +207,17 @@ def test_heads_as_one_matmul_train_like_separate_torch_heads():
         with torch.no_grad():
             expected = head(test[spec.feature])
         assert torch.allclose(ours[h], expected, atol=1e-4, rtol=1e-4), spec
+
+
+def test_linear_precision_auto_is_measured_and_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("IBOT_BENCH_CACHE", str(tmp_path))
+    out = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, variants=["cls"]))
+    assert out.extra["precision"] in ("fp32", "bf16")
+    assert len(list((tmp_path / "precision").glob("*.json"))) == 1  # the decision is cached
+    again = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, variants=["cls"]))
+    assert again.extra["precision"] == out.extra["precision"]
+
+
+def test_linear_precision_fp16_is_refused():
+    with pytest.raises(ConfigError, match="auto, fp32 or bf16"):
+        linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, precision="fp16"))
