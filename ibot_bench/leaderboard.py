@@ -403,6 +403,16 @@ NOTE = (
 )
 
 
+def _cells(b: GroupBoard, escape: Callable[[str], str], bold: Callable[[str], str]) -> pd.DataFrame:
+    """The group's table as text cells: names escaped, the best per column in ``bold``."""
+    best = b.best()
+    return pd.DataFrame(
+        {escape(c): [_cell(v, k, bold) for v, k in zip(b.table[c], best[c])]
+         for c in b.table.columns},
+        index=[escape(n) + (" (baseline)" if n == b.baseline else "") for n in b.table.index],
+    )  # fmt: skip
+
+
 def to_markdown(boards: Sequence[GroupBoard]) -> str:
     """The at-a-glance leaderboard as Markdown: per group a heading, a table (best per
     column in bold) and a legend; every name escaped (:func:`markdown_text`)."""
@@ -411,13 +421,7 @@ def to_markdown(boards: Sequence[GroupBoard]) -> str:
         return "\n".join([*lines, "No records yet."]) + "\n"
     lines += [NOTE.replace("records.csv", "`records.csv`"), ""]
     for b in boards:
-        best = b.best()
-        cells = pd.DataFrame(
-            {markdown_text(c): [_cell(v, k, lambda t: f"**{t}**") for v, k in
-                                zip(b.table[c], best[c])] for c in b.table.columns},
-            index=[markdown_text(n) + (" (baseline)" if n == b.baseline else "")
-                   for n in b.table.index],
-        )  # fmt: skip
+        cells = _cells(b, markdown_text, lambda t: f"**{t}**")
         cells.index.name = "encoder"
         text = cells.to_markdown(  # numbers pre-formatted: a name like "1e3" stays text
             disable_numparse=True, colalign=("left",) + ("right",) * cells.shape[1]
@@ -431,13 +435,7 @@ def to_html(boards: Sequence[GroupBoard]) -> str:
     """The at-a-glance leaderboard as HTML (best per column in ``<b>``), names escaped."""
     parts = [f"<p>{html_text(NOTE)}</p>"]
     for b in boards:
-        best = b.best()
-        cells = pd.DataFrame(
-            {html_text(c): [_cell(v, k, lambda t: f"<b>{t}</b>") for v, k in
-                            zip(b.table[c], best[c])] for c in b.table.columns},
-            index=[html_text(n) + (" (baseline)" if n == b.baseline else "")
-                   for n in b.table.index],
-        )  # fmt: skip
+        cells = _cells(b, html_text, lambda t: f"<b>{t}</b>")
         legend = "".join(f"<li>{line}</li>" for line in legend_lines(b, html_text))
         parts += [
             f"<h2>{html_text(b.group)}</h2>",
