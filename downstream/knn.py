@@ -345,7 +345,7 @@ def knn_classify(
     dtype = search_dtype(dev, bank_t.shape[1])
     bank_lp = bank_t.to(dtype)
     bank_residual = float(residual_norm(bank_t, dtype).max())
-    labels_t = torch.from_numpy(bank_labels).to(dev)
+    labels_t = torch.tensor(bank_labels, device=dev)  # a copy: the labels may be read-only
     log.info(
         "kNN: %d queries, bank %s, k_max %d, search on %s in %s (bank rounding <= %.2g)",
         len(queries),
