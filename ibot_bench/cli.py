@@ -363,16 +363,18 @@ def _print_board(boards, title: str) -> None:
     def text(name: object) -> Text:
         return Text(printable(name))
 
-    console = Console()
+    # a log file or pipe gets the whole table (rich would squeeze it into 80 columns)
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if not boards:
         console.print("no results to show")
         return
     for b in boards:
         best = b.best()
         t = Table(title=text(f"{title}: {b.group}"), caption="* best per column")
-        t.add_column("encoder")
-        for column in b.table.columns:
-            t.add_column(text(column), justify="right")
+        longest = max((len(printable(n)) for n in b.table.index), default=7) + len(" (baseline)")
+        t.add_column("encoder", min_width=min(longest, 24))
+        for column in b.table.columns:  # room for "100.00*"; long headers wrap
+            t.add_column(text(column), justify="right", min_width=7)
         for name, row in b.table.iterrows():
             label = text(name + (" (baseline)" if name == b.baseline else ""))
             cells = [
