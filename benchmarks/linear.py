@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from ibot_step import matmul_peak
 from torch.nn import functional as F
 
 from ibot_bench.downstream.linear import (
@@ -43,19 +44,6 @@ def features(samples: int, dim: int, classes: int) -> FeatureSet:
     last = rng.standard_normal((samples, 4 * dim), dtype=np.float32)
     labels = rng.integers(0, classes, samples)
     return FeatureSet(cls, patch, last, labels, [f"c{i}" for i in range(classes)])
-
-
-def matmul_peak(sizes: tuple[int, ...], dtype: torch.dtype) -> float:
-    """Best FLOP/s of square ``dtype`` matmuls of the given sizes (best of 3 each)."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        a @ b
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
 
 
 def epoch_seconds(fs: FeatureSet, cfg: LinearConfig, classes: int) -> float:
@@ -103,9 +91,11 @@ def rows(small: bool = False, bf16: bool = False) -> list[dict]:
     specs = head_specs(cfg)
     dims = {"cls": size["dim"], "cls_last4": 4 * size["dim"], "cls_patch": 2 * size["dim"]}
     flops = sum(4 * size["samples"] * dims[s.feature] * size["classes"] for s in specs)
-    peak = matmul_peak(size["peak_sizes"], dtype)
+    peak = matmul_peak(dtype, torch.device("cpu"), size["peak_sizes"])
     ours = epoch_seconds(fs, cfg, size["classes"])
-    peak = max(peak, matmul_peak(size["peak_sizes"], dtype))  # alternate: peak, ours, peak
+    peak = max(
+        peak, matmul_peak(dtype, torch.device("cpu"), size["peak_sizes"])
+    )  # alternate: peak, ours, peak
     base = one_at_a_time_seconds(fs, cfg, size["classes"])
     name = str(dtype).removeprefix("torch.")
     shape = f"{len(specs)} heads, {size['samples']} x {size['dim']}, {size['classes']} classes"

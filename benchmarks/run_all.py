@@ -24,24 +24,18 @@ from pathlib import Path
 
 import torch
 
+from ibot_bench.precision import cpu_info
+
 
 def machine() -> str:
     """CPU model, the bf16-relevant flags, threads, torch, GPU."""
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+    model, flags = cpu_info()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted) if flags else "n/a"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return (
-        f"{model}; {shown}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
-        f"GPU: {gpu}"
+        f"{model or platform.processor() or platform.machine()}; {shown}; "
+        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}; GPU: {gpu}"
     )
 
 

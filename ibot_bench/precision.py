@@ -90,30 +90,32 @@ def scratch(*modules: torch.nn.Module) -> Iterator[None]:
                     p.grad = g
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """This CPU's model name and feature flags from /proc/cpuinfo ("", {} where there is none)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
 def hardware_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name from /proc/cpuinfo (else the platform's)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info()[0] or platform.processor() or platform.machine()
 
 
 def cpu_bf16_support() -> str:
     """How this CPU runs bf16 matmuls: ``amx``, ``avx512_bf16`` (native dot products) or
     ``emulated`` (converted to fp32, typically several times slower than fp32)."""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_info()[1]
     if "amx_bf16" in flags or torch.backends.cpu.get_cpu_capability() == "AVX512_AMX":
         return "amx"
     return "avx512_bf16" if "avx512_bf16" in flags else "emulated"
