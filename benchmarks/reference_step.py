@@ -2,6 +2,7 @@
 
     python benchmarks/reference_step.py --reference /work/ref/ibot
     python benchmarks/reference_step.py --reference /work/ref/ibot --cases quick --steps 6
+    python benchmarks/reference_step.py --reference /work/ref/ibot --cases quick --compile
 
 The reference (a checkout of bytedance/ibot) is imported at run time from ``--reference``:
 its ``VisionTransformer``, ``iBOTHead``, ``MultiCropWrapper``, ``iBOTLoss`` and the body of
@@ -174,10 +175,17 @@ class ReferenceStep:
 
 
 def compare(
-    ref: types.SimpleNamespace, case: str, precision: str, steps: int, out: Path
+    ref: types.SimpleNamespace,
+    case: str,
+    precision: str,
+    steps: int,
+    out: Path,
+    compile_ours: bool = False,
 ) -> dict[str, Any]:
-    """Alternating ours/reference steps; medians, ratio (reference time / ours) and MFUs."""
-    trainer = bs.make_trainer(case, precision, out)
+    """Alternating ours/reference steps; medians, ratio (reference time / ours) and MFUs.
+    ``compile_ours``: our backbones under ``torch.compile`` (``compile=true``); the first
+    step's time, compilation included, is reported as ``first_s``."""
+    trainer = bs.make_trainer(case, precision, out, extra=["compile=true"] if compile_ours else [])
     reference = ReferenceStep(ref, trainer)
     epoch = bs.training_epoch(trainer)
     it = epoch * trainer.iters_per_epoch
@@ -187,8 +195,11 @@ def compare(
     def theirs() -> float:
         return reference.step(batch, it, epoch)
 
-    for fn in (ours, theirs):
-        fn()  # warm-up
+    start = time.perf_counter()
+    ours()  # warm-up (compiles when compile_ours)
+    first = time.perf_counter() - start
+    ours()
+    theirs()
     flops_ours, flops_ref = bs.count_flops(ours), bs.count_flops(theirs)
     t_ours, t_ref = [], []
     for _ in range(steps):
@@ -207,6 +218,7 @@ def compare(
         "gflop_ours": flops_ours / 1e9,
         "gflop_ref": flops_ref / 1e9,
         "peak_gflops": peak / 1e9,
+        "first_s": first,
     }
     bs.check_mfu(row["mfu_ours"], f"{case} {precision} (ours)")
     bs.check_mfu(row["mfu_ref"], f"{case} {precision} (reference)")
@@ -247,6 +259,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each, alternating")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="our backbones under torch.compile (compile=true)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,14 +275,24 @@ def main() -> None:
         for case in args.cases:
             for precision in args.precisions:
                 start = time.perf_counter()
-                r = compare(ref, case, precision, args.steps, Path(tmp) / f"{case}_{precision}")
+                r = compare(
+                    ref,
+                    case,
+                    precision,
+                    args.steps,
+                    Path(tmp) / f"{case}_{precision}",
+                    args.compile,
+                )
                 print(
                     f"| {r['case']} | {precision} | {r['ours_s']:.3f} | {r['ref_s']:.3f} | "
                     f"{r['ratio']:.2f}x | {100 * r['mfu_ours']:.1f}% | {100 * r['mfu_ref']:.1f}% | "
                     f"{r['gflop_ours']:.0f} / {r['gflop_ref']:.0f} |",
                     flush=True,
                 )
-                print(f"  ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+                print(
+                    f"  ({time.perf_counter() - start:.0f}s; our first step {r['first_s']:.1f}s)",
+                    file=sys.stderr,
+                )
 
 
 if __name__ == "__main__":

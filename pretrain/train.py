@@ -193,9 +193,10 @@ class Trainer:
         self.precision = pretrain_precision(
             cfg, self.student, self.teacher, self.device, self.batch, _stderr
         )
-        if cfg.compile:
-            self.student.backbone.compile()
-            self.teacher.backbone.compile()
+        if cfg.compile:  # the blocks: the networks call backbone.forward_tokens, not forward
+            for network in (self.student, self.teacher):
+                for block in network.backbone.blocks:
+                    block.compile()
         self.model: torch.nn.Module = self.student
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -652,9 +653,16 @@ class Trainer:
             "teacher_patch_temp": tpt,
         }
 
-    def _probe(self) -> float:
+    def _probe(self, network: torch.nn.Module | None = None) -> float:
+        """kNN monitor of the teacher's backbone (or ``network``'s, in eval mode)."""
         assert self.probe is not None
-        return self.probe(self.teacher.backbone, self.device)
+        backbone = (network or self.teacher).backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            return self.probe(backbone, self.device)
+        finally:
+            backbone.train(was_training)
 
     def _end_epoch(
         self, epoch: int, record: dict[str, Any], log: JsonlLog | None, wall_s: float
@@ -664,6 +672,8 @@ class Trainer:
         record["center_norm"] = float(self.loss.center.norm())
         if self.probe is not None and not self.probe.skip:
             record["knn_top1"] = self._probe()
+            # the student too: a teacher far behind it means the EMA lags (small-scale-runs)
+            record["knn_student_top1"] = self._probe(self.student)
         if log is not None:
             log.write({"type": "epoch", "epoch": epoch, **record}, epoch)
         shown = [f"loss {record.get('loss', float('nan')):.4f}"]
@@ -676,6 +686,7 @@ class Trainer:
                 ("teacher_clusters", "d"),
                 ("nmi", ".3f"),
                 ("knn_top1", ".1f"),
+                ("knn_student_top1", ".1f"),
             )
             if key in record
         ]

@@ -141,3 +141,14 @@ def test_batched_augmentation_trains_and_ignores_the_worker_count(tmp_path):
         losses[mode, workers] = last["loss"]
     assert losses["batched", 0] == losses["batched", 1]  # crops seeded per batch
     assert losses["batched", 0] != losses["per-image", 0]
+
+
+def test_compile_wraps_the_blocks_the_networks_call(tmp_path):
+    """compile=true must reach the code that runs: the networks call
+    backbone.forward_tokens (not backbone.forward), which runs the blocks through __call__."""
+    cfg = load_config(PretrainConfig, SMOKE, [f"output_dir={tmp_path}", "compile=true"])
+    trainer = Trainer(cfg)
+    for network in (trainer.student, trainer.teacher):
+        blocks = list(network.backbone.blocks)
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        assert not any("_orig_mod" in k for k in network.state_dict())  # checkpoint keys as usual
