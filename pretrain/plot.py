@@ -99,6 +99,9 @@ def plot_training(
         xs, ys = [0, *xs], [init[-1]["knn_top1"], *ys]
         ax.axhline(init[-1]["knn_top1"], color="grey", ls=":", label="random init")
     ax.plot(xs, ys, marker="o", ms=3, label="teacher")
+    student = _series(per_epoch, "epoch", "knn_student_top1", "x")
+    if student[0]:
+        ax.plot(*student, marker="s", ms=3, color="C2", label="student")
     ax.set_title("kNN top-1 (%), leave-one-out on training images")
     if not xs:
         ax.text(0.5, 0.5, "kNN monitor off", ha="center", va="center", transform=ax.transAxes)

@@ -103,7 +103,8 @@ def _log(path: Path, epochs: int, per_epoch: int) -> None:
             )  # fmt: skip
         lines.append(
             {"type": "epoch", "epoch": e, "teacher_entropy": 1.0, "teacher_batch_entropy": 3.0,
-             "student_entropy": 2.0, "teacher_clusters": 10 + e, "nmi": 0.3, "knn_top1": 30.0 + e}
+             "student_entropy": 2.0, "teacher_clusters": 10 + e, "nmi": 0.3, "knn_top1": 30.0 + e,
+             "knn_student_top1": 31.0 + e}
         )  # fmt: skip
     path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"type": "tra')  # killed writer
 
@@ -133,6 +134,7 @@ def test_run_logs_monitors_draws_training_png_and_says_when_cut(tmp_path, capsys
     assert len(epochs) == 2
     for key in ("teacher_entropy", "teacher_batch_entropy", "teacher_clusters", "knn_top1"):
         assert key in epochs[0]
+    assert 0 <= epochs[0]["knn_student_top1"] <= 100
     assert 0 <= epochs[0]["teacher_entropy"] <= math.log(cfg.head.out_dim) + 1e-4
     stopped = [r for r in lines if r["type"] == "stopped"]
     assert stopped and stopped[0]["reason"] == "max_iters" and stopped[0]["steps"] == 5
