@@ -39,7 +39,7 @@ model and parameter groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.layers import trunc_normal_
@@ -89,6 +89,8 @@ class FinetuneConfig:
     eval_interpolation: str = "bilinear"
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     train_interpolation: str = "bicubic"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area
+    hflip: float = 0.5  # horizontal-flip probability (0 for symbols a mirror changes)
     reprob: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -137,6 +139,13 @@ def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:
         raise ConfigError(f"pool must be 'cls' or 'mean', got {cfg.pool!r}")
     if cfg.report not in ("last", "best"):
         raise ConfigError(f"report must be 'last' or 'best', got {cfg.report!r}")
+    low, high = (list(cfg.crop_scale) + [0.0, 0.0])[:2]
+    if len(cfg.crop_scale) != 2 or not 0.0 < low <= high <= 1.0:
+        raise ConfigError(
+            f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.crop_scale)}"
+        )
+    if not 0.0 <= cfg.hflip <= 1.0:
+        raise ConfigError(f"hflip must be a probability in [0, 1], got {cfg.hflip}")
     return recipe
 
 

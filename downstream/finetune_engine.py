@@ -171,6 +171,8 @@ def train_transform(cfg, img_size: int):
     tf = create_transform(
         img_size,
         is_training=True,
+        scale=tuple(cfg.crop_scale),
+        hflip=cfg.hflip,
         auto_augment=cfg.auto_augment or None,
         interpolation=cfg.train_interpolation,
         re_prob=cfg.reprob,

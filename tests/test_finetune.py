@@ -256,3 +256,22 @@ def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert ops and ops[0].aug_fn(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert ops[0].aug_fn(img, 2).getpixel((0, 0)) == (192, 64, 0)
+
+
+def test_crop_scale_and_flip_reach_the_training_transform_and_bad_values_are_refused():
+    def crop_scale(tf):
+        return next(t.scale for t in tf.transforms if hasattr(t, "ratio"))
+
+    def flips(tf):
+        return [t.p for t in tf.transforms if type(t).__name__ == "RandomHorizontalFlip"]
+
+    paper = engine.train_transform(FinetuneConfig(), 32)
+    assert crop_scale(paper) == (0.08, 1.0) and flips(paper) == [0.5]
+    quick = engine.train_transform(FinetuneConfig(crop_scale=[0.4, 1.0], hflip=0.0), 32)
+    assert crop_scale(quick) == (0.4, 1.0) and flips(quick) == []
+    enc = load_encoder("random:vit_tiny_patch8")
+    for bad in ([0.0, 1.0], [0.9, 0.5], [0.5], [0.5, 1.5]):
+        with pytest.raises(ConfigError, match="crop_scale must be"):
+            resolve_recipe(FinetuneConfig(crop_scale=bad), enc)
+    with pytest.raises(ConfigError, match="hflip must be"):
+        resolve_recipe(FinetuneConfig(hflip=2.0), enc)
