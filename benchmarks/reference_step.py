@@ -183,7 +183,7 @@ def compare(
     compile_ours: bool = False,
 ) -> dict[str, Any]:
     """Alternating ours/reference steps; medians, ratio (reference time / ours) and MFUs.
-    ``compile_ours``: our backbones under ``torch.compile`` (``compile=true``); the first
+    ``compile_ours``: our transformer blocks under ``torch.compile`` (``compile=true``); the first
     step's time, compilation included, is reported as ``first_s``."""
     trainer = bs.make_trainer(case, precision, out, extra=["compile=true"] if compile_ours else [])
     reference = ReferenceStep(ref, trainer)
@@ -260,7 +260,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each, alternating")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument(
-        "--compile", action="store_true", help="our backbones under torch.compile (compile=true)"
+        "--compile",
+        action="store_true",
+        help="our transformer blocks under torch.compile (compile=true)",
     )
     args = parser.parse_args()
     if args.threads:

@@ -139,11 +139,9 @@ def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:
         raise ConfigError(f"pool must be 'cls' or 'mean', got {cfg.pool!r}")
     if cfg.report not in ("last", "best"):
         raise ConfigError(f"report must be 'last' or 'best', got {cfg.report!r}")
-    low, high = (list(cfg.crop_scale) + [0.0, 0.0])[:2]
-    if len(cfg.crop_scale) != 2 or not 0.0 < low <= high <= 1.0:
-        raise ConfigError(
-            f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.crop_scale)}"
-        )
+    scale = list(cfg.crop_scale)
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if not 0.0 <= cfg.hflip <= 1.0:
         raise ConfigError(f"hflip must be a probability in [0, 1], got {cfg.hflip}")
     return recipe
