@@ -93,9 +93,8 @@ def rows(small: bool = False, bf16: bool = False) -> list[dict]:
     flops = sum(4 * size["samples"] * dims[s.feature] * size["classes"] for s in specs)
     peak = matmul_peak(dtype, torch.device("cpu"), size["peak_sizes"])
     ours = epoch_seconds(fs, cfg, size["classes"])
-    peak = max(
-        peak, matmul_peak(dtype, torch.device("cpu"), size["peak_sizes"])
-    )  # alternate: peak, ours, peak
+    # alternate: peak, ours, peak
+    peak = max(peak, matmul_peak(dtype, torch.device("cpu"), size["peak_sizes"]))
     base = one_at_a_time_seconds(fs, cfg, size["classes"])
     name = str(dtype).removeprefix("torch.")
     shape = f"{len(specs)} heads, {size['samples']} x {size['dim']}, {size['classes']} classes"
