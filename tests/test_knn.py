@@ -186,3 +186,17 @@ def test_more_equal_neighbours_than_candidates_are_searched_again():
     result = knn_classify(bank, labels, np.ones((1, 8), np.float32), [3], 5, device="cpu")
     assert result.researched > 0
     assert result.top5[3].tolist() == [[3, 4, -1, -1, -1]]
+
+
+def test_bank_blocks_share_one_similarity_workspace(monkeypatch):
+    """Several bank blocks (the last one shorter) and re-searched queries fill the one
+    workspace of the run; predictions stay those of the exact formula."""
+    monkeypatch.setattr("ibot_bench.downstream.knn.BANK_BLOCK", 300)
+    bank, labels, queries, classes = hard_case(np.random.default_rng(5))
+    bank = np.concatenate([bank] * 6)  # > 3 blocks, duplicates across blocks
+    labels = np.concatenate([labels] * 6)
+    result = knn_classify(bank, labels, queries, [3, 40], classes, T, chunk_size=8, device="cpu")
+    assert len(bank) % 300 and len(bank) > 900
+    for k in (3, 40):
+        expected, _ = exact_formula(bank, labels, queries, k, classes)
+        assert np.array_equal(result.top5[k], expected), k
