@@ -193,10 +193,8 @@ class Trainer:
         self.precision = pretrain_precision(
             cfg, self.student, self.teacher, self.device, self.batch, _stderr
         )
-        if cfg.compile:  # the blocks: the networks call backbone.forward_tokens, not forward
-            for network in (self.student, self.teacher):
-                for block in network.backbone.blocks:
-                    block.compile()
+        if cfg.compile:
+            compile_blocks(self.student, self.teacher)
         self.model: torch.nn.Module = self.student
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -822,6 +820,24 @@ class Trainer:
             "wall_s": time.perf_counter() - start,
             "last": last,
         }
+
+
+def compile_blocks(student: IbotStudent, teacher: IbotTeacher) -> None:
+    """``torch.compile`` every transformer block: the networks call
+    ``backbone.forward_tokens``, not ``forward``, so the blocks are what runs.
+
+    The blocks share one code object, and each student block's drop-path rate (a float that
+    dynamo treats as a constant) makes its own graph, as do the crop sizes and the teacher's
+    blocks. Past torch's default of 8 graphs per code object the remaining blocks would
+    silently run uncompiled (a ViT-S with drop-path did), so the limit is raised to cover
+    them all."""
+    import torch._dynamo.config as dynamo_config
+
+    depth = len(student.backbone.blocks)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * depth + 8)
+    for network in (student, teacher):
+        for block in network.backbone.blocks:
+            block.compile()
 
 
 def _stderr(message: str) -> None:

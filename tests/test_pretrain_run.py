@@ -152,3 +152,6 @@ def test_compile_wraps_the_blocks_the_networks_call(tmp_path):
         blocks = list(network.backbone.blocks)
         assert blocks and all(b._compiled_call_impl is not None for b in blocks)
         assert not any("_orig_mod" in k for k in network.state_dict())  # checkpoint keys as usual
+    # each block (its own drop-path rate) and crop size is a graph: none may fall back to eager
+    depth = len(trainer.student.backbone.blocks)
+    assert torch._dynamo.config.recompile_limit >= 4 * depth + 8
