@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BANK_BLOCK = 131072  # bank rows per candidate-search matmul (bounds the similarity block)
+GROUP = 16  # column groups of top_m (the max pass is fast for 16 on CPU; 24 and 32 were not)
 RERANK_ELEMS = 1 << 21  # gathered bank elements per exact re-ranking step
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-9, torch.float16: 2.0**-11}
 _CPU_SEARCH_DTYPE: list[torch.dtype] = []  # measured once per process
@@ -205,6 +206,34 @@ def similarity_workspace(bank_lp: torch.Tensor, queries: int) -> torch.Tensor:
     )
 
 
+def top_m(sims: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` largest values of every row of ``sims`` and their columns (any order; among
+    equal values any may be picked), as ``topk(m, sorted=False)`` but faster on CPUs.
+
+    The row's columns are split into ``GROUP`` strided sets (column ``c`` in group
+    ``c mod g``, ``g = cols // GROUP``) and the ``m`` groups with the largest maxima are
+    kept: every value of the row's top m is at most its group's maximum and at least the
+    m-th largest maximum, so its group is among the kept ones (or ties with one that is).
+    The exact top m of those ``m x GROUP`` values (plus the last ``cols mod GROUP`` columns)
+    is the answer. One max pass and two small top-k's instead of a top-k over the whole
+    row: half the time of ``topk`` for m = 52 and two thirds for m = 300 over 100k bf16
+    columns on a 2-core CPU. CUDA and short rows use ``topk`` itself.
+    """
+    rows, cols = sims.shape
+    g = cols // GROUP
+    if sims.device.type == "cuda" or g < 4 * m:
+        return sims.topk(m, dim=1, sorted=False)
+    maxima = sims[:, : g * GROUP].view(rows, GROUP, g).amax(1)
+    groups = maxima.topk(m, dim=1, sorted=False).indices
+    offsets = torch.arange(0, g * GROUP, g, device=sims.device)
+    picked = (groups[:, :, None] + offsets).reshape(rows, -1)
+    if g * GROUP < cols:
+        tail = torch.arange(g * GROUP, cols, device=sims.device).expand(rows, -1)
+        picked = torch.cat([picked, tail], 1)
+    values, order = sims.gather(1, picked).topk(m, dim=1, sorted=False)
+    return values, picked.gather(1, order)
+
+
 def candidates(
     bank_lp: torch.Tensor,
     queries_lp: torch.Tensor,
@@ -230,7 +259,7 @@ def candidates(
             sims = torch.matmul(queries_lp, bank_lp[block].T, out=out)
         finally:
             matmul.allow_fp16_reduced_precision_reduction = reduced
-        v, i = sims.topk(min(m, sims.shape[1]), dim=1, sorted=False)
+        v, i = top_m(sims, min(m, sims.shape[1]))
         vals.append(v.float())
         idxs.append(i + block.start)
     v, i = torch.cat(vals, 1), torch.cat(idxs, 1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import feature_context
 
-from ibot_bench.downstream.knn import KnnConfig, knn, knn_classify
+from ibot_bench.downstream.knn import KnnConfig, knn, knn_classify, top_m
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
 from ibot_bench.tasks import TASKS
@@ -199,4 +199,33 @@ def test_bank_blocks_share_one_similarity_workspace(monkeypatch):
     assert len(bank) % 300 and len(bank) > 900
     for k in (3, 40):
         expected, _ = exact_formula(bank, labels, queries, k, classes)
+        assert np.array_equal(result.top5[k], expected), k
+
+
+def test_top_m_picks_the_same_values_as_topk():
+    """The grouped selection (rows of >= 64 m columns) against torch's topk: the same
+    multiset of values, at columns holding those values, with coarse bf16 values (many ties)
+    and the largest values in the last, ungrouped columns."""
+    gen = torch.Generator().manual_seed(0)
+    sims = (torch.randn(40, 20_007, generator=gen) * 8).round().bfloat16() / 8
+    sims[:5, -3:] = 100.0  # the tail columns (20,007 mod 16) hold the best values
+    for m in (1, 40, 300):
+        values, cols = top_m(sims, m)
+        expected = sims.topk(m, dim=1).values
+        assert torch.equal(values.sort(1, descending=True).values, expected), m
+        assert torch.equal(sims.gather(1, cols), values), m
+        assert all(len(set(row)) == m for row in cols.tolist())  # m distinct columns
+
+
+def test_grouped_search_keeps_exact_predictions_on_a_large_bank():
+    """A bank large enough for the grouped candidate selection, with duplicated rows and
+    labels, still gives the exact formula's predictions."""
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((6_000, 12)).astype(np.float32)
+    bank = np.concatenate([base, base[:2_000]])  # exact duplicates with other labels
+    labels = rng.integers(0, 9, len(bank))
+    queries = np.concatenate([base[:20], rng.standard_normal((20, 12)).astype(np.float32)])
+    result = knn_classify(bank, labels, queries, [5, 20], 9, T, chunk_size=16, device="cpu")
+    for k in (5, 20):
+        expected, _ = exact_formula(bank, labels, queries, k, 9)
         assert np.array_equal(result.top5[k], expected), k
