@@ -143,10 +143,12 @@ def collapse_warning(teacher_entropy: float, out_dim: int, margin: float = 0.1) 
     return (
         f"[pretrain] WARNING: the CLS head collapsed to the uniform output (teacher entropy "
         f"{teacher_entropy:.2f} >= ln(head.out_dim={out_dim}) - {margin} = {limit:.2f}): every "
-        "image gets the same target, so the CLS loss teaches nothing. Change: crops.local_scale "
-        "(local crops must show part of the object), a lower loss.teacher_temp, a lower "
-        "optim.lr or more optim.warmup_epochs, a lower optim.momentum_teacher for short runs "
-        "(docs/protocols.md#small-scale-runs)."
+        "image gets the same target, so the CLS loss teaches nothing. In short runs the "
+        "views the student cannot yet predict drive it: crops.local_number and "
+        "crops.local_scale first (local crops of any size made a tiny run's head constant "
+        "within an epoch), then crops.global_scale and crops.color_jitter; a lower "
+        "loss.teacher_temp, a lower optim.lr with more optim.warmup_epochs, or a higher "
+        "optim.momentum_teacher only delayed it there (docs/protocols.md#small-scale-runs)."
     )
 
 

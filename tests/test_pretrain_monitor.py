@@ -56,7 +56,13 @@ def test_collapse_warning_only_near_uniform_and_names_the_settings():
     assert collapse_warning(float("nan"), K) is None
     text = collapse_warning(math.log(K) - 0.05, K)
     assert text is not None and "WARNING" in text and f"head.out_dim={K}" in text
-    for setting in ("crops.local_scale", "loss.teacher_temp", "optim.lr", "momentum_teacher"):
+    for setting in (
+        "crops.local_number",
+        "crops.local_scale",
+        "loss.teacher_temp",
+        "optim.lr",
+        "momentum_teacher",
+    ):
         assert setting in text
 
 
