@@ -3,6 +3,7 @@
     python benchmarks/reference_step.py --reference /work/ref/ibot
     python benchmarks/reference_step.py --reference /work/ref/ibot --cases quick --steps 6
     python benchmarks/reference_step.py --reference /work/ref/ibot --cases quick --compile
+    python benchmarks/reference_step.py --reference /work/ref/ibot --agree 20
 
 The reference (a checkout of bytedance/ibot) is imported at run time from ``--reference``:
 its ``VisionTransformer``, ``iBOTHead``, ``MultiCropWrapper``, ``iBOTLoss`` and the body of
@@ -18,6 +19,10 @@ schedules at an epoch where every parameter trains, and the same thread count; t
 alternate and the medians are compared, so load from other processes hits both alike.
 MFU: model FLOPs of each step (``torch.utils.flop_counter``) over the matmul peak of the
 same precision measured in this run.
+
+``--agree N``: no timing; the reference starts from our weights and centers and both take
+the same N batches in fp32; prints each step's two losses and exits 1 if any differ by more
+than 1e-5 relative (the speed-ups must not change the maths).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import ibot_step as bs
 import torch
 
 from ibot_bench.data.classification import normalize_batch
+from ibot_bench.pretrain.monitor import ClusterMonitor
 from ibot_bench.pretrain.train import Trainer
 from ibot_bench.runtime import autocast
 
@@ -225,6 +231,32 @@ def compare(
     return row
 
 
+def agree(ref: types.SimpleNamespace, case: str, steps: int, out: Path) -> float:
+    """Largest relative loss difference over ``steps`` fp32 steps of ours and the reference,
+    both from our initial weights and centers, on the same consecutive batches. Without
+    stochastic depth: the two draw it from different random streams."""
+    trainer = bs.make_trainer(case, "fp32", out, extra=["model.drop_path=0.0"])
+    reference = ReferenceStep(ref, trainer)
+    reference.student.load_state_dict(trainer.student.state_dict())
+    reference.teacher.load_state_dict(trainer.teacher.state_dict(), strict=False)
+    reference.loss.center.copy_(trainer.loss.center)
+    reference.loss.center2.copy_(trainer.loss.center2)
+    epoch = bs.training_epoch(trainer)
+    trainer.dataset.epoch = epoch
+    monitor = ClusterMonitor()
+    worst = 0.0
+    for step in range(steps):
+        first = step * trainer.batch
+        items = [trainer.dataset[(first + i) % len(trainer.dataset)] for i in range(trainer.batch)]
+        batch = trainer.loader.collate_fn(items)
+        it = epoch * trainer.iters_per_epoch + step
+        ours = trainer._step(batch, it, epoch, monitor)["loss"]
+        theirs = reference.step(batch, it, epoch)
+        worst = max(worst, abs(ours - theirs) / abs(theirs))
+        print(f"step {step}: ours {ours:.9f}, reference {theirs:.9f}", flush=True)
+    return worst
+
+
 TARGETS = {("vit_small", "bf16"): 1.5, ("vit_small", "fp32"): 1.4, ("quick", "bf16"): 1.2}
 
 
@@ -260,6 +292,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each, alternating")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument(
+        "--agree",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="check the losses agree over STEPS fp32 steps from identical weights (no timing)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="our transformer blocks under torch.compile (compile=true)",
@@ -268,6 +307,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ref = import_reference(Path(args.reference))
+    if args.agree:
+        with tempfile.TemporaryDirectory() as tmp:
+            for case in args.cases:
+                worst = agree(ref, case, args.agree, Path(tmp) / case)
+                verdict = "agree" if worst <= 1e-5 else "DISAGREE"
+                print(f"{case}: largest relative loss difference {worst:.1e}: {verdict}")
+                if worst > 1e-5:
+                    raise SystemExit(1)
+        return
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         "| case | precision | ours s/step | reference s/step | ratio | MFU ours | MFU reference "

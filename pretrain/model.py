@@ -12,6 +12,9 @@ from functools import partial
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from ibot_bench.encoders.vit import IbotVisionTransformer, ViTConfig, vit_kwargs
@@ -23,7 +26,9 @@ class MaskableBackbone(Protocol):
 
     embed_dim: int
 
-    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def forward_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 class MaskedVisionTransformer(IbotVisionTransformer):
@@ -35,8 +40,14 @@ class MaskedVisionTransformer(IbotVisionTransformer):
         super().__init__(*args, **kwargs)
         self.masked_embed = nn.Parameter(torch.zeros(1, self.embed_dim)) if masked_embed else None
 
-    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm tokens (B, 1 + N, D); ``mask`` is bool (B, H/p, W/p), True = masked."""
+    def forward_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm tokens (B, 1 + N, D); ``mask`` is bool (B, H/p, W/p), True = masked.
+
+        With ``keep`` (bool (B, 1 + N)) only the kept tokens come back, as (R, D) rows in
+        row-major order, and the last block computes only those rows (:func:`block_rows`):
+        the loss reads the CLS of every crop and the masked patches of the global ones."""
         x = self.patch_embed(x)  # (B, H, W, D): dynamic_img_size keeps the grid
         if mask is not None:
             if self.masked_embed is None:
@@ -47,8 +58,63 @@ class MaskedVisionTransformer(IbotVisionTransformer):
             block.attn.fused_attn = fused
         x = self._pos_embed(x)
         x = self.norm_pre(self.patch_drop(x))
-        x = self.blocks(x)
-        return self.norm(x)
+        if keep is None or not rows_supported(self.blocks[-1]):
+            x = self.norm(self.blocks(x))
+            return x if keep is None else x[keep]
+        x = self.blocks[:-1](x)
+        return self.norm(block_rows(self.blocks[-1], x, keep))
+
+
+def rows_supported(block: nn.Module) -> bool:
+    """Whether :func:`block_rows` knows ``block``'s computation: timm's pre-norm ``Block``
+    with its plain ``Attention`` (no gate)."""
+    return (
+        type(block) is Block
+        and type(block.attn) is Attention
+        and getattr(block.attn, "gate", None) is None
+    )
+
+
+def block_rows(block: Block, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``block(x)[keep]`` without computing the other rows: keys and values come from every
+    token, queries, attention output, residuals and MLP only from the kept ones. Same maths,
+    same random draws (stochastic depth draws one factor per image, as the block does);
+    in the last block this skips about 3/4 of the FLOPs of every token the loss never reads
+    (docs/protocols.md#compute-profile)."""
+    attn = block.attn
+    b, s, d = x.shape
+    counts = keep.sum(1)
+    width = int(counts.max())
+    # kept positions first, in ascending order; the tail of each row is padding
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
+    valid = torch.arange(width, device=x.device) < counts[:, None]
+    qkv = attn.qkv(block.norm1(x)).reshape(b, s, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    q = q.gather(2, order[:, None, :, None].expand(-1, attn.num_heads, -1, attn.head_dim))
+    if attn.fused_attn:
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    else:
+        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)) @ v
+    out = out.transpose(1, 2).reshape(b, width, -1)[valid]
+    out = attn.proj_drop(attn.proj(attn.norm(out)))
+    image = torch.arange(b, device=x.device)[:, None].expand(b, width)[valid]
+    rows = x.gather(1, order[..., None].expand(-1, -1, d))[valid]
+    rows = rows + _drop_per_image(block.drop_path1, block.ls1(out), image, b)
+    return rows + _drop_per_image(
+        block.drop_path2, block.ls2(block.mlp(block.norm2(rows))), image, b
+    )
+
+
+def _drop_per_image(
+    drop: nn.Module, branch: torch.Tensor, image: torch.Tensor, images: int
+) -> torch.Tensor:
+    """``branch`` rows (R, D) of images ``image`` after stochastic depth: the module draws
+    its per-image factors (0 or 1/keep, in the branch's dtype) exactly as on (B, S, D)."""
+    if isinstance(drop, nn.Identity):
+        return branch
+    return branch * drop(branch.new_ones(images, 1))[image]
 
 
 def fused_attention(device: torch.device, tokens: int) -> bool:
@@ -116,21 +182,26 @@ class IbotStudent(nn.Module):
         patch_out: list[torch.Tensor] = []
         for start, end in size_groups(global_crops):
             m = torch.cat(masks[start:end])
-            tokens = self.backbone.forward_tokens(torch.cat(global_crops[start:end]), m)
             flat_mask = m.flatten(1)
-            # one gather of the CLS rows then the masked patch rows (no slice-and-cat copies)
-            seq = tokens.shape[1]
-            image, patch_idx = flat_mask.nonzero(as_tuple=True)
-            rows = torch.cat(
-                [torch.arange(len(m), device=m.device) * seq, image * seq + 1 + patch_idx]
-            )
-            cls, patch = self.head.forward_rows(tokens.flatten(0, 1).index_select(0, rows), len(m))
+            keep = torch.cat([flat_mask.new_ones(len(m), 1), flat_mask], 1)
+            rows = self.backbone.forward_tokens(torch.cat(global_crops[start:end]), m, keep)
+            # rows come image by image (CLS, then its masked patches); the head wants every
+            # CLS first, then the masked patches in the same image-major order
+            first = torch.cumsum(keep.sum(1), 0) - keep.sum(1)
+            is_cls = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+            is_cls[first] = True
+            order = torch.cat([first, (~is_cls).nonzero().squeeze(1)])
+            cls, patch = self.head.forward_rows(rows.index_select(0, order), len(m))
             cls_out += list(cls.chunk(end - start))
             counts = flat_mask.sum(1).view(end - start, -1).sum(1).tolist()
             patch_out += list(patch.split(counts))
         for start, end in size_groups(local_crops):
-            tokens = self.backbone.forward_tokens(torch.cat(local_crops[start:end]))
-            cls, _ = self.head.forward_tokens(tokens[:, 0], None)
+            crops = torch.cat(local_crops[start:end])
+            ph, pw = self.backbone.patch_embed.patch_size
+            tokens = 1 + (crops.shape[-2] // ph) * (crops.shape[-1] // pw)
+            keep = torch.zeros(len(crops), tokens, dtype=torch.bool, device=crops.device)
+            keep[:, 0] = True
+            cls, _ = self.head.forward_tokens(self.backbone.forward_tokens(crops, keep=keep), None)
             cls_out += list(cls.chunk(end - start))
         return StudentOutput(cls_out, patch_out)
 

@@ -21,7 +21,12 @@ from ibot_bench.pretrain.masking import (
     random_mask,
     sample_ratio,
 )
-from ibot_bench.pretrain.model import build_backbone, build_networks, common_parameters
+from ibot_bench.pretrain.model import (
+    block_rows,
+    build_backbone,
+    build_networks,
+    common_parameters,
+)
 from ibot_bench.pretrain.optim import (
     cancel_last_layer_grads,
     clip_gradients_per_tensor,
@@ -242,3 +247,44 @@ def test_student_masking_replaces_patch_embeddings():
     assert torch.allclose(a, b, atol=1e-5)  # every patch replaced: the image no longer matters
     none = torch.zeros(1, 4, 4, dtype=torch.bool)
     assert torch.allclose(vit.forward_tokens(x, none), vit.forward_tokens(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_last_block_on_kept_rows_equals_the_full_block(fused):
+    """The student's last block computes only the tokens the loss reads: same values, same
+    gradients, same stochastic-depth draws as the full block, with any number kept per image
+    (none but the CLS, all, a few)."""
+    torch.manual_seed(0)
+    vit = build_backbone(ViTConfig(32, 2, 2, patch_size=4, img_size=16), drop_path=0.5).train()
+    x = torch.randn(4, 3, 16, 16)
+    keep = torch.rand(4, 17) < 0.3
+    keep[:, 0] = True
+    keep[1] = True  # every token of one image
+    keep[2, 1:] = False  # only the CLS of another
+    outputs, grads = [], []
+    for rows in (False, True):
+        vit.zero_grad()
+        for block in vit.blocks:
+            block.attn.fused_attn = fused
+        torch.manual_seed(1)
+        h = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        h = vit.blocks[:-1](h)
+        out = block_rows(vit.blocks[-1], h, keep) if rows else vit.blocks[-1](h)[keep]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in vit.parameters() if p.grad is not None]))
+    assert len(outputs[1]) == keep.sum()
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_forward_tokens_with_keep_returns_the_kept_final_tokens():
+    torch.manual_seed(0)
+    vit = build_backbone(TINY).eval()
+    x = torch.randn(3, 3, 16, 16)
+    mask = torch.rand(3, 4, 4) < 0.4
+    keep = torch.cat([torch.ones(3, 1, dtype=torch.bool), mask.flatten(1)], 1)
+    with torch.no_grad():
+        full = vit.forward_tokens(x, mask)
+        rows = vit.forward_tokens(x, mask, keep)
+    assert torch.allclose(rows, full[keep], atol=1e-5)
