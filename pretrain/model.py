@@ -187,14 +187,14 @@ class IbotStudent(nn.Module):
             rows = self.backbone.forward_tokens(torch.cat(global_crops[start:end]), m, keep)
             # rows come image by image (CLS, then its masked patches); the head wants every
             # CLS first, then the masked patches in the same image-major order
-            first = torch.cumsum(keep.sum(1), 0) - keep.sum(1)
+            masked = flat_mask.sum(1)
+            first = torch.cumsum(masked + 1, 0) - (masked + 1)
             is_cls = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
             is_cls[first] = True
             order = torch.cat([first, (~is_cls).nonzero().squeeze(1)])
             cls, patch = self.head.forward_rows(rows.index_select(0, order), len(m))
             cls_out += list(cls.chunk(end - start))
-            counts = flat_mask.sum(1).view(end - start, -1).sum(1).tolist()
-            patch_out += list(patch.split(counts))
+            patch_out += list(patch.split(masked.view(end - start, -1).sum(1).tolist()))
         for start, end in size_groups(local_crops):
             crops = torch.cat(local_crops[start:end])
             ph, pw = self.backbone.patch_embed.patch_size
