@@ -81,7 +81,9 @@ class LinearBaseConfig:
     variants: list[str] = field(default_factory=lambda: list(FEATURE_VARIANTS))
     momentum: float = 0.9
     weight_decay: float = 0.0
-    precision: str = "auto"  # auto | fp32 | bf16 for the heads' matmuls (auto: measured once)
+    # the heads' matmuls: fp32 | auto (the faster, measured once) | bf16; fp32 by default, as
+    # bf16 rounds the features (docs/protocols.md#feature-precision)
+    precision: str = "fp32"
     eval_batch_size: int = 4096
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0

@@ -96,7 +96,9 @@ class FeatureConfig:
     n_last_blocks: int | None = None
     batch_size: int = 64
     num_workers: int = -1  # -1: automatic (CPU count based)
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    # fp32, the reference protocols' precision: bf16 rounding is noise on the small differences
+    # between images that a probe reads (docs/protocols.md#feature-precision); auto = faster
+    precision: str = "fp32"  # fp32 | auto | bf16 | fp16
     channels_last: bool = False
     skip_corrupt: bool = False  # skip unreadable images (reported) instead of failing
     device: str = "auto"  # auto | cpu | cuda | cuda:N

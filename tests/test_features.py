@@ -21,8 +21,11 @@ CFG = FeatureConfig(img_size=32, batch_size=5, num_workers=0, precision="fp32")
 
 
 def test_features_equal_direct_model_forward(tiny_imagefolder, tmp_path):
+    """With the default precision too: fp32, the reference's (bf16 would miss by ~1e-2)."""
     spec = f"imagefolder:{tiny_imagefolder}"
-    feats = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    default = FeatureConfig(img_size=32, batch_size=5, num_workers=0)
+    feats = extract_features(ENC, spec, "val", default, cache_dir=tmp_path, progress=False)
+    assert feats.meta["key"]["precision"] == "fp32"
     data = load_split(spec, "val")
     t = EvalTransform.for_size(32)
     batch = normalize_batch(torch.stack([t(data.read(i)) for i in range(len(data))]))

@@ -211,10 +211,14 @@ def test_heads_as_one_matmul_train_like_separate_torch_heads():
 
 def test_linear_precision_auto_is_measured_and_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("IBOT_BENCH_CACHE", str(tmp_path))
-    out = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, variants=["cls"]))
+    default = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, variants=["cls"]))
+    assert default.extra["precision"] == "fp32"  # the reference's precision, nothing timed
+    assert not (tmp_path / "precision").exists()
+    auto = LinearConfig(**FAST, variants=["cls"], precision="auto")
+    out = linear(feature_context(TRAIN, TEST), auto)
     assert out.extra["precision"] in ("fp32", "bf16")
     assert len(list((tmp_path / "precision").glob("*.json"))) == 1  # the decision is cached
-    again = linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, variants=["cls"]))
+    again = linear(feature_context(TRAIN, TEST), auto)
     assert again.extra["precision"] == out.extra["precision"]
 
 
