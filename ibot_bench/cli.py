@@ -426,9 +426,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status in ("failed", "missing data")]
     if not is_main():  # under torchrun rank 0 reports for all
         return 1 if failed else 0
-    boards, _, errors = write_reports([output], output, baseline=args.baseline, names=names)
-    for path, err in errors:
-        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    boards, _, errors, stale = write_reports([output], output, baseline=args.baseline, names=names)
+    _warn(errors, stale)
     _print_board(boards, suite.name)
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -437,6 +436,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for o in failed:
         print(f"  {o.status}: {o.task} on {o.dataset} with {o.encoder}: {o.message}")
     return 1 if failed else 0
+
+
+def _warn(errors: Sequence[tuple[object, str]], stale: Sequence[str]) -> None:
+    """The leaderboard's warnings on stderr: corrupt records, records of earlier weights."""
+    for path, err in errors:
+        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    for line in stale:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _check_baseline(baseline: str | None, names: dict[str, str], output: str) -> None:
@@ -468,11 +475,10 @@ def _cmd_report(args: argparse.Namespace) -> None:
         if not os.path.isdir(d):
             raise UserError(f"results folder {d} does not exist")
     output = args.output or args.dirs[0]
-    boards, detail, errors = write_reports(
+    boards, detail, errors, stale = write_reports(
         args.dirs, output, reference=args.reference, baseline=args.baseline
     )
-    for path, err in errors:
-        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    _warn(errors, stale)
     if args.format == "md":
         print(detail_markdown(detail) if args.detail else to_markdown(boards))
     elif args.format == "csv":  # pandas quotes names holding commas, quotes or newlines

@@ -205,3 +205,28 @@ def test_run_records_the_display_name(tmp_path, capsys):
     assert "tiny <i>8 *x*|y" in printed and "random:vit_tiny_patch8" in printed  # name, legend
     text = (out / "leaderboard.md").read_text()
     assert r"tiny \<i\>8 \*x\*\|y" in text and "<i>" not in text
+
+
+def test_new_weights_behind_one_spec_never_mix_with_old_records(tmp_path, capsys):
+    """The same path with new weights (a new fingerprint), rerun for kNN only: the row
+    holds only the new weights' results, the legend and a warning name the left-out ones."""
+    res = tmp_path / "res"
+
+    def write(fingerprint: str, task: str, protocol: str, metrics: dict, when: str) -> None:
+        record = _record(QUICK, "digits", task, protocol, metrics, "ours")
+        record.encoder["fingerprint"], record.timestamp = fingerprint * 16, when
+        record.write(res)
+
+    write("a", "knn", "knn", {"top1": 50.0}, "2026-01-01T00:00:00+00:00")
+    write("a", "cluster-head", "cluster-head", {"nmi": 7.0}, "2026-01-01T00:01:00+00:00")
+    write("b", "knn", "knn", {"top1": 60.0}, "2026-01-02T00:00:00+00:00")
+    assert main(["report", str(res), "--format", "md"]) == 0
+    out, err = capsys.readouterr()
+    assert _md_table(out, "digits")[2] == ["ours", "**60.00**"]  # no head NMI of old weights
+    assert f"fingerprint {'b' * 12} (records of earlier weights, fingerprint {'a' * 12}" in out
+    assert "7.00" not in out and "50.00" not in out
+    assert f"ours ({QUICK}) now has fingerprint {'b' * 12}; 1 record(s)" in err
+    assert "cluster-head [cluster-head] on digits" in err and "--tasks cluster-head)" in err
+    assert main(["report", str(res), "--format", "md", "--detail"]) == 0
+    detail = capsys.readouterr().out
+    assert "60.00" in detail and "7.00" not in detail and "50.00" not in detail
