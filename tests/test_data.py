@@ -111,3 +111,20 @@ def test_eval_transform_and_normalize():
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 224, 224)
     x = normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([2.2489, 2.4286, 2.6400]), atol=1e-3)
+
+
+def test_relative_roots_become_absolute(tmp_path, monkeypatch):
+    """mmdet / mmseg join their data_root to the paths they get: a relative root would be
+    joined twice (root/coco/root/coco/annotations/...)."""
+    from ibot_bench.data.synthetic import ADE20K_DIR, write_synthetic
+
+    write_synthetic(tmp_path / "root", num_classes=2, train_per_class=2, val_per_class=1, image_size=32)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    coco = load_split("coco:root/coco", "train")
+    assert coco.root == tmp_path / "root" / "coco" and coco.ann_file.is_absolute()
+    ade = load_split(f"ade20k:root/{ADE20K_DIR}", "val")
+    assert ade.root.is_absolute() and ade.image_dir.is_absolute() and ade.mask_dir.is_absolute()
+    images = load_split("imagefolder:root/imagenet", "train")
+    assert all(Path(p).is_absolute() for p in images.paths)
+    monkeypatch.chdir(tmp_path / "root")  # a later change of directory reads the same files
+    assert images.read(0).shape[0] == 3
