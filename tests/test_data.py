@@ -128,3 +128,17 @@ def test_relative_roots_become_absolute(tmp_path, monkeypatch):
     assert all(Path(p).is_absolute() for p in images.paths)
     monkeypatch.chdir(tmp_path / "root")  # a later change of directory reads the same files
     assert images.read(0).shape[0] == 3
+
+
+def test_relative_split_file_is_found_in_the_dataset_root(tmp_path, monkeypatch, tiny_imagefolder):
+    names = load_split(f"imagefolder:{tiny_imagefolder}", "train").sample_names
+    (tiny_imagefolder / "1percent.txt").write_text("\n".join(Path(n).name for n in names[:3]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not in the current directory: in ROOT
+    assert len(load_split(f"imagefolder:{tiny_imagefolder}?split_file=1percent.txt")) == 3
+    (elsewhere / "mine.txt").write_text(Path(names[0]).name)  # not in ROOT: from the cwd
+    assert len(load_split(f"imagefolder:{tiny_imagefolder}?split_file=mine.txt")) == 1
+    with pytest.raises(UserError) as err:
+        load_split(f"imagefolder:{tiny_imagefolder}?split_file=10percent.txt")
+    assert f"looked for {tiny_imagefolder / '10percent.txt'} or {elsewhere / '10percent.txt'}" in str(err.value)  # fmt: skip

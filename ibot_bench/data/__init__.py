@@ -257,6 +257,7 @@ def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSpl
         split_file=options.get("split_file"),
         seed=_number(options, "subset_seed", int, 0),
         class_names=data.class_names,
+        root=data.dataset_root,
     )
     return data.subset(rows, tag)
 

@@ -149,6 +149,12 @@ class ClassificationSplit:
             ]
         return [f"{self.split}_{i:06d}" for i in range(len(self))]
 
+    @property
+    def dataset_root(self) -> str:
+        """The dataset folder holding this split's folder (``ROOT`` of ``ROOT/train``), where
+        relative split files are looked for; "" for in-memory splits."""
+        return os.path.dirname(self.root) if self.root else ""
+
     def fingerprint(self) -> str:
         """sha256 over the split, class names and, per file, its relative name, label and
         :func:`file_signature` (or, for in-memory splits, the array bytes and labels).
