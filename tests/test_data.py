@@ -142,3 +142,24 @@ def test_relative_split_file_is_found_in_the_dataset_root(tmp_path, monkeypatch,
     with pytest.raises(UserError) as err:
         load_split(f"imagefolder:{tiny_imagefolder}?split_file=10percent.txt")
     assert f"looked for {tiny_imagefolder / '10percent.txt'} or {elsewhere / '10percent.txt'}" in str(err.value)  # fmt: skip
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    """16-bit PNGs and float TIFFs keep their contrast (Pillow's convert clips them to
+    near-constant images); a float image outside [0, 1] is refused, naming the file."""
+    from PIL import Image
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(folder / "g16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(folder / "f.tiff")
+    data = load_split(f"imagefolder:{tmp_path}", "train")
+    expected = np.round(ramp * 255)
+    for i in range(2):
+        image = data.read(i).numpy()
+        assert np.abs(image - expected).max() <= 1 and (image[0] == image[1]).all(), data.paths[i]
+    Image.fromarray((ramp * 7).astype(np.float32)).save(folder / "f.tiff")
+    refused = r"f\.tiff: a float image \(mode F\) with values in \[0, 7\]"
+    with pytest.raises(DatasetError, match=refused):
+        load_split(f"imagefolder:{tmp_path}", "train").read(0)

@@ -37,6 +37,31 @@ _DIGESTS_LOCK = threading.Lock()
 _CHUNK = 1 << 20
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, high-bit-depth grayscale scaled by its type's range.
+
+    Pillow's ``convert("RGB")`` clips 16-bit, 32-bit and float pixels to 0..255, turning
+    such an image into a nearly constant one. Here 16-bit (``I;16*``, and ``I``, which
+    Pillow decodes 16-bit files to) is divided by 257, and float (``F``) is read as [0, 1]
+    and scaled by 255. Values outside that range raise ValueError: no scale is right for
+    every such file, so it is refused rather than guessed.
+    """
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        top, scale, kind = 65535, 257.0, "a 16-bit image"
+    elif img.mode == "F":
+        top, scale, kind = 1, 1 / 255, "a float image"
+    else:
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (lo >= 0 and hi <= top):  # NaN fails too
+        raise ValueError(
+            f"{kind} (mode {img.mode}) with values in [{lo:g}, {hi:g}]; only [0, {top}] is read "
+            f"(scaled to 0..255): save it as an 8-bit image"
+        )
+    return Image.fromarray(np.round(arr / scale).astype(np.uint8), "L").convert("RGB")
+
+
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     key = (path, size, mtime_ns)
     with _DIGESTS_LOCK:
@@ -201,7 +226,7 @@ class ClassificationSplit:
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                arr = np.array(img.convert("RGB"))  # writable copy for torch
+                arr = np.array(to_rgb(img))  # writable copy for torch
             return torch.from_numpy(arr).permute(2, 0, 1)
         except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError for bad data
             raise DatasetError(
