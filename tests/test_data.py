@@ -163,3 +163,21 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
     refused = r"f\.tiff: a float image \(mode F\) with values in \[0, 7\]"
     with pytest.raises(DatasetError, match=refused):
         load_split(f"imagefolder:{tmp_path}", "train").read(0)
+
+
+def test_images_in_sub_folders_of_a_class_are_included(tmp_path, tiny_imagefolder):
+    """As torchvision's ImageFolder: a class folder's sub-folders are read, in a fixed
+    order; a link back up the tree is entered once."""
+    flat = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    first = tiny_imagefolder / "train" / flat.class_names[0]
+    deeper = first / "more" / "deeper"
+    deeper.mkdir(parents=True)
+    image = Path(flat.paths[0]).read_bytes()
+    (first / "more" / "b.jpg").write_bytes(image)
+    (deeper / "a.jpg").write_bytes(image)
+    (first / "loop").symlink_to(first, target_is_directory=True)
+    data = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    assert len(data) == len(flat) + 2
+    assert data.sample_names[4:6] == [f"{first.name}/more/b.jpg", f"{first.name}/more/deeper/a.jpg"]
+    assert (data.labels[:6] == 0).all()
+    assert load_split(f"imagefolder:{tiny_imagefolder}", "train").paths == data.paths

@@ -270,26 +270,42 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _image_entries(folder: Path) -> tuple[list[str], list[str]]:
-    """(sorted image paths, the unreadable ones among them) of one class folder.
+    """(image paths in torchvision's order, the unreadable ones among them) of one class
+    folder, its sub-folders included as torchvision's ImageFolder includes them (a link
+    back up the tree is entered once).
 
     An image-named symlink that can't be followed (a loop, a dangling link) is kept, as a
     corrupt image is: reading it raises :class:`DatasetError` naming it
     (``features.skip_corrupt=true`` skips it), and the fingerprint records it as unreadable.
     """
     files, broken = [], []
-    for e in os.scandir(folder):
-        if not e.name.lower().endswith(IMG_EXTENSIONS):
+    pending, seen = [str(folder)], set()
+    while pending:
+        directory = pending.pop()
+        if os.path.realpath(directory) in seen:
             continue
-        try:
-            if e.is_file():
-                files.append(e.path)
-            elif e.is_symlink() and not os.path.exists(e.path):  # dangling link
+        seen.add(os.path.realpath(directory))
+        for e in os.scandir(directory):
+            try:
+                if e.is_dir():
+                    pending.append(e.path)
+                    continue
+            except OSError:  # e.g. ELOOP: handled below when it is named like an image
+                pass
+            if not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            try:
+                if e.is_file():
+                    files.append(e.path)
+                elif e.is_symlink() and not os.path.exists(e.path):  # dangling link
+                    files.append(e.path)
+                    broken.append(e.path)
+            except OSError:  # e.g. ELOOP: Too many levels of symbolic links
                 files.append(e.path)
                 broken.append(e.path)
-        except OSError:  # e.g. ELOOP: Too many levels of symbolic links
-            files.append(e.path)
-            broken.append(e.path)
-    return sorted(files), sorted(broken)
+    # torchvision's order: folders by path (a folder's own images before its sub-folders'),
+    # images by name within each
+    return sorted(files, key=os.path.split), sorted(broken, key=os.path.split)
 
 
 def list_classes(root: Path) -> list[str]:
