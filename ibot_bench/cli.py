@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
@@ -461,6 +462,24 @@ def _check_baseline(baseline: str | None, names: dict[str, str], output: str) ->
         )
 
 
+def _check_results_folder(folder: str) -> None:
+    """``folder`` must be a results folder (one with ``records/``), else an error saying
+    which folder to pass: its parent for a records/ folder, results folders found inside."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"results folder {folder} does not exist")
+    if (path / "records").is_dir():
+        return
+    inside = sorted(str(p.parent) for p in path.glob("*/records") if p.is_dir())
+    if path.name == "records":
+        hint = f"it holds the records themselves: pass its parent, {path.parent}"
+    elif inside:
+        hint = f"these folders inside it are: {' '.join(inside)} (report takes several)"
+    else:
+        hint = "pass the --output folder of an `ibot-bench run` or `eval`"
+    raise UserError(f"{folder} is not a results folder (it has no records/ folder); {hint}")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from ibot_bench.leaderboard import (
         detail_html,
@@ -472,8 +491,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     )
 
     for d in args.dirs:
-        if not os.path.isdir(d):
-            raise UserError(f"results folder {d} does not exist")
+        _check_results_folder(d)
     output = args.output or args.dirs[0]
     boards, detail, errors, stale = write_reports(
         args.dirs, output, reference=args.reference, baseline=args.baseline

@@ -230,3 +230,21 @@ def test_new_weights_behind_one_spec_never_mix_with_old_records(tmp_path, capsys
     assert main(["report", str(res), "--format", "md", "--detail"]) == 0
     detail = capsys.readouterr().out
     assert "60.00" in detail and "7.00" not in detail and "50.00" not in detail
+
+
+def test_report_on_a_folder_without_records_names_the_right_one(tmp_path, capsys):
+    """The records/ folder itself, or a parent of results folders: an error saying which
+    folder to pass, and nothing written (it used to write empty leaderboards)."""
+    _write_suite(tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "b" / "records").mkdir(parents=True)
+    cases = {
+        tmp_path / "runs" / "a" / "records": f"pass its parent, {tmp_path / 'runs' / 'a'}",
+        tmp_path / "runs": f"inside it are: {tmp_path / 'runs' / 'a'} {tmp_path / 'runs' / 'b'}",
+        tmp_path / "runs" / "a" / "configs": "pass the --output folder",
+    }
+    (tmp_path / "runs" / "a" / "configs").mkdir()
+    for folder, hint in cases.items():
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder} is not a results folder (it has no records/" in err and hint in err
+        assert not list(folder.glob("leaderboard*")) and not (folder / "records.csv").exists()
