@@ -25,6 +25,8 @@ from PIL import Image
 from ibot_bench.errors import DatasetError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# the resize modes torchvision supports on tensors (EvalTransform resizes uint8 tensors)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VERIFY_MODES = ("stat", "content")  # dataset spec option ``verify=``: what a fingerprint reads
