@@ -213,17 +213,33 @@ def _add_encoder_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         required=True,
+        action="append",  # given twice is an error (_only_one), not silently the last
         help="[NAME=]SPEC, SPEC: random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH; "
         "NAME (no ':', '/', '\\', '?') is the display name on leaderboards",
     )
     p.add_argument(
         "--data",
         required=True,
+        action="append",
         help="imagefolder:ROOT | synthetic:shapes | digits | coco:ROOT | ade20k:ROOT",
     )
     p.add_argument(
         "--allow-partial", action="store_true", help="load checkpoints with missing keys"
     )
+
+
+def _only_one(args: argparse.Namespace) -> None:
+    """``args.encoder`` and ``args.data`` as single values: ``eval`` and ``features`` take one
+    of each, so a repeated flag is an error (argparse would keep the last one silently)."""
+    for flag in ("encoder", "data"):
+        values = getattr(args, flag)
+        if len(values) > 1:
+            raise UserError(
+                f"--{flag} given {len(values)} times ({', '.join(values)}); {args.command} takes "
+                f"one. To evaluate several encoders or datasets use a suite: ibot-bench run "
+                f"--suite NAME --encoder A --encoder B (see ibot-bench list)"
+            )
+        setattr(args, flag, values[0])
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -300,6 +316,7 @@ def _cmd_features(args: argparse.Namespace) -> None:
     from ibot_bench.display_names import split_named
     from ibot_bench.features import FeatureConfig, extract_features
 
+    _only_one(args)
     bad = [o for o in args.overrides if not o.startswith("features.")]
     if bad:
         raise UserError(
@@ -330,6 +347,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from ibot_bench.display_names import split_named
     from ibot_bench.evaluate import run_eval
 
+    _only_one(args)
     name, spec = split_named(args.encoder)
     record = run_eval(
         args.task,
