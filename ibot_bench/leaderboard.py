@@ -111,6 +111,16 @@ def group_label(record: ResultRecord) -> str:
     return f"{group} [profile {record.profile}]" if record.profile else group
 
 
+def _partial_note(encoder: Mapping) -> str:
+    """The legend's note on a partial load (``--allow-partial``): how many keys of each kind
+    did not match, e.g. ``partial load: 2 missing key(s)``; "" for a complete load."""
+    if not encoder.get("partial"):
+        return ""
+    keys = encoder.get("partial_keys", {})
+    counts = [f"{len(keys[k])} {k}" for k in ("missing", "unexpected", "mismatched") if keys.get(k)]
+    return f"partial load: {', '.join(counts)} key(s)" if counts else "partial load"
+
+
 def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
     """One row per (record, metric) with every setting that changes the number.
 
@@ -126,6 +136,7 @@ def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
                     "encoder": r.encoder.get("spec", ""),
                     "name": r.display_name,
                     "encoder_fingerprint": r.encoder.get("fingerprint", "")[:12],
+                    "partial_load": _partial_note(r.encoder),
                     "arch": r.encoder.get("arch", ""),
                     "task": r.task,
                     "protocol": r.protocol,
@@ -214,12 +225,20 @@ def stale_warnings(long: pd.DataFrame, names: Mapping[str, str] | None = None) -
     return lines
 
 
-def _older_fingerprints(long: pd.DataFrame) -> dict[str, str]:
-    """encoder spec -> the fingerprints of its earlier weights whose records are left out."""
-    return {
-        spec: ", ".join(dict.fromkeys(rows["encoder_fingerprint"]))
-        for spec, rows in _left_out(long).groupby("encoder", sort=False)
-    }
+def _legend_notes(long: pd.DataFrame) -> dict[str, list[str]]:
+    """encoder spec -> notes for its legend line: a partial load of its current weights,
+    the fingerprints of earlier weights whose records are left out."""
+    notes: dict[str, list[str]] = {}
+    current = long[_is_current(long)]
+    for spec, note in zip(current["encoder"], current["partial_load"]):
+        if note and note not in notes.setdefault(spec, []):
+            notes[spec].append(note)
+    for spec, rows in _left_out(long).groupby("encoder", sort=False):
+        older = ", ".join(dict.fromkeys(rows["encoder_fingerprint"]))
+        notes.setdefault(spec, []).append(
+            f"records of earlier weights, fingerprint {older}, left out"
+        )
+    return {spec: n for spec, n in notes.items() if n}
 
 
 def _newest(long: pd.DataFrame) -> pd.DataFrame:
@@ -292,8 +311,8 @@ class GroupBoard:
     columns: dict[str, tuple[str, str]]  # headline column -> (protocol, metric)
     encoders: dict[str, tuple[str, str]]  # display name -> (spec, fingerprint)
     baseline: str | None = None  # the row the heatmap's colours are relative to
-    # display name -> fingerprints of earlier weights whose records are left out
-    older: dict[str, str] = field(default_factory=dict)
+    # display name -> what its legend line adds: a partial load, earlier weights left out
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     def best(self) -> pd.DataFrame:
         """True where a cell holds its column's highest value (ties all marked)."""
@@ -400,7 +419,7 @@ def headline_boards(
     paper = set(cells.loc[cells["source"] == "paper", "encoder"])
     display.update({e: e for e in paper})
     fingerprints = dict(zip(cells["encoder"], cells["encoder_fingerprint"].fillna("")))
-    older = _older_fingerprints(long)
+    notes = _legend_notes(long)
     order = _row_order(cells)
     order.sort(key=lambda e: list(names or {}).index(e) if e in (names or {}) else len(order))
     boards = []
@@ -417,7 +436,7 @@ def headline_boards(
         meaning = part.drop_duplicates("column").set_index("column")
         boards.append(GroupBoard(
             group, table, {c: (meaning.at[c, "protocol"], meaning.at[c, "metric"]) for c in columns},
-            legend, older={display[e]: older[e] for e in specs if e in older},
+            legend, notes={display[e]: notes[e] for e in specs if e in notes},
         ))  # fmt: skip
     chosen = pick_baseline(boards, baseline)
     for b in boards:
@@ -447,8 +466,7 @@ def legend_lines(board: GroupBoard, text: Callable[[object], str]) -> list[str]:
     for name, (spec, fingerprint) in board.encoders.items():
         mark = " (baseline)" if name == board.baseline else ""
         fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
-        if name in board.older:
-            fp += f" (records of earlier weights, fingerprint {text(board.older[name])}, left out)"
+        fp += "".join(f" ({text(note)})" for note in board.notes.get(name, []))
         lines.append(f"{text(name)}{mark}: {text(spec)}{fp}")
     columns = "; ".join(f"{text(c)} = {text(p)} {text(m)}" for c, (p, m) in board.columns.items())
     if board.baseline is None:

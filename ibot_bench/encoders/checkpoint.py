@@ -318,6 +318,14 @@ class KeyReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def partial_info(self) -> dict:
+        """What an encoder's info records of this load: ``partial`` and, for a partial
+        load (``--allow-partial``), the keys that did not match."""
+        if self.ok:
+            return {"partial": False}
+        keys = {"missing": self.missing, "unexpected": self.unexpected}
+        return {"partial": True, "partial_keys": {**keys, "mismatched": self.mismatched}}
+
     def summary(self, limit: int = 10) -> str:
         parts = []
         for name, keys in (

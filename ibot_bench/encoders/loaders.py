@@ -122,7 +122,7 @@ class SSLCheckpointScheme(EncoderScheme):
             "img_size": cfg.img_size,
             "ignored_keys": ignored + dropped,
             "has_head": head_state is not None,
-            "partial": not report.ok,
+            **report.partial_info(),
         }
         info = EncoderInfo(spec, cfg.name, fingerprint(spec, path), str(path), extra)
         return ViTEncoder(model, info, head_state)
@@ -233,7 +233,7 @@ def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool)
         "network": where,
         "ignored_keys": ignored + dropped,
         "pos_embed_resized": resized,
-        "partial": not report.ok,
+        **report.partial_info(),
     }
     info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
     return wrap_timm_model(model, info, head_state)
