@@ -23,6 +23,7 @@ from ibot_bench.encoders.checkpoint import (
     drop_classifier,
     fingerprint,
     load_checked,
+    not_a_file,
     read_checkpoint,
     select_state_dict,
     split_head,
@@ -54,9 +55,7 @@ class EncoderScheme(ABC):
         """The encoder's fingerprint without building it: hashing the weights is all it costs."""
         path = self.weights_path(body)
         if path is not None and not Path(path).is_file():
-            raise CheckpointError(
-                f"checkpoint not found: {path}. Check the path in the encoder spec {spec!r}."
-            )
+            raise not_a_file(Path(path), spec)
         return fingerprint(spec, path)
 
     @abstractmethod
