@@ -21,9 +21,11 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from ibot_bench.data import require_classification
 from ibot_bench.data.subsets import label_subset
 from ibot_bench.downstream.knn import KnnConfig, knn_eval
 from ibot_bench.downstream.linear import LinearConfig, linear_probe, log_skipped, variants_need
@@ -63,8 +65,9 @@ def protocol_name(fraction: float) -> str:
     return f"semi-{round(100 * fraction, 6):g}pct"
 
 
-def subset_rows(train: FeatureSet, cfg: SemiConfig) -> tuple[np.ndarray, str]:
-    """Rows of ``train`` whose labels are used, and the tag naming the subset."""
+def subset_rows(train: FeatureSet, cfg: SemiConfig, root: str = "") -> tuple[np.ndarray, str]:
+    """Rows of ``train`` whose labels are used, and the tag naming the subset (a relative
+    ``split_file`` is looked for in the dataset folder ``root`` first)."""
     return label_subset(
         train.labels,
         train.sample_names,
@@ -72,6 +75,7 @@ def subset_rows(train: FeatureSet, cfg: SemiConfig) -> tuple[np.ndarray, str]:
         split_file=cfg.split_file,
         seed=cfg.seed,
         class_names=train.class_names,
+        root=root,
     )
 
 
@@ -82,18 +86,23 @@ def _method_config(cfg: SemiConfig, method: str) -> object:
 
 
 def semi_eval(
-    train: FeatureSet, test: FeatureSet, cfg: SemiConfig, views: LiveViews | None = None
+    train: FeatureSet,
+    test: FeatureSet,
+    cfg: SemiConfig,
+    views: LiveViews | None = None,
+    root: str = "",
 ) -> tuple[dict[str, float], dict]:
     """Run ``cfg.methods`` on the label subset of ``train``; test on all of ``test``.
 
-    ``views`` are the linear probe's live augmented views (``linear.augment=true``).
+    ``views`` are the linear probe's live augmented views (``linear.augment=true``); ``root``
+    is the dataset folder, where a relative ``split_file`` is looked for first.
     """
     unknown = [m for m in cfg.methods if m not in METHODS]
     if not cfg.methods or unknown:
         raise ConfigError(
             f"methods must be a non-empty subset of {list(METHODS)}, got {cfg.methods}"
         )
-    rows, source = subset_rows(train, cfg)
+    rows, source = subset_rows(train, cfg, root)
     subset = train.subset(rows)
     log.info("semi: %d of %d training images (%s)", len(rows), len(train), source)
     metrics: dict[str, float] = {}
@@ -113,11 +122,20 @@ def feature_needs(cfg: SemiConfig) -> dict[str, int | None]:
     return variants_need(cfg.linear.variants, getattr(cfg, "features", None))
 
 
+def _dataset_root(ctx: TaskContext, cfg: SemiConfig) -> str:
+    """The dataset folder where a relative ``split_file`` is looked for first ("" when
+    there is none to look for: no split file, or an absolute one)."""
+    if not cfg.split_file or Path(cfg.split_file).expanduser().is_absolute():
+        return ""
+    return require_classification(ctx.split("train"), ctx.data_spec).dataset_root
+
+
 @register_task("semi", SemiConfig, features=feature_needs)
 def semi(ctx: TaskContext, cfg: SemiConfig) -> TaskOutput:
     """Frozen kNN / linear / log. regression on 1% or 10% of labels (docs/protocols.md#semi-supervised)."""
     views = live_views(ctx, _method_config(cfg, "linear"))
-    metrics, extra = semi_eval(ctx.features("train"), ctx.features("val"), cfg, views)
+    root = _dataset_root(ctx, cfg)
+    metrics, extra = semi_eval(ctx.features("train"), ctx.features("val"), cfg, views, root)
     if "linear" in extra:
         log_skipped(ctx, extra["linear"], "semi linear")
     return TaskOutput(metrics=metrics, protocol=protocol_name(cfg.fraction), extra=extra)

@@ -84,6 +84,7 @@ def labelled_split(train: ClassificationSplit, cfg: SemiFinetuneConfig) -> Class
         split_file=cfg.split_file,
         seed=cfg.subset_seed,
         class_names=train.class_names,
+        root=train.dataset_root,
     )
     return train.subset(rows, tag)
 

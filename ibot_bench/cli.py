@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
@@ -212,17 +213,33 @@ def _add_encoder_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         required=True,
+        action="append",  # given twice is an error (_only_one), not silently the last
         help="[NAME=]SPEC, SPEC: random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH; "
         "NAME (no ':', '/', '\\', '?') is the display name on leaderboards",
     )
     p.add_argument(
         "--data",
         required=True,
+        action="append",
         help="imagefolder:ROOT | synthetic:shapes | digits | coco:ROOT | ade20k:ROOT",
     )
     p.add_argument(
         "--allow-partial", action="store_true", help="load checkpoints with missing keys"
     )
+
+
+def _only_one(args: argparse.Namespace) -> None:
+    """``args.encoder`` and ``args.data`` as single values: ``eval`` and ``features`` take one
+    of each, so a repeated flag is an error (argparse would keep the last one silently)."""
+    for flag in ("encoder", "data"):
+        values = getattr(args, flag)
+        if len(values) > 1:
+            raise UserError(
+                f"--{flag} given {len(values)} times ({', '.join(values)}); {args.command} takes "
+                f"one. To evaluate several encoders or datasets use a suite: ibot-bench run "
+                f"--suite NAME --encoder A --encoder B (see ibot-bench list)"
+            )
+        setattr(args, flag, values[0])
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -299,6 +316,7 @@ def _cmd_features(args: argparse.Namespace) -> None:
     from ibot_bench.display_names import split_named
     from ibot_bench.features import FeatureConfig, extract_features
 
+    _only_one(args)
     bad = [o for o in args.overrides if not o.startswith("features.")]
     if bad:
         raise UserError(
@@ -329,6 +347,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from ibot_bench.display_names import split_named
     from ibot_bench.evaluate import run_eval
 
+    _only_one(args)
     name, spec = split_named(args.encoder)
     record = run_eval(
         args.task,
@@ -426,9 +445,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status in ("failed", "missing data")]
     if not is_main():  # under torchrun rank 0 reports for all
         return 1 if failed else 0
-    boards, _, errors = write_reports([output], output, baseline=args.baseline, names=names)
-    for path, err in errors:
-        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    boards, _, errors, stale = write_reports([output], output, baseline=args.baseline, names=names)
+    _warn(errors, stale)
     _print_board(boards, suite.name)
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -437,6 +455,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for o in failed:
         print(f"  {o.status}: {o.task} on {o.dataset} with {o.encoder}: {o.message}")
     return 1 if failed else 0
+
+
+def _warn(errors: Sequence[tuple[object, str]], stale: Sequence[str]) -> None:
+    """The leaderboard's warnings on stderr: corrupt records, records of earlier weights."""
+    for path, err in errors:
+        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    for line in stale:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _check_baseline(baseline: str | None, names: dict[str, str], output: str) -> None:
@@ -454,6 +480,24 @@ def _check_baseline(baseline: str | None, names: dict[str, str], output: str) ->
         )
 
 
+def _check_results_folder(folder: str) -> None:
+    """``folder`` must be a results folder (one with ``records/``), else an error saying
+    which folder to pass: its parent for a records/ folder, results folders found inside."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"results folder {folder} does not exist")
+    if (path / "records").is_dir():
+        return
+    inside = sorted(str(p.parent) for p in path.glob("*/records") if p.is_dir())
+    if path.name == "records":
+        hint = f"it holds the records themselves: pass its parent, {path.parent}"
+    elif inside:
+        hint = f"these folders inside it are: {' '.join(inside)} (report takes several)"
+    else:
+        hint = "pass the --output folder of an `ibot-bench run` or `eval`"
+    raise UserError(f"{folder} is not a results folder (it has no records/ folder); {hint}")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from ibot_bench.leaderboard import (
         detail_html,
@@ -465,14 +509,12 @@ def _cmd_report(args: argparse.Namespace) -> None:
     )
 
     for d in args.dirs:
-        if not os.path.isdir(d):
-            raise UserError(f"results folder {d} does not exist")
+        _check_results_folder(d)
     output = args.output or args.dirs[0]
-    boards, detail, errors = write_reports(
+    boards, detail, errors, stale = write_reports(
         args.dirs, output, reference=args.reference, baseline=args.baseline
     )
-    for path, err in errors:
-        print(f"warning: ignored corrupt record {path}: {err}", file=sys.stderr)
+    _warn(errors, stale)
     if args.format == "md":
         print(detail_markdown(detail) if args.detail else to_markdown(boards))
     elif args.format == "csv":  # pandas quotes names holding commas, quotes or newlines

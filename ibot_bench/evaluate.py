@@ -200,6 +200,15 @@ def run_task(task: TaskDef, ctx: TaskContext, cfg: Any) -> TaskOutput:
         return out
 
 
+def partial_load(info: dict) -> dict:
+    """What a record keeps of a partial load (``--allow-partial``): ``partial`` and the keys
+    that did not match; {} for a complete load."""
+    extra = info.get("extra", {})
+    if not extra.get("partial"):
+        return {}
+    return {"partial": True, "partial_keys": extra.get("partial_keys", {})}
+
+
 def execute(
     plan: EvalPlan,
     *,
@@ -270,6 +279,7 @@ def execute(
             "fingerprint": enc_fp,
             "arch": ctx.arch(),
             "name": encoder_name or derive_name(plan.encoder_spec),
+            **partial_load(ctx.encoder_info()),
         },
         dataset=dataset,
         metrics=metrics,

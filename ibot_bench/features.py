@@ -20,7 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ibot_bench.data import cache_root, load_split, require_classification
-from ibot_bench.data.classification import ClassificationSplit, EvalTransform, normalize_batch
+from ibot_bench.data.classification import (
+    INTERPOLATIONS,
+    ClassificationSplit,
+    EvalTransform,
+    normalize_batch,
+)
 from ibot_bench.distributed import (
     all_ranks,
     barrier,
@@ -106,9 +111,11 @@ class FeatureConfig:
 
 def check_feature_config(cfg: FeatureConfig) -> None:
     """A :class:`ConfigError` naming the first ``features.`` setting that cannot work."""
+    modes = ", ".join(INTERPOLATIONS)
     problems = [
         ("img_size", cfg.img_size is not None and cfg.img_size < 1, ">= 1 (or null)"),
         ("crop_pct", not 0 < cfg.crop_pct <= 1, "in (0, 1]"),
+        ("interpolation", cfg.interpolation not in INTERPOLATIONS, f"one of {modes}"),
         ("batch_size", cfg.batch_size < 1, ">= 1"),
         ("num_workers", cfg.num_workers < -1, ">= 0 (or -1: automatic)"),
         ("n_last_blocks", cfg.n_last_blocks is not None and cfg.n_last_blocks < 0, ">= 0"),

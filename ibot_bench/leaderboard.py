@@ -22,7 +22,7 @@ import html
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -111,6 +111,16 @@ def group_label(record: ResultRecord) -> str:
     return f"{group} [profile {record.profile}]" if record.profile else group
 
 
+def _partial_note(encoder: Mapping) -> str:
+    """The legend's note on a partial load (``--allow-partial``): how many keys of each kind
+    did not match, e.g. ``partial load: 2 missing key(s)``; "" for a complete load."""
+    if not encoder.get("partial"):
+        return ""
+    keys = encoder.get("partial_keys", {})
+    counts = [f"{len(keys[k])} {k}" for k in ("missing", "unexpected", "mismatched") if keys.get(k)]
+    return f"partial load: {', '.join(counts)} key(s)" if counts else "partial load"
+
+
 def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
     """One row per (record, metric) with every setting that changes the number.
 
@@ -126,6 +136,7 @@ def long_frame(records: Sequence[ResultRecord]) -> pd.DataFrame:
                     "encoder": r.encoder.get("spec", ""),
                     "name": r.display_name,
                     "encoder_fingerprint": r.encoder.get("fingerprint", "")[:12],
+                    "partial_load": _partial_note(r.encoder),
                     "arch": r.encoder.get("arch", ""),
                     "task": r.task,
                     "protocol": r.protocol,
@@ -160,17 +171,82 @@ def reference_frame(directory: Path | None = None) -> pd.DataFrame:
     return ref
 
 
-def _newest(long: pd.DataFrame) -> pd.DataFrame:
-    """The newest row of each (encoder, group, protocol, metric), oldest first.
-
-    "Newest" compares real instants (:func:`~ibot_bench.records.parse_timestamp`: offsets
-    honoured, naive timestamps taken as UTC); ties keep the later-read record.
-    """
+def _by_instant(long: pd.DataFrame) -> pd.DataFrame:
+    """``long`` oldest first, comparing real instants
+    (:func:`~ibot_bench.records.parse_timestamp`: offsets honoured, naive timestamps taken
+    as UTC); ties keep the reading order."""
     return long.sort_values(
         "timestamp",
         key=lambda col: col.map(lambda t: parse_timestamp(t).timestamp()),
         kind="stable",
-    ).drop_duplicates(["encoder", "group", "protocol", "metric"], keep="last")
+    )
+
+
+def _is_current(long: pd.DataFrame) -> pd.Series:
+    """True for the rows of each encoder spec's current weights: the fingerprint of its
+    newest record. A file replaced by new weights keeps its spec, and its older records
+    must not fill the cells the new weights have not been evaluated on."""
+    latest = _by_instant(long).drop_duplicates("encoder", keep="last")
+    current = dict(zip(latest["encoder"], latest["encoder_fingerprint"]))
+    return long["encoder_fingerprint"] == long["encoder"].map(current)
+
+
+def _left_out(long: pd.DataFrame) -> pd.DataFrame:
+    """The rows of earlier weights (:func:`_is_current`) whose evaluation (task, protocol,
+    group) has no record of the encoder's current weights: cells the board leaves empty."""
+    current = _is_current(long)
+    keys = ["encoder", "task", "protocol", "group"]
+    done = set(long.loc[current, keys].itertuples(index=False, name=None))
+    redone = [k in done for k in long[keys].itertuples(index=False, name=None)]
+    return long[~current & ~pd.Series(redone, index=long.index)]
+
+
+def stale_warnings(long: pd.DataFrame, names: Mapping[str, str] | None = None) -> list[str]:
+    """One line per encoder spec whose earlier weights have records the current weights
+    lack: which the leaderboards leave out, and how to evaluate the current weights."""
+    if long.empty:
+        return []
+    current = long[_is_current(long)].drop_duplicates("encoder", keep="last")
+    lines = []
+    for spec, rows in _left_out(long).groupby("encoder", sort=False):
+        now = current[current["encoder"] == spec].iloc[0]
+        name = (names or {}).get(spec, now["name"])
+        records = rows.drop_duplicates(["task", "protocol", "group", "encoder_fingerprint"])
+        what = ", ".join(f"{t} [{p}] on {g}" for t, p, g in
+                         zip(records["task"], records["protocol"], records["group"]))  # fmt: skip
+        older = ", ".join(dict.fromkeys(records["encoder_fingerprint"]))
+        tasks = ",".join(dict.fromkeys(records["task"]))
+        lines.append(
+            f"{name} ({spec}) now has fingerprint {now['encoder_fingerprint']}; "
+            f"{len(records)} record(s) of its earlier weights (fingerprint {older}) are left "
+            f"out of the leaderboard: {what}. To evaluate the current weights, run the suite "
+            f"again without --tasks (or with --tasks {tasks}); --force reruns every entry"
+        )
+    return lines
+
+
+def _legend_notes(long: pd.DataFrame) -> dict[str, list[str]]:
+    """encoder spec -> notes for its legend line: a partial load of its current weights,
+    the fingerprints of earlier weights whose records are left out."""
+    notes: dict[str, list[str]] = {}
+    current = long[_is_current(long)]
+    for spec, note in zip(current["encoder"], current["partial_load"]):
+        if note and note not in notes.setdefault(spec, []):
+            notes[spec].append(note)
+    for spec, rows in _left_out(long).groupby("encoder", sort=False):
+        older = ", ".join(dict.fromkeys(rows["encoder_fingerprint"]))
+        notes.setdefault(spec, []).append(
+            f"records of earlier weights, fingerprint {older}, left out"
+        )
+    return {spec: n for spec, n in notes.items() if n}
+
+
+def _newest(long: pd.DataFrame) -> pd.DataFrame:
+    """The newest row of each (encoder, group, protocol, metric) of the encoder's current
+    weights (:func:`_is_current`), oldest first."""
+    return _by_instant(long[_is_current(long)]).drop_duplicates(
+        ["encoder", "group", "protocol", "metric"], keep="last"
+    )
 
 
 def _with_reference(main: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
@@ -235,6 +311,8 @@ class GroupBoard:
     columns: dict[str, tuple[str, str]]  # headline column -> (protocol, metric)
     encoders: dict[str, tuple[str, str]]  # display name -> (spec, fingerprint)
     baseline: str | None = None  # the row the heatmap's colours are relative to
+    # display name -> what its legend line adds: a partial load, earlier weights left out
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     def best(self) -> pd.DataFrame:
         """True where a cell holds its column's highest value (ties all marked)."""
@@ -341,6 +419,7 @@ def headline_boards(
     paper = set(cells.loc[cells["source"] == "paper", "encoder"])
     display.update({e: e for e in paper})
     fingerprints = dict(zip(cells["encoder"], cells["encoder_fingerprint"].fillna("")))
+    notes = _legend_notes(long)
     order = _row_order(cells)
     order.sort(key=lambda e: list(names or {}).index(e) if e in (names or {}) else len(order))
     boards = []
@@ -357,7 +436,7 @@ def headline_boards(
         meaning = part.drop_duplicates("column").set_index("column")
         boards.append(GroupBoard(
             group, table, {c: (meaning.at[c, "protocol"], meaning.at[c, "metric"]) for c in columns},
-            legend,
+            legend, notes={display[e]: notes[e] for e in specs if e in notes},
         ))  # fmt: skip
     chosen = pick_baseline(boards, baseline)
     for b in boards:
@@ -387,6 +466,7 @@ def legend_lines(board: GroupBoard, text: Callable[[object], str]) -> list[str]:
     for name, (spec, fingerprint) in board.encoders.items():
         mark = " (baseline)" if name == board.baseline else ""
         fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
+        fp += "".join(f" ({text(note)})" for note in board.notes.get(name, []))
         lines.append(f"{text(name)}{mark}: {text(spec)}{fp}")
     columns = "; ".join(f"{text(c)} = {text(p)} {text(m)}" for c, (p, m) in board.columns.items())
     if board.baseline is None:
@@ -475,10 +555,10 @@ def write_reports(
     *,
     baseline: str | None = None,
     names: Mapping[str, str] | None = None,
-) -> tuple[list[GroupBoard], pd.DataFrame, list[tuple[Path, str]]]:
+) -> tuple[list[GroupBoard], pd.DataFrame, list[tuple[Path, str]], list[str]]:
     """records.csv and leaderboard.csv/.md/.png (headline metrics) under ``out``; returns
-    (the headline boards, the detail board, read errors). See :func:`headline_boards` for
-    ``baseline`` and ``names``."""
+    (the headline boards, the detail board, read errors, :func:`stale_warnings`). See
+    :func:`headline_boards` for ``baseline`` and ``names``."""
     from ibot_bench.leaderboard_png import write_heatmap
 
     out = Path(out)
@@ -493,4 +573,5 @@ def write_reports(
     atomic_write_text(out / "leaderboard.md", to_markdown(boards))
     if boards:
         write_heatmap(boards, out / "leaderboard.png")
-    return boards, board(long, ref) if len(long) else pd.DataFrame(), errors
+    detail = board(long, ref) if len(long) else pd.DataFrame()
+    return boards, detail, errors, stale_warnings(long, names)

@@ -40,7 +40,9 @@ class ResultRecord:
 
     task: str
     protocol: str
-    encoder: dict[str, Any]  # {"spec", "fingerprint", "arch", "name"}; name: display name
+    # {"spec", "fingerprint", "arch", "name"}; name: display name; a partial load
+    # (--allow-partial) adds "partial": true and "partial_keys"
+    encoder: dict[str, Any]
     dataset: dict[str, Any]  # {"spec", "fingerprint", "split"}
     metrics: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
@@ -246,6 +248,8 @@ _ENCODER = {
     "fingerprint": (_text, False),
     "arch": (_text, False),
     "name": (lambda w, v: _check_str(w, v, nonempty=True), False),
+    "partial": (lambda w, v: _need(isinstance(v, bool), w, "true or false", v), False),
+    "partial_keys": (_check_object, False),  # missing / unexpected / mismatched lists
 }
 _DATASET = {
     "spec": (_text, True),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +100,18 @@ class TaskContext:
             )
         return self.feature_sets[split]
 
-    def arch(self) -> str:
-        """The encoder's architecture name, from the built encoder or the features' record."""
+    def encoder_info(self) -> dict:
+        """The encoder's :class:`EncoderInfo` as a dict, from the built encoder or the
+        features' record (a cache hit builds no model); {} when neither is at hand."""
         if self._encoder is not None:
-            return self._encoder.info.arch
+            return asdict(self._encoder.info)
         for feats in self.feature_sets.values():
-            return str(feats.meta.get("encoder", {}).get("arch", ""))
-        return ""
+            return dict(feats.meta.get("encoder", {}))
+        return {}
+
+    def arch(self) -> str:
+        """The encoder's architecture name (:meth:`encoder_info`)."""
+        return str(self.encoder_info().get("arch", ""))
 
     def size(self, split: str) -> int:
         """Images of ``split`` the task used (features skip unreadable ones when asked to)."""

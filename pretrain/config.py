@@ -211,7 +211,9 @@ def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
                 f"sizes that are multiples of {patch}"
             )
     vit_config(cfg.model, sizes[0])
-    if o.batch_size <= 0 or o.batch_size % world_size:
+    if o.batch_size < 1:
+        raise ConfigError(f"optim.batch_size must be >= 1 (the global batch), got {o.batch_size}")
+    if o.batch_size % world_size:
         raise ConfigError(
             f"optim.batch_size={o.batch_size} (global) is not divisible by the world size "
             f"{world_size}; use a multiple of {world_size}"

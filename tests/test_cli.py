@@ -121,6 +121,15 @@ def _errors(tmp_path, tiny_imagefolder):
             "Did you mean 'features.img_size'",
         ),  # fmt: skip
         (["eval", "knm", "--encoder", "random:vit_tiny", "--data", data], "Did you mean 'knn'"),
+        (
+            ["eval", "knn", "--encoder", "random:a", "--encoder", "random:b", "--data", data],
+            "--encoder given 2 times (random:a, random:b); eval takes one. To "
+            "evaluate several encoders or datasets use a suite: ibot-bench run",
+        ),
+        (
+            ["features", "--encoder", "random:vit_tiny", "--data", data, "--data", "digits"],
+            f"--data given 2 times ({data}, digits); features takes one",
+        ),
     ]
 
 

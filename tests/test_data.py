@@ -111,3 +111,73 @@ def test_eval_transform_and_normalize():
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 224, 224)
     x = normalize_batch(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([2.2489, 2.4286, 2.6400]), atol=1e-3)
+
+
+def test_relative_roots_become_absolute(tmp_path, monkeypatch):
+    """mmdet / mmseg join their data_root to the paths they get: a relative root would be
+    joined twice (root/coco/root/coco/annotations/...)."""
+    from ibot_bench.data.synthetic import ADE20K_DIR, write_synthetic
+
+    write_synthetic(tmp_path / "root", num_classes=2, train_per_class=2, val_per_class=1, image_size=32)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    coco = load_split("coco:root/coco", "train")
+    assert coco.root == tmp_path / "root" / "coco" and coco.ann_file.is_absolute()
+    ade = load_split(f"ade20k:root/{ADE20K_DIR}", "val")
+    assert ade.root.is_absolute() and ade.image_dir.is_absolute() and ade.mask_dir.is_absolute()
+    images = load_split("imagefolder:root/imagenet", "train")
+    assert all(Path(p).is_absolute() for p in images.paths)
+    monkeypatch.chdir(tmp_path / "root")  # a later change of directory reads the same files
+    assert images.read(0).shape[0] == 3
+
+
+def test_relative_split_file_is_found_in_the_dataset_root(tmp_path, monkeypatch, tiny_imagefolder):
+    names = load_split(f"imagefolder:{tiny_imagefolder}", "train").sample_names
+    (tiny_imagefolder / "1percent.txt").write_text("\n".join(Path(n).name for n in names[:3]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not in the current directory: in ROOT
+    assert len(load_split(f"imagefolder:{tiny_imagefolder}?split_file=1percent.txt")) == 3
+    (elsewhere / "mine.txt").write_text(Path(names[0]).name)  # not in ROOT: from the cwd
+    assert len(load_split(f"imagefolder:{tiny_imagefolder}?split_file=mine.txt")) == 1
+    with pytest.raises(UserError) as err:
+        load_split(f"imagefolder:{tiny_imagefolder}?split_file=10percent.txt")
+    assert f"looked for {tiny_imagefolder / '10percent.txt'} or {elsewhere / '10percent.txt'}" in str(err.value)  # fmt: skip
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    """16-bit PNGs and float TIFFs keep their contrast (Pillow's convert clips them to
+    near-constant images); a float image outside [0, 1] is refused, naming the file."""
+    from PIL import Image
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(folder / "g16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(folder / "f.tiff")
+    data = load_split(f"imagefolder:{tmp_path}", "train")
+    expected = np.round(ramp * 255)
+    for i in range(2):
+        image = data.read(i).numpy()
+        assert np.abs(image - expected).max() <= 1 and (image[0] == image[1]).all(), data.paths[i]
+    Image.fromarray((ramp * 7).astype(np.float32)).save(folder / "f.tiff")
+    refused = r"f\.tiff: a float image \(mode F\) with values in \[0, 7\]"
+    with pytest.raises(DatasetError, match=refused):
+        load_split(f"imagefolder:{tmp_path}", "train").read(0)
+
+
+def test_images_in_sub_folders_of_a_class_are_included(tmp_path, tiny_imagefolder):
+    """As torchvision's ImageFolder: a class folder's sub-folders are read, in a fixed
+    order; a link back up the tree is entered once."""
+    flat = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    first = tiny_imagefolder / "train" / flat.class_names[0]
+    deeper = first / "more" / "deeper"
+    deeper.mkdir(parents=True)
+    image = Path(flat.paths[0]).read_bytes()
+    (first / "more" / "b.jpg").write_bytes(image)
+    (deeper / "a.jpg").write_bytes(image)
+    (first / "loop").symlink_to(first, target_is_directory=True)
+    data = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    assert len(data) == len(flat) + 2
+    assert data.sample_names[4:6] == [f"{first.name}/more/b.jpg", f"{first.name}/more/deeper/a.jpg"]
+    assert (data.labels[:6] == 0).all()
+    assert load_split(f"imagefolder:{tiny_imagefolder}", "train").paths == data.paths

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from ibot_bench.encoders import ENCODERS, build_head, load_encoder
+from ibot_bench.encoders import ENCODERS, build_head, encoder_fingerprint, load_encoder
 from ibot_bench.encoders.checkpoint import _HASH_CACHE, fingerprint
 from ibot_bench.errors import CheckpointError, NotApplicableError, UserError
 
@@ -304,6 +304,21 @@ def test_read_errors(tmp_path, ckpt_dir):
         bad.write_bytes(data[: len(data) // 2])
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
             load_encoder(f"ibot:{bad}")
+    (tmp_path / "text.pth").write_text("a text file renamed .pth")
+    with pytest.raises(CheckpointError, match=r"text.pth is not a PyTorch checkpoint .* b'a '"):
+        load_encoder(f"ibot:{tmp_path / 'text.pth'}")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match="run is a folder with no weights file"):
+        load_encoder(f"ibot:{run}")
+    (run / "checkpoint.pth").write_bytes((ckpt_dir / "checkpoint.pth").read_bytes())
+    (run / "log.jsonl").write_text("{}")
+    with pytest.raises(
+        CheckpointError, match=f"holds checkpoint.pth. Did you mean {run}/checkpoint"
+    ):
+        load_encoder(f"ibot:{run}")
+    with pytest.raises(CheckpointError, match=f"Did you mean ibot:{run}/checkpoint.pth:student"):
+        encoder_fingerprint(f"ibot:{run}:student")  # what eval and run check first
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="not a state dict"):
         load_encoder(f"ibot:{tmp_path / 'list.pth'}")

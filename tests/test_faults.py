@@ -62,6 +62,7 @@ def test_non_finite_settings_are_refused(tiny_imagefolder, tmp_path):
         ("features.batch_size=0", "features.batch_size must be >= 1"),
         ("features.img_size=-8", "features.img_size must be >= 1"),
         ("features.crop_pct=0", "features.crop_pct must be in"),
+        ("features.interpolation=foo", "features.interpolation must be one of bicubic, bilinear"),
         ("seeds=[]", "seeds must list at least one seed"),
     ],
 )

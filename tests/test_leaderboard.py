@@ -205,3 +205,46 @@ def test_run_records_the_display_name(tmp_path, capsys):
     assert "tiny <i>8 *x*|y" in printed and "random:vit_tiny_patch8" in printed  # name, legend
     text = (out / "leaderboard.md").read_text()
     assert r"tiny \<i\>8 \*x\*\|y" in text and "<i>" not in text
+
+
+def test_new_weights_behind_one_spec_never_mix_with_old_records(tmp_path, capsys):
+    """The same path with new weights (a new fingerprint), rerun for kNN only: the row
+    holds only the new weights' results, the legend and a warning name the left-out ones."""
+    res = tmp_path / "res"
+
+    def write(fingerprint: str, task: str, protocol: str, metrics: dict, when: str) -> None:
+        record = _record(QUICK, "digits", task, protocol, metrics, "ours")
+        record.encoder["fingerprint"], record.timestamp = fingerprint * 16, when
+        record.write(res)
+
+    write("a", "knn", "knn", {"top1": 50.0}, "2026-01-01T00:00:00+00:00")
+    write("a", "cluster-head", "cluster-head", {"nmi": 7.0}, "2026-01-01T00:01:00+00:00")
+    write("b", "knn", "knn", {"top1": 60.0}, "2026-01-02T00:00:00+00:00")
+    assert main(["report", str(res), "--format", "md"]) == 0
+    out, err = capsys.readouterr()
+    assert _md_table(out, "digits")[2] == ["ours", "**60.00**"]  # no head NMI of old weights
+    assert f"fingerprint {'b' * 12} (records of earlier weights, fingerprint {'a' * 12}" in out
+    assert "7.00" not in out and "50.00" not in out
+    assert f"ours ({QUICK}) now has fingerprint {'b' * 12}; 1 record(s)" in err
+    assert "cluster-head [cluster-head] on digits" in err and "--tasks cluster-head)" in err
+    assert main(["report", str(res), "--format", "md", "--detail"]) == 0
+    detail = capsys.readouterr().out
+    assert "60.00" in detail and "7.00" not in detail and "50.00" not in detail
+
+
+def test_report_on_a_folder_without_records_names_the_right_one(tmp_path, capsys):
+    """The records/ folder itself, or a parent of results folders: an error saying which
+    folder to pass, and nothing written (it used to write empty leaderboards)."""
+    _write_suite(tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "b" / "records").mkdir(parents=True)
+    cases = {
+        tmp_path / "runs" / "a" / "records": f"pass its parent, {tmp_path / 'runs' / 'a'}",
+        tmp_path / "runs": f"inside it are: {tmp_path / 'runs' / 'a'} {tmp_path / 'runs' / 'b'}",
+        tmp_path / "runs" / "a" / "configs": "pass the --output folder",
+    }
+    (tmp_path / "runs" / "a" / "configs").mkdir()
+    for folder, hint in cases.items():
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder} is not a results folder (it has no records/" in err and hint in err
+        assert not list(folder.glob("leaderboard*")) and not (folder / "records.csv").exists()

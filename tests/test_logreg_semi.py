@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import feature_context
+from conftest import feature_context, make_imagefolder
 from sklearn.linear_model import LogisticRegression
 
 from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
@@ -134,6 +134,15 @@ def test_semi_split_file_and_errors(tmp_path):
         )
     with pytest.raises(ConfigError, match="methods"):
         semi(feature_context(TRAIN, TEST), small_semi(methods=["finetune"]))
+
+
+def test_semi_relative_split_file_is_found_in_the_dataset_root(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "data")
+    (root / "10percent.txt").write_text("\n".join(Path(n).name for n in TRAIN.sample_names[::10]))
+    monkeypatch.chdir(tmp_path)
+    ctx = feature_context(TRAIN, TEST, data_spec=f"imagefolder:{root}")
+    cfg = small_semi(fraction=0.1, split_file="10percent.txt", methods=["knn"])
+    assert semi(ctx, cfg).extra["subset_size"] == 60
 
 
 def test_protocol_names():

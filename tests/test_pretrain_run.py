@@ -108,6 +108,10 @@ def test_bad_input_is_refused_before_training(tmp_path):
         validate(smoke(tmp_path, "crops.local_size=[12]"))
     with pytest.raises(ConfigError, match="world size 3"):
         validate(smoke(tmp_path), world_size=3)
+    with pytest.raises(
+        ConfigError, match=r"optim.batch_size must be >= 1 \(the global batch\), got 0"
+    ):
+        validate(smoke(tmp_path, "optim.batch_size=0"))
     with pytest.raises(DatasetError, match="fewer than one batch"):
         Trainer(smoke(tmp_path, "optim.batch_size=64"))
     empty = tmp_path / "empty" / "train" / "a"

@@ -11,6 +11,7 @@ from ibot_bench.encoders import load_encoder
 from ibot_bench.errors import CheckpointError, UserError
 from ibot_bench.evaluate import plan_eval, run_eval
 from ibot_bench.features import FeatureConfig
+from ibot_bench.records import read_records
 from ibot_bench.tasks import TaskContext, discover_tasks
 
 CFG = FeatureConfig(img_size=32, num_workers=0, precision="fp32")
@@ -111,3 +112,22 @@ def test_pretrain_output_flag(tmp_path, capsys):
     assert main(args) == 0
     assert (out / "checkpoint.pth").is_file()
     assert "output_dir: " + str(out) in (out / "config.yaml").read_text()
+
+
+def test_partial_load_is_recorded_and_marked_on_the_leaderboard(tiny_imagefolder, tmp_path):
+    """--allow-partial leaves a trace: the record says which keys did not match (also when
+    the features come from the cache), and the leaderboard legend marks the row."""
+    spec = f"ibot:{ibot_checkpoint(tmp_path, drop='blocks.0.attn.qkv.weight')}"
+    data, out = f"imagefolder:{tiny_imagefolder}", tmp_path / "out"
+    args = ["eval", "knn", "--encoder", spec, "--data", data, "--output", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--allow-partial", "features.img_size=32",
+            "features.num_workers=0", "features.precision=fp32", "ks=[1]"]  # fmt: skip
+    for again in (False, True):  # the second run is a feature-cache hit: no model built
+        assert main([*args, *(["seeds=[1]"] if again else [])]) == 0
+    records = read_records(out)[0]
+    assert len(records) == 2
+    for record in records:
+        assert record.encoder["partial"] is True
+        assert record.encoder["partial_keys"]["missing"] == ["blocks.0.attn.qkv.weight"]
+    assert main(["report", str(out), "--format", "md"]) == 0
+    assert "(partial load: 1 missing key(s))" in (out / "leaderboard.md").read_text()

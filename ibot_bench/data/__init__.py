@@ -105,6 +105,12 @@ def _verify_mode(options: dict, spec: str) -> str:
     return verify
 
 
+def _root(body: str) -> Path:
+    """A spec's folder as an absolute path (``~`` expanded): tools that join their own
+    ``data_root`` to it (mmdet, mmseg) and later changes of directory see the same folder."""
+    return Path(os.path.abspath(Path(body).expanduser()))
+
+
 def _scan_split(root: Path, spec: str, split: str, size: int) -> ClassificationSplit:
     """``root/split`` as an ImageFolder; a val split takes ``root/train``'s class list (its
     folder names only) as its label space, so labels match train's by class name."""
@@ -122,7 +128,7 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
     if not body:
         raise UserError("imagefolder needs a folder: imagefolder:ROOT")
     size = _number(options, "size", int, 224)
-    return _scan_split(Path(body).expanduser(), spec, split, size)
+    return _scan_split(_root(body), spec, split, size)
 
 
 @DATASETS.register(
@@ -230,7 +236,7 @@ def _coco(body: str, options: dict, split: str, spec: str) -> CocoDataset:
     _known_options(options, set(), spec)
     if not body:
         raise UserError("coco needs a folder: coco:ROOT (with annotations/ and train2017/)")
-    return CocoDataset(Path(body).expanduser(), split)
+    return CocoDataset(_root(body), split)
 
 
 @DATASETS.register("ade20k", help="ade20k:ROOT  ADEChallengeData2016 layout (dense tasks)")
@@ -238,7 +244,7 @@ def _ade20k(body: str, options: dict, split: str, spec: str) -> ADE20KDataset:
     _known_options(options, set(), spec)
     if not body:
         raise UserError("ade20k needs a folder: ade20k:ROOT (with images/ and annotations/)")
-    return ADE20KDataset(Path(body).expanduser(), {"train": "training", "val": "validation"}[split])
+    return ADE20KDataset(_root(body), {"train": "training", "val": "validation"}[split])
 
 
 def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSplit:
@@ -251,6 +257,7 @@ def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSpl
         split_file=options.get("split_file"),
         seed=_number(options, "subset_seed", int, 0),
         class_names=data.class_names,
+        root=data.dataset_root,
     )
     return data.subset(rows, tag)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ibot_bench.data.classification import file_signatures
+from ibot_bench.data.classification import file_signatures, to_rgb
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("training", "validation")
@@ -95,10 +95,10 @@ class ADE20KDataset:
         image_path, mask_path = self.pairs[index]
         try:
             with Image.open(image_path) as im:
-                image = im.convert("RGB")
+                image = to_rgb(im)
             with Image.open(mask_path) as m:
                 mode, mask = m.mode, np.array(m)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise DatasetError(
                 f"ADE20K pair {image_path} / {mask_path} cannot be read ({exc}); replace it."
             ) from exc

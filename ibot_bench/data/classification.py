@@ -25,6 +25,8 @@ from PIL import Image
 from ibot_bench.errors import DatasetError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# the resize modes torchvision supports on tensors (EvalTransform resizes uint8 tensors)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VERIFY_MODES = ("stat", "content")  # dataset spec option ``verify=``: what a fingerprint reads
@@ -35,6 +37,31 @@ _log = logging.getLogger(__name__)
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 _DIGESTS_LOCK = threading.Lock()
 _CHUNK = 1 << 20
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, high-bit-depth grayscale scaled by its type's range.
+
+    Pillow's ``convert("RGB")`` clips 16-bit, 32-bit and float pixels to 0..255, turning
+    such an image into a nearly constant one. Here 16-bit (``I;16*``, and ``I``, which
+    Pillow decodes 16-bit files to) is divided by 257, and float (``F``) is read as [0, 1]
+    and scaled by 255. Values outside that range raise ValueError: no scale is right for
+    every such file, so it is refused rather than guessed.
+    """
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        top, scale, kind = 65535, 257.0, "a 16-bit image"
+    elif img.mode == "F":
+        top, scale, kind = 1, 1 / 255, "a float image"
+    else:
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (lo >= 0 and hi <= top):  # NaN fails too
+        raise ValueError(
+            f"{kind} (mode {img.mode}) with values in [{lo:g}, {hi:g}]; only [0, {top}] is read "
+            f"(scaled to 0..255): save it as an 8-bit image"
+        )
+    return Image.fromarray(np.round(arr / scale).astype(np.uint8), "L").convert("RGB")
 
 
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
@@ -149,6 +176,12 @@ class ClassificationSplit:
             ]
         return [f"{self.split}_{i:06d}" for i in range(len(self))]
 
+    @property
+    def dataset_root(self) -> str:
+        """The dataset folder holding this split's folder (``ROOT`` of ``ROOT/train``), where
+        relative split files are looked for; "" for in-memory splits."""
+        return os.path.dirname(self.root) if self.root else ""
+
     def fingerprint(self) -> str:
         """sha256 over the split, class names and, per file, its relative name, label and
         :func:`file_signature` (or, for in-memory splits, the array bytes and labels).
@@ -195,7 +228,7 @@ class ClassificationSplit:
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                arr = np.array(img.convert("RGB"))  # writable copy for torch
+                arr = np.array(to_rgb(img))  # writable copy for torch
             return torch.from_numpy(arr).permute(2, 0, 1)
         except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError for bad data
             raise DatasetError(
@@ -239,26 +272,42 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _image_entries(folder: Path) -> tuple[list[str], list[str]]:
-    """(sorted image paths, the unreadable ones among them) of one class folder.
+    """(image paths in torchvision's order, the unreadable ones among them) of one class
+    folder, its sub-folders included as torchvision's ImageFolder includes them (a link
+    back up the tree is entered once).
 
     An image-named symlink that can't be followed (a loop, a dangling link) is kept, as a
     corrupt image is: reading it raises :class:`DatasetError` naming it
     (``features.skip_corrupt=true`` skips it), and the fingerprint records it as unreadable.
     """
     files, broken = [], []
-    for e in os.scandir(folder):
-        if not e.name.lower().endswith(IMG_EXTENSIONS):
+    pending, seen = [str(folder)], set()
+    while pending:
+        directory = pending.pop()
+        if os.path.realpath(directory) in seen:
             continue
-        try:
-            if e.is_file():
-                files.append(e.path)
-            elif e.is_symlink() and not os.path.exists(e.path):  # dangling link
+        seen.add(os.path.realpath(directory))
+        for e in os.scandir(directory):
+            try:
+                if e.is_dir():
+                    pending.append(e.path)
+                    continue
+            except OSError:  # e.g. ELOOP: handled below when it is named like an image
+                pass
+            if not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            try:
+                if e.is_file():
+                    files.append(e.path)
+                elif e.is_symlink() and not os.path.exists(e.path):  # dangling link
+                    files.append(e.path)
+                    broken.append(e.path)
+            except OSError:  # e.g. ELOOP: Too many levels of symbolic links
                 files.append(e.path)
                 broken.append(e.path)
-        except OSError:  # e.g. ELOOP: Too many levels of symbolic links
-            files.append(e.path)
-            broken.append(e.path)
-    return sorted(files), sorted(broken)
+    # torchvision's order: folders by path (a folder's own images before its sub-folders'),
+    # images by name within each
+    return sorted(files, key=os.path.split), sorted(broken, key=os.path.split)
 
 
 def list_classes(root: Path) -> list[str]:

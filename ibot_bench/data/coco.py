@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from ibot_bench.data.classification import file_signature, file_signatures
+from ibot_bench.data.classification import file_signature, file_signatures, to_rgb
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("train", "val")
@@ -81,8 +81,8 @@ class CocoDataset:
         path = self.image_dir / self.coco.imgs[img_id]["file_name"]
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as exc:
+                image = to_rgb(im)
+        except (OSError, ValueError) as exc:
             raise DatasetError(f"COCO image {path} cannot be read ({exc}); replace it.") from exc
         return image, self.coco.loadAnns(self.coco.getAnnIds(imgIds=[img_id]))
 

@@ -5,7 +5,8 @@
   ``semi-finetune``. Built on:
 - :func:`per_class_fraction`: the semi-supervised 1% / 10% label subsets drawn per class
   (docs/protocols.md#semi-supervised).
-- :func:`read_split_file`: SimCLRv2's ``1percent.txt`` / ``10percent.txt`` image lists.
+- :func:`read_split_file`: SimCLRv2's ``1percent.txt`` / ``10percent.txt`` image lists,
+  found by :func:`find_split_file` (a relative path: in the dataset folder first).
 - :func:`stratified_split`: the held-out validation split on which the linear probe and
   logistic regression choose their hyperparameters (DINOv2's protocol, docs/protocols.md#linear-probe, docs/protocols.md#logistic-regression).
 
@@ -16,6 +17,7 @@ int64 row indices.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 
@@ -81,6 +83,27 @@ def per_class_fraction(
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(rows)[: counts[c]] for c, rows in groups.items()]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def find_split_file(split_file: str | Path, root: str | Path | None = None) -> Path:
+    """``split_file`` as a path: an absolute one as given; a relative one in the dataset
+    folder ``root`` when there (``imagefolder:ROOT?split_file=1percent.txt`` names
+    ``ROOT/1percent.txt``), else from the current directory. Neither: :class:`UserError`
+    naming the absolute paths tried."""
+    path = Path(split_file).expanduser()
+    if path.is_absolute():
+        tried = [path]
+    else:
+        tried = [Path(os.path.abspath(Path(root) / path))] if root else []
+        tried.append(Path(os.path.abspath(path)))
+    found = next((p for p in tried if p.exists()), None)
+    if found is None:
+        looked = " or ".join(map(str, tried))
+        raise UserError(
+            f"split file {str(split_file)!r} not found: looked for {looked}. Give its path "
+            "(absolute, or relative to the dataset folder or the current directory)."
+        )
+    return found
 
 
 def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray:
@@ -174,10 +197,12 @@ def label_subset(
     split_file: str | Path | None = None,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    root: str | Path | None = None,
 ) -> tuple[np.ndarray, str]:
     """Rows of the labelled subset of a training set, and a tag naming it.
 
-    With ``split_file`` the rows are that file's images (:func:`read_split_file`); a
+    With ``split_file`` the rows are that file's images (:func:`read_split_file`; a
+    relative path is looked for in the dataset folder ``root`` first, :func:`find_split_file`); a
     ``fraction`` given as well must match the share the file selects within
     :data:`SPLIT_FILE_TOLERANCE` (the fraction names the protocol, e.g. ``semi-1pct``).
     Without one, ``fraction`` of every class is drawn with ``seed``
@@ -187,7 +212,7 @@ def label_subset(
     if fraction is not None:
         _check_fraction("fraction", fraction, allow_one=True)
     if split_file:
-        path = Path(split_file).expanduser()
+        path = find_split_file(split_file, root)
         rows = read_split_file(path, sample_names)
         realised = len(rows) / max(1, len(sample_names))
         if fraction is not None and not (

@@ -85,13 +85,36 @@ def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
     return [n for n in names if n not in allowed] or names
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt", ".safetensors", ".bin")
+
+
+def not_a_file(path: Path, spec: str = "") -> CheckpointError:
+    """The error for a weights path that is no file: missing, or a folder (then naming the
+    weights files inside it, e.g. a pretraining run's ``checkpoint.pth``)."""
+    if not path.is_dir():
+        named = f" {spec!r}" if spec else ""
+        return CheckpointError(
+            f"checkpoint not found: {path}. Check the path in the encoder spec{named}."
+        )
+    inside = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    if not inside:
+        return CheckpointError(
+            f"{path} is a folder with no weights file (.pth, .pt, .safetensors, ...) in it; "
+            "pass the weights file itself."
+        )
+    file = path / ("checkpoint.pth" if "checkpoint.pth" in inside else inside[0])
+    fixed = spec.replace(str(path), str(file), 1) if str(path) in spec else str(file)
+    return CheckpointError(
+        f"{path} is a folder, not a weights file; it holds {', '.join(inside)}. "
+        f"Did you mean {fixed}?"
+    )
+
+
 def read_checkpoint(path: str | Path) -> Any:
     """The object stored in a weights file (safetensors or torch), without running pickled code."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}. Check the path in the encoder spec.")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the weights file inside it.")
+    if not path.is_file():
+        raise not_a_file(path)
     if _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -104,7 +127,13 @@ def read_checkpoint(path: str | Path) -> Any:
                 "Re-download or re-save it."
             ) from exc
     with path.open("rb") as f:
-        is_zip = f.read(2) == b"PK"
+        head = f.read(2)
+    is_zip = head == b"PK"
+    if head and not is_zip and head[:1] != b"\x80":  # a torch file is a zip or a pickle
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (a zip archive or a pickle) nor a safetensors "
+            f"file: it starts with {head!r}. Pass the weights file itself (.pth / .safetensors)."
+        )
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
@@ -317,6 +346,14 @@ class KeyReport:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
+
+    def partial_info(self) -> dict:
+        """What an encoder's info records of this load: ``partial`` and, for a partial
+        load (``--allow-partial``), the keys that did not match."""
+        if self.ok:
+            return {"partial": False}
+        keys = {"missing": self.missing, "unexpected": self.unexpected}
+        return {"partial": True, "partial_keys": {**keys, "mismatched": self.mismatched}}
 
     def summary(self, limit: int = 10) -> str:
         parts = []

@@ -23,6 +23,7 @@ from ibot_bench.encoders.checkpoint import (
     drop_classifier,
     fingerprint,
     load_checked,
+    not_a_file,
     read_checkpoint,
     select_state_dict,
     split_head,
@@ -54,9 +55,7 @@ class EncoderScheme(ABC):
         """The encoder's fingerprint without building it: hashing the weights is all it costs."""
         path = self.weights_path(body)
         if path is not None and not Path(path).is_file():
-            raise CheckpointError(
-                f"checkpoint not found: {path}. Check the path in the encoder spec {spec!r}."
-            )
+            raise not_a_file(Path(path), spec)
         return fingerprint(spec, path)
 
     @abstractmethod
@@ -122,7 +121,7 @@ class SSLCheckpointScheme(EncoderScheme):
             "img_size": cfg.img_size,
             "ignored_keys": ignored + dropped,
             "has_head": head_state is not None,
-            "partial": not report.ok,
+            **report.partial_info(),
         }
         info = EncoderInfo(spec, cfg.name, fingerprint(spec, path), str(path), extra)
         return ViTEncoder(model, info, head_state)
@@ -233,7 +232,7 @@ def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool)
         "network": where,
         "ignored_keys": ignored + dropped,
         "pos_embed_resized": resized,
-        "partial": not report.ok,
+        **report.partial_info(),
     }
     info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
     return wrap_timm_model(model, info, head_state)
