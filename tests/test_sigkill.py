@@ -56,9 +56,11 @@ def test_suite_survives_ten_sigkills(tmp_path):
     ref_s = run([*args, "--output", str(tmp_path / "ref")], tmp_path / "cache_ref")
     rng = random.Random(0)
     out, cache = tmp_path / "killed", tmp_path / "cache_killed"
-    # the same machine's precision=auto decisions (timed, so two fresh caches could differ);
-    # the features are not shared, so the killed run still computes everything itself
-    shutil.copytree(tmp_path / "cache_ref" / "precision", cache / "precision")
+    # the same machine's precision=auto decisions, if any entry timed one (two fresh caches
+    # could differ); the features are not shared, so the killed run computes everything itself
+    decisions = tmp_path / "cache_ref" / "precision"
+    if decisions.exists():
+        shutil.copytree(decisions, cache / "precision")
     for _ in range(10):
         run([*args, "--output", str(out)], cache, kill_after=rng.uniform(1.0, ref_s))
     run([*args, "--output", str(out)], cache)
