@@ -327,6 +327,8 @@ def extract_features(
     ``encoder`` is the built encoder, or a function building it (called only on a cache
     miss); without one it is loaded from ``encoder_spec``. ``fingerprint`` is the encoder's
     when the caller already knows it (saves hashing the weights file again).
+    ``allow_partial``: the checkpoint may miss keys (``--allow-partial``); such features
+    are cached under a key of their own, so a run without the flag never reuses them.
     """
     cfg = cfg or FeatureConfig()
     check_feature_config(cfg)
@@ -361,6 +363,8 @@ def extract_features(
         "precision": precision,
         "skip_corrupt": cfg.skip_corrupt,
     }
+    if allow_partial:  # features of a partial load are not the file's: a run without the
+        key_parts["allow_partial"] = True  # flag must load the checkpoint (and refuse it)
     path = Path(cache_dir or cache_root() / "features") / cache_key(key_parts)
     rank, world_size = world()
     # a hit only if every rank has one (e.g. nodes without a shared cache folder): the

@@ -95,6 +95,7 @@ class TaskContext:
                 refresh=self.refresh_features,
                 encoder=self.encoder,
                 fingerprint=self.encoder_fingerprint(),
+                allow_partial=self.allow_partial,
                 log=self.log,
                 data=self.split(split),
             )

@@ -131,3 +131,6 @@ def test_partial_load_is_recorded_and_marked_on_the_leaderboard(tiny_imagefolder
         assert record.encoder["partial_keys"]["missing"] == ["blocks.0.attn.qkv.weight"]
     assert main(["report", str(out), "--format", "md"]) == 0
     assert "(partial load: 1 missing key(s))" in (out / "leaderboard.md").read_text()
+    # without the flag the cached features of the partial load are not used: the load refuses
+    strict = [a for a in args if a != "--allow-partial"]
+    assert main([*strict, "--output", str(tmp_path / "strict")]) == 2
