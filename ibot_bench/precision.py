@@ -30,6 +30,10 @@ SCHEMA = "ibot-bench/precision-v1"
 # a less exact precision must beat the more exact one by this factor to replace it: a tie
 # (timing noise) keeps fp32 over bf16 and bf16 (no overflow, no scaler) over fp16
 MARGIN = 1.05
+# no precision is this many times faster than another on any hardware we know (bf16 on AMX
+# vs fp32 peaks: ~16x); a larger measured ratio is a busy machine (oversubscribed threads
+# stall one precision's samples), and a decision from it must not be cached
+PLAUSIBLE_RATIO = 20.0
 # on a CPU a probe step of about this much work fills the cores and stays short (~0.5 s of
 # fp32 on 2 cores): ViT-S/16 @224 inference 5 images, the quick.yaml pretraining step 35
 CPU_PROBE_FLOP = 50e9
@@ -184,6 +188,11 @@ def measure(
     return {p: min(v) for p, v in samples.items()}
 
 
+def _plausible(seconds: Mapping[str, float]) -> bool:
+    """Whether the candidates' timings differ by at most :data:`PLAUSIBLE_RATIO`."""
+    return max(seconds.values()) <= PLAUSIBLE_RATIO * min(seconds.values())
+
+
 def _load(path: Path, key: dict, candidates: tuple[str, ...]) -> dict | None:
     """The cached entry at ``path`` if it is exactly ours and consistent, else None."""
     try:
@@ -196,6 +205,8 @@ def _load(path: Path, key: dict, candidates: tuple[str, ...]) -> dict | None:
     if not isinstance(seconds, dict) or set(seconds) != set(candidates):
         return None
     if not all(type(t) is float and math.isfinite(t) and t > 0 for t in seconds.values()):
+        return None
+    if not _plausible(seconds):  # written by a version without the check: time again
         return None
     if entry.get("choice") != decide(seconds):
         return None
@@ -273,6 +284,12 @@ def _choose_here(
     if path.exists():
         log(f"precision: ignoring the damaged or foreign cache file {path}; measuring again")
     seconds = measure(step, candidates, device)
+    if not _plausible(seconds):
+        seconds = measure(step, candidates, device)
+    if not _plausible(seconds):
+        log(f"precision: implausible timings ({_describe('fp32', seconds, hardware)}): the "
+            "machine is busy; using fp32 this time, not caching it (set precision= to force)")  # fmt: skip
+        return "fp32"
     choice = decide(seconds)
     entry = {"schema": SCHEMA, "key": full, "choice": choice, "seconds": seconds}
     try:
