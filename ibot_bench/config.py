@@ -8,12 +8,14 @@ closest valid key) and writes the resolved config next to every output.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
     GrammarParseError,
@@ -45,6 +47,60 @@ def _unknown_key_message(exc: OmegaConfBaseException, schema: type, where: str) 
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}"
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURALS = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def _field_type(schema: type, key: str) -> Any:
+    """The annotated type of dotted ``key`` in ``schema`` (None when it has none)."""
+    tp: Any = schema
+    for part in key.split("."):
+        if not (is_dataclass(tp) and isinstance(tp, type)):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _describe_type(tp: Any, key: str) -> str:
+    """``list[int]`` -> "a list of integers", ``int | None`` -> "an integer or null", ..."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        kinds = [_describe_type(a, key) for a in args if a is not type(None)]
+        return " or ".join(kinds + ["null"] * (type(None) in args))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_PLURALS.get(args[0], 'values') if args else 'values'}"
+    if is_dataclass(tp):
+        return f"a group of settings, set one by one (e.g. {key}.{fields(tp)[0].name}=...)"
+    return _TYPE_NAMES.get(tp) or getattr(tp, "__name__", "another type")
+
+
+def _bad_key(cfg: DictConfig, layer: DictConfig, prefix: str = "") -> str | None:
+    """The dotted key of ``layer`` whose value ``cfg`` refuses (OmegaConf does not always
+    name it: a scalar given for a group of settings comes without a key)."""
+    for key in layer:
+        value = layer._get_node(key)
+        try:
+            OmegaConf.merge(cfg, {key: value})
+        except (ValidationError, TypeError):
+            inner = cfg.get(key)
+            if isinstance(value, DictConfig) and isinstance(inner, DictConfig):
+                return _bad_key(inner, value, f"{prefix}{key}.") or f"{prefix}{key}"
+            return f"{prefix}{key}"
+    return None
+
+
+def _bad_value_message(cfg: DictConfig, layer: DictConfig, schema: type, where: str) -> str:
+    """A refused value's message: its key, the type expected and the value given."""
+    key = _bad_key(cfg, layer)
+    if key is None:  # not expected: every refused merge has a refused key
+        return f"a value in {where} does not match the config's types"
+    value = OmegaConf.select(layer, key)
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    expected = _describe_type(_field_type(schema, key), key)
+    return f"{key} expects {expected}, got {value!r} (in {where})"
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
@@ -99,11 +155,8 @@ def load_config(
             cfg = OmegaConf.merge(cfg, layer)
         except ConfigKeyError as exc:
             raise ConfigError(_unknown_key_message(exc, schema, where)) from exc
-        except ValidationError as exc:
-            key = getattr(exc, "full_key", "?")
-            raise ConfigError(
-                f"bad value for config key {key!r} in {where}: {exc.msg if hasattr(exc, 'msg') else exc}"
-            ) from exc
+        except (ValidationError, TypeError):  # TypeError: a mapping given for a list
+            raise ConfigError(_bad_value_message(cfg, layer, schema, where)) from None
     try:  # resolve every ${...} now: a broken one is the user's to fix, with its key
         OmegaConf.to_container(cfg, resolve=True)
     except (InterpolationResolutionError, GrammarParseError, UnsupportedInterpolationType) as exc:

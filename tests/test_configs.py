@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,21 @@ def test_shipped_names_resolve_with_or_without_folder_and_suffix():
     assert resolve_config("quick", "pretrain") == shipped_configs("pretrain")["quick"]
     with pytest.raises(ConfigError, match="not found.*pretrain: .*quick"):
         resolve_config("no_such", "pretrain")
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("ks=ten", "ks expects a list of integers, got 'ten'"),
+        ("ks=[10.5]", "ks expects a list of integers, got [10.5]"),
+        ("ks={a: 1}", "ks expects a list of integers"),
+        ("temperature=abc", "temperature expects a number, got 'abc'"),
+        ("features.img_size=x", "features.img_size expects an integer or null, got 'x'"),
+        ("features=3", "features expects a group of settings"),
+        ("features={batch_size: [1]}", "features.batch_size expects an integer, got [1]"),
+    ],
+)
+def test_wrong_value_type_names_key_and_expected_type(override, expected):
+    with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
+        load_config(eval_schema(discover_tasks().get("knn")), overrides=[override])
+    assert "command-line overrides" in str(info.value) and "Node" not in str(info.value)
