@@ -34,10 +34,10 @@ T = TypeVar("T")
 
 def _valid_keys(schema: type, prefix: str = "") -> list[str]:
     keys = []
-    for f in fields(schema):
-        keys.append(prefix + f.name)
-        if is_dataclass(f.type) and isinstance(f.type, type):
-            keys += _valid_keys(f.type, prefix + f.name + ".")
+    for name, tp in typing.get_type_hints(schema).items():  # resolves string annotations
+        keys.append(prefix + name)
+        if is_dataclass(tp) and isinstance(tp, type):
+            keys += _valid_keys(tp, prefix + name + ".")
     return keys
 
 

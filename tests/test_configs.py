@@ -109,3 +109,9 @@ def test_wrong_value_type_names_key_and_expected_type(override, expected):
     with pytest.raises(ConfigError, match="^" + re.escape(expected)) as info:
         load_config(eval_schema(discover_tasks().get("knn")), overrides=[override])
     assert "command-line overrides" in str(info.value) and "Node" not in str(info.value)
+
+
+def test_unknown_nested_key_suggests_the_nested_one():
+    """PretrainConfig's annotations are strings (postponed): its groups' keys still count."""
+    with pytest.raises(ConfigError, match="Did you mean 'optim.lr'"):
+        load_config(PretrainConfig, "smoke", ["optim.lrr=1"], kind="pretrain")
