@@ -343,11 +343,23 @@ def _cmd_features(args: argparse.Namespace) -> None:
     print(f"cache       {meta['cache_path']}")
 
 
+def _check_output(output: str) -> None:
+    """``--output`` must be a folder or a path one can be made at: a file there (or above it)
+    is refused before any work, not when the record is written."""
+    path = Path(output).expanduser()
+    taken = next((p for p in (path, *path.parents) if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise UserError(
+            f"--output {output}: {taken} is a file, not a folder; give a new or existing folder"
+        )
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from ibot_bench.display_names import split_named
     from ibot_bench.evaluate import run_eval
 
     _only_one(args)
+    _check_output(args.output)
     name, spec = split_named(args.encoder)
     record = run_eval(
         args.task,
@@ -417,6 +429,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, overrides)
     profile = load_profile(args.profile)
     output = args.output or f"results/{suite.name}"
+    _check_output(output)
     name_encoders(args.encoder)  # two encoders given one name: refused before anything starts
     if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
         return launched

@@ -155,3 +155,19 @@ def test_record_json_is_valid_and_complete(capsys, tmp_path, tiny_imagefolder):
         assert key in rec
     assert rec["protocol"] == "cluster-kmeans" and set(rec["metrics"]) >= {"nmi", "ari", "acc"}
     assert len(rec["encoder"]["fingerprint"]) == 64 and rec["dataset"]["fingerprint"]
+
+
+@pytest.mark.parametrize("command", ["eval", "run"])
+def test_output_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, monkeypatch, command):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr("ibot_bench.evaluate.run_eval", no_work)
+    monkeypatch.setattr("ibot_bench.suites.run_suite", no_work)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("")
+    args = ["knn", "--data", "synthetic:shapes"] if command == "eval" else ["--suite", "smoke"]
+    for output in (taken, taken / "sub"):
+        code, _, err = run(capsys, command, *args, "--encoder", "random:vit_tiny_patch8",
+                           "--output", str(output))  # fmt: skip
+        assert code == 2 and f"{taken} is a file, not a folder" in err
