@@ -2,8 +2,8 @@
 
 One JSON file per (encoder, task, dataset, protocol), written atomically under
 ``<output>/records/``. Readers validate each file against the schema (every field's type
-and shape, finite metrics, a parseable timestamp) and report corrupt ones instead of
-failing: :func:`read_records` returns them as ``(path, reason)``.
+and shape, finite metrics within the range each can take, a parseable timestamp) and report
+corrupt ones instead of failing: :func:`read_records` returns them as ``(path, reason)``.
 
 Timestamps are ISO-8601 with a UTC offset (written in UTC); a timestamp without an
 offset is read as UTC. :func:`parse_timestamp` turns one into an aware UTC datetime, so
@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -206,10 +207,38 @@ def _check_object(
             check(f"{where}[{key!r}]", value[key])
 
 
+# Metrics the tasks record in percent: accuracies (top-1/5 in every task, Hungarian acc,
+# mAcc, aAcc), NMI, FMI and mIoU lie in [0, 100]; ARI and AMI (chance-adjusted) and COCO AP
+# (-100 where COCO has no ground truth) may be negative. Others (best_k, best_epoch) are counts.
+_PERCENT = re.compile(r"(?:^|_)(?:top[15]|acc|macc|aacc|nmi|fmi|miou)(?:_|$)")
+_AT_MOST_100 = re.compile(r"(?:^|_)(?:ari|ami|ap(?:50|75)?)$")
+
+
+def _metric_bounds(name: str) -> tuple[float, float] | None:
+    """The range a recorded metric can lie in (None: unbounded); ``<m>_std`` and
+    ``<m>_seed<i>`` follow ``<m>`` (a spread of values in [0, 100] is within it too)."""
+    base, is_std = re.subn(r"_std$", "", name)
+    base = re.sub(r"_seed\d+$", "", base)
+    if _PERCENT.search(base):
+        return 0.0, 100.0
+    if is_std:
+        return 0.0, math.inf
+    if _AT_MOST_100.search(base):
+        return -math.inf, 100.0
+    return None
+
+
 def _check_metrics(where: str, value: Any) -> None:
     _check_object(where, value)
     for name, number in value.items():
         _check_number(f"{where}[{_short(name)}]", number)
+        bounds = _metric_bounds(name)
+        if bounds is not None and not bounds[0] <= number <= bounds[1]:
+            low, high = (f"{b:g}" for b in bounds)
+            raise RecordError(
+                f"{where}[{_short(name)}] is {_short(number)}, outside [{low}, {high}], "
+                "the range this metric can take"
+            )
 
 
 def _check_config(where: str, value: Any) -> None:

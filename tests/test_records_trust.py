@@ -57,6 +57,14 @@ CORRUPT = {
     "metric_inf": (_with(metrics={"top1": -math.inf}), "got a number -inf"),
     "metric_huge_int": (_with(metrics={"top1": 10**400}), "metrics['top1']"),
     "metrics_list": (_with(metrics=[1, 2]), "metrics must be an object, got a list"),
+    "metric_over_100": (
+        _with(metrics={"top1": 1875.0}),
+        "metrics['top1'] is 1875.0, outside [0, 100]",
+    ),
+    "metric_negative": (_with(metrics={"knn_top1_k20": -0.5}), "outside [0, 100]"),
+    "metric_seed_over_100": (_with(metrics={"nmi_seed1": 100.5}), "outside [0, 100]"),
+    "ari_over_100": (_with(metrics={"ari": 101.0}), "outside [-inf, 100]"),
+    "std_negative": (_with(metrics={"best_k_std": -1.0}), "outside [0, inf]"),
     "encoder_text": (_with(encoder="x"), "encoder must be an object, got a string 'x'"),
     "encoder_no_spec": (_with(encoder={"fingerprint": "f"}), "encoder lacks 'spec'"),
     "encoder_spec_number": (_with(encoder={"spec": 3}), "encoder['spec'] must be a string"),
@@ -110,6 +118,17 @@ def test_read_records_skips_every_corrupt_record_with_its_reason(tmp_path):
     assert set(reasons) == set(CORRUPT)
     for name, (_, fragment) in CORRUPT.items():
         assert fragment in reasons[name], (name, reasons[name])
+
+
+def test_metrics_that_may_be_negative_or_above_100_are_read(tmp_path):
+    """Chance-adjusted scores and COCO's "no ground truth" AP go below 0; counts above 100."""
+    metrics = {"ari": -12.5, "ami": -0.3, "bbox_ap": -100.0, "segm_ap50": 0.0, "best_k": 200.0,
+               "best_epoch": 300.0, "top1": 100.0, "top1_std": 0.0, "best_k_std": 150.0}  # fmt: skip
+    _record("good").write(tmp_path)
+    path = next((tmp_path / "records").glob("*.json"))
+    path.write_text(json.dumps({**_valid(), "metrics": metrics}))
+    records, errors = read_records(tmp_path)
+    assert not errors and records[0].metrics == metrics
 
 
 def test_oversized_record_is_skipped(tmp_path, monkeypatch):
