@@ -155,7 +155,8 @@ def cls_feature(fs: FeatureSet) -> dict:
     return {"variant": "cls", "source": feature_layout(fs)["cls"]}
 
 
-ARRAYS = ("cls", "patch_mean", "cls_last_n", "labels")
+FEATURE_ARRAYS = ("cls", "patch_mean", "cls_last_n")  # float32 (N, D) each
+ARRAYS = (*FEATURE_ARRAYS, "labels")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -182,12 +183,18 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _all_finite(array: np.ndarray, rows: int = 65536) -> bool:
+    """No NaN or inf in ``array`` (a memory map: read ``rows`` rows at a time)."""
+    return all(np.isfinite(array[i : i + rows]).all() for i in range(0, len(array), rows))
+
+
 def _load_cached(path: Path, key_parts: dict) -> FeatureSet | None:
     """The cache entry at ``path``, or None when it is missing, foreign or damaged.
 
     Everything is checked before use: the key recorded in ``meta.json``, plain (unpickled)
-    float/int arrays of one length, names for every row. A damaged or planted entry is a
-    miss (it is then rewritten), never an error deep inside a task.
+    float/int arrays of one length, finite features (extraction never caches NaN or inf, so
+    one in the file is damage, not the encoder's), names for every row. A damaged or planted
+    entry is a miss (it is then rewritten), never an error deep inside a task.
     """
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -200,7 +207,8 @@ def _load_cached(path: Path, key_parts: dict) -> FeatureSet | None:
             meta.get("key") == json.loads(json.dumps(key_parts, default=str))
             and len(meta["sample_names"]) == n
             and all(a.dtype.kind in "fiu" and len(a) == n for a in arrays.values())
-            and all(arrays[name].ndim == 2 for name in ("cls", "patch_mean", "cls_last_n"))
+            and all(arrays[name].ndim == 2 for name in FEATURE_ARRAYS)
+            and all(_all_finite(arrays[name]) for name in FEATURE_ARRAYS)
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -374,7 +382,10 @@ def extract_features(
         log(f"features: cache hit {path}")
         return cached
     if cached is None and not refresh and path.exists() and rank == 0:
-        log(f"features: the cache entry {path} is damaged or foreign; recomputing it")
+        log(
+            f"features: the cache entry {path} is damaged (unreadable, truncated or not finite) "
+            "or foreign; recomputing it"
+        )
 
     if rank == 0:  # fail before the expensive part, not after it
         shutil.rmtree(_make_temp_dir(path))
@@ -412,7 +423,7 @@ def extract_features(
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = encoder.forward_features(x, n_last_blocks=n_last_blocks)
             local = row_idx - rows.start
-            for name in ("cls", "patch_mean", "cls_last_n"):
+            for name in FEATURE_ARRAYS:
                 value = feats[name].float().cpu()
                 if name not in out:
                     out[name] = torch.zeros((n, value.shape[1]), dtype=torch.float32)

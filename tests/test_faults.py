@@ -88,17 +88,30 @@ def test_bad_yaml_interpolation_and_patch_size(tmp_path, capsys):
 CFG = FeatureConfig(img_size=32, batch_size=8, num_workers=0, precision="fp32")
 
 
-def extract(spec: str, cache: Path):
+def extract(spec: str, cache: Path, log=lambda _m: None):
     return extract_features("random:vit_tiny_patch8", spec, "val", CFG, cache_dir=cache,
-                            progress=False, log=lambda _m: None)  # fmt: skip
+                            progress=False, log=log)  # fmt: skip
 
 
-@pytest.mark.parametrize("damage", ["truncate", "pickle", "meta", "foreign", "directory"])
+def _poke(entry: Path, name: str, value: float) -> None:
+    """Write ``value`` into the first cell of the cached array ``name``."""
+    array = np.load(entry / f"{name}.npy")
+    array[0, 0] = value
+    np.save(entry / f"{name}.npy", array)
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate", "pickle", "meta", "foreign", "directory", "nan", "inf"]
+)
 def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, tmp_path):
     spec = f"imagefolder:{tiny_imagefolder}"
     first = extract(spec, tmp_path)
     entry = Path(first.meta["cache_path"])
-    if damage == "truncate":
+    if damage == "nan":  # extraction never caches a NaN: the file is damaged, not the encoder
+        _poke(entry, "cls", np.nan)
+    elif damage == "inf":
+        _poke(entry, "cls_last_n", -np.inf)
+    elif damage == "truncate":
         (entry / "cls.npy").write_bytes((entry / "cls.npy").read_bytes()[:100])
     elif damage == "pickle":  # an object array: loading it would unpickle
         np.save(entry / "labels.npy", np.array([object()] * len(first), dtype=object))
@@ -109,8 +122,10 @@ def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, t
     else:
         (entry / "cls.npy").unlink()
         (entry / "cls.npy").mkdir()
-    again = extract(spec, tmp_path)
+    logs: list[str] = []
+    again = extract(spec, tmp_path, logs.append)
     assert not again.meta["cache_hit"]  # recomputed, not trusted
+    assert any(f"cache entry {entry} is damaged" in line for line in logs), logs
     np.testing.assert_array_equal(again.cls, first.cls)
     assert extract(spec, tmp_path).meta["cache_hit"]  # and rewritten
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
