@@ -563,12 +563,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int | None:
 def _cmd_config(args: argparse.Namespace) -> None:
     from omegaconf import OmegaConf
 
-    from ibot_bench.config import load_config
-    from ibot_bench.evaluate import eval_schema
+    from ibot_bench.evaluate import load_task_config
     from ibot_bench.tasks import discover_tasks
 
     task = discover_tasks().get(args.task)
-    cfg = load_config(eval_schema(task), args.config, args.overrides, kind="tasks")
+    cfg = load_task_config(task, args.config, args.overrides)
     print(f"# {task.name}: defaults <- {args.config or 'no file'} <- overrides")
     print(OmegaConf.to_yaml(cfg, resolve=True), end="")
 

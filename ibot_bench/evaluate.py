@@ -29,6 +29,7 @@ from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.errors import ConfigError
 from ibot_bench.features import FeatureConfig, FeatureSet, check_feature_config
 from ibot_bench.records import ResultRecord, config_hash, mean_std
+from ibot_bench.resources import config_dir, resolve_config, shipped_configs
 from ibot_bench.runtime import resolve_device
 from ibot_bench.tasks import (
     TaskContext,
@@ -47,6 +48,39 @@ def eval_schema(task: TaskDef) -> type:
     ]
     name = f"{task.config_cls.__name__}Eval"
     return dataclasses.make_dataclass(name, extra, bases=(task.config_cls,))
+
+
+def config_task(stem: str) -> str | None:
+    """The task a shipped task config is for, by its name: the longest task name it starts
+    with (``semi_finetune_quick`` -> ``semi-finetune``); None if it starts with none."""
+    stem = stem.replace("_", "-")
+    names = [n for n in discover_tasks().names() if stem == n or stem.startswith(n + "-")]
+    return max(names, key=len, default=None)
+
+
+def check_config_task(task: TaskDef, config_path: str | Path | None) -> None:
+    """A shipped config of another task is refused with the command it belongs to (its keys
+    would read as unknown ones); a user's own file is not judged by its name."""
+    if config_path is None:
+        return
+    path = resolve_config(config_path, "tasks")
+    if path.resolve().parent != (config_dir() / "tasks").resolve():
+        return
+    owner = config_task(path.stem)
+    if owner is None or owner == task.name:
+        return
+    own = [stem for stem in shipped_configs("tasks") if config_task(stem) == task.name]
+    raise ConfigError(
+        f"the shipped config {path.stem} is for task {owner}, not {task.name}: run "
+        f"`ibot-bench eval {owner} --config {path.stem} ...`; shipped configs of {task.name}: "
+        f"{', '.join(own) or f'none (its defaults: ibot-bench config show {task.name})'}"
+    )
+
+
+def load_task_config(task: TaskDef, config_path: str | Path | None, overrides: Iterable[str]):
+    """The task's validated config (:func:`eval_schema`): defaults <- file <- overrides."""
+    check_config_task(task, config_path)
+    return load_config(eval_schema(task), config_path, overrides, kind="tasks")
 
 
 @dataclasses.dataclass
@@ -92,7 +126,7 @@ def plan_eval(
 ) -> EvalPlan:
     """Resolve the task and its config (validated) without touching model or data."""
     task = discover_tasks().get(task_name)
-    cfg = load_config(eval_schema(task), config_path, overrides, kind="tasks")
+    cfg = load_task_config(task, config_path, overrides)
     features = FeatureConfig(**to_dict(cfg.features))
     check_feature_config(features)
     check_feature_needs(task, cfg, features)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from ibot_bench.cli import main
 from ibot_bench.config import load_config
 from ibot_bench.errors import ConfigError
-from ibot_bench.evaluate import eval_schema
+from ibot_bench.evaluate import config_task, eval_schema
 from ibot_bench.pretrain.config import PretrainConfig
 from ibot_bench.resources import resolve_config, shipped_configs
 from ibot_bench.suites import load_suite
@@ -22,10 +22,9 @@ TASK_CONFIGS = list(shipped_configs("tasks").values())
 
 def task_for(path: Path) -> str:
     """The task a config file belongs to: the longest task name its stem starts with."""
-    stem = path.stem.replace("_", "-")
-    names = [n for n in discover_tasks().names() if stem == n or stem.startswith(n + "-")]
-    assert names, f"{path.name} matches no registered task"
-    return max(names, key=len)
+    name = config_task(path.stem)
+    assert name, f"{path.name} matches no registered task"
+    return name
 
 
 @pytest.mark.parametrize("path", TASK_CONFIGS, ids=lambda p: p.name)
@@ -115,3 +114,19 @@ def test_unknown_nested_key_suggests_the_nested_one():
     """PretrainConfig's annotations are strings (postponed): its groups' keys still count."""
     with pytest.raises(ConfigError, match="Did you mean 'optim.lr'"):
         load_config(PretrainConfig, "smoke", ["optim.lrr=1"], kind="pretrain")
+
+
+@pytest.mark.parametrize(
+    "args, config, owner",
+    [
+        (["eval", "knn", "--encoder", "random:vit_tiny_patch8", "--data", "digits"],
+         "finetune_quick", "finetune"),
+        (["config", "show", "semi"], "tasks/semi_finetune_quick.yaml", "semi-finetune"),
+    ],
+)  # fmt: skip
+def test_shipped_config_of_another_task_names_its_task(capsys, args, config, owner):
+    assert main([*args, "--config", config]) == 2
+    err = capsys.readouterr().err
+    task = "knn" if args[0] == "eval" else "semi"
+    assert f"is for task {owner}, not {task}" in err and "unknown config key" not in err
+    assert f"ibot-bench eval {owner} --config" in err
