@@ -122,8 +122,18 @@ def test_read_records_skips_every_corrupt_record_with_its_reason(tmp_path):
 
 def test_metrics_that_may_be_negative_or_above_100_are_read(tmp_path):
     """Chance-adjusted scores and COCO's "no ground truth" AP go below 0; counts above 100."""
-    metrics = {"ari": -12.5, "ami": -0.3, "bbox_ap": -100.0, "segm_ap50": 0.0, "best_k": 200.0,
-               "best_epoch": 300.0, "top1": 100.0, "top1_std": 0.0, "best_k_std": 150.0}  # fmt: skip
+    metrics = {
+        "ari": -12.5,
+        "ami": -0.3,
+        "bbox_ap": -100.0,
+        "segm_ap50": 0.0,
+        "best_k": 200.0,
+        "best_epoch": 300.0,
+        "top1": 100.0,
+        "top1_std": 0.0,
+        "best_k_std": 150.0,
+        "nmi": 100.00000000000001,
+    }  # fmt: skip  (a perfect NMI, rounded above 100)
     _record("good").write(tmp_path)
     path = next((tmp_path / "records").glob("*.json"))
     path.write_text(json.dumps({**_valid(), "metrics": metrics}))
