@@ -21,8 +21,8 @@ EXAMPLES = {
     "list": "ibot-bench list",
     "data": "ibot-bench data synth ./synth --classes 10 --size 64",
     "features": "ibot-bench features --encoder random:vit_tiny_patch8 --data synthetic:shapes "
-    "--split val features.precision=fp32 features.batch_size=128",
-    "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet k=[10,20]\n"
+    "--split val features.precision=auto features.batch_size=128",
+    "eval": "ibot-bench eval knn --encoder ibot:out/checkpoint.pth --data imagefolder:/data/imagenet ks=[10,20]\n"
     "  ibot-bench eval detection --encoder ibot:out/checkpoint.pth --data coco:/data/coco --output results/det",
     "version": "ibot-bench version",
     "run": "ibot-bench run --suite quick --encoder ours=ibot:out/checkpoint.pth --encoder random:vit_small\n"
