@@ -41,7 +41,10 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, sizes=(2048, 4096)) -> float:
-    """FLOP/s of the best n^3 matmul over ``sizes`` (each best of 3), in ``dtype``."""
+    """FLOP/s of the best n^3 matmul over ``sizes`` (each best of 3), in ``dtype``; a GPU
+    also tries 8192^3, the size its peak needs."""
+    if device.type == "cuda":
+        sizes = (*sizes, 8192)
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -88,6 +91,20 @@ def real_batch(trainer: Trainer, epoch: int) -> tuple:
     """One batch from the project's data path: uint8 multi-crops and block masks."""
     trainer.dataset.epoch = epoch
     return trainer.loader.collate_fn([trainer.dataset[i] for i in range(trainer.batch)])
+
+
+def augmented(trainer: Trainer, batch: tuple) -> tuple:
+    """``batch`` with its views already made, and ``trainer`` set to take such batches.
+
+    With ``augment=batched`` on a GPU the loader yields uint8 images and the step makes the
+    crops on the device; a comparison with the reference, whose crops come from its loader,
+    gives both the same finished crops instead."""
+    if trainer.device_augment is None:
+        return batch
+    images, masks, labels = batch
+    views = trainer.device_augment(images.to(trainer.device))
+    trainer.device_augment = None
+    return views, masks, labels
 
 
 def data_seconds(trainer: Trainer, epoch: int) -> float:

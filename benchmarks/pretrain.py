@@ -26,9 +26,13 @@ import ibot_step as bs
 import torch
 
 
-def measure(case: str, precision: str, steps: int, out: Path, device: str = "cpu") -> dict:
-    """Median step seconds, FLOPs, MFU and phase seconds of one case in one precision."""
-    trainer = bs.make_trainer(case, precision, out, device)
+def measure(
+    case: str, precision: str, steps: int, out: Path, device: str = "cpu", batch_size: int = 0
+) -> dict:
+    """Median step seconds, FLOPs, MFU and phase seconds of one case in one precision
+    (``batch_size`` 0: the case's own batch)."""
+    extra = [f"optim.batch_size={batch_size}"] if batch_size else []
+    trainer = bs.make_trainer(case, precision, out, device, extra)
     epoch = bs.training_epoch(trainer)
     step = bs.stepper(trainer, bs.real_batch(trainer, epoch), epoch)
     step()  # warm-up
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: the case's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +98,7 @@ def main() -> None:
         for name in args.cases:
             for precision in args.precisions:
                 out = Path(tmp) / f"{name}_{precision}"
-                results.append(measure(name, precision, args.steps, out, args.device))
+                results.append(measure(name, precision, args.steps, out, args.device, args.batch))
     print(
         "| case | precision | s/step | img/s | GFLOP/img | GFLOP/s | peak GFLOP/s (same precision) "
         "| MFU |\n|---|---|---|---|---|---|---|---|"

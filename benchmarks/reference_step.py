@@ -187,15 +187,21 @@ def compare(
     steps: int,
     out: Path,
     compile_ours: bool = False,
+    device: str = "cpu",
+    batch_size: int = 0,
 ) -> dict[str, Any]:
     """Alternating ours/reference steps; medians, ratio (reference time / ours) and MFUs.
     ``compile_ours``: our transformer blocks under ``torch.compile`` (``compile=true``); the first
-    step's time, compilation included, is reported as ``first_s``."""
-    trainer = bs.make_trainer(case, precision, out, extra=["compile=true"] if compile_ours else [])
+    step's time, compilation included, is reported as ``first_s``. ``batch_size`` 0 keeps the
+    case's batch."""
+    extra = ["compile=true"] if compile_ours else []
+    if batch_size:
+        extra.append(f"optim.batch_size={batch_size}")
+    trainer = bs.make_trainer(case, precision, out, device, extra)
     reference = ReferenceStep(ref, trainer)
     epoch = bs.training_epoch(trainer)
     it = epoch * trainer.iters_per_epoch
-    batch = bs.real_batch(trainer, epoch)
+    batch = bs.augmented(trainer, bs.real_batch(trainer, epoch))
     ours = bs.stepper(trainer, batch, epoch)
 
     def theirs() -> float:
@@ -231,11 +237,13 @@ def compare(
     return row
 
 
-def agree(ref: types.SimpleNamespace, case: str, steps: int, out: Path) -> float:
+def agree(
+    ref: types.SimpleNamespace, case: str, steps: int, out: Path, device: str = "cpu"
+) -> float:
     """Largest relative loss difference over ``steps`` fp32 steps of ours and the reference,
     both from our initial weights and centers, on the same consecutive batches. Without
     stochastic depth: the two draw it from different random streams."""
-    trainer = bs.make_trainer(case, "fp32", out, extra=["model.drop_path=0.0"])
+    trainer = bs.make_trainer(case, "fp32", out, device, extra=["model.drop_path=0.0"])
     reference = ReferenceStep(ref, trainer)
     reference.student.load_state_dict(trainer.student.state_dict())
     reference.teacher.load_state_dict(trainer.teacher.state_dict(), strict=False)
@@ -244,11 +252,13 @@ def agree(ref: types.SimpleNamespace, case: str, steps: int, out: Path) -> float
     epoch = bs.training_epoch(trainer)
     trainer.dataset.epoch = epoch
     monitor = ClusterMonitor()
+    augment = trainer.device_augment
     worst = 0.0
     for step in range(steps):
         first = step * trainer.batch
         items = [trainer.dataset[(first + i) % len(trainer.dataset)] for i in range(trainer.batch)]
-        batch = trainer.loader.collate_fn(items)
+        trainer.device_augment = augment
+        batch = bs.augmented(trainer, trainer.loader.collate_fn(items))
         it = epoch * trainer.iters_per_epoch + step
         ours = trainer._step(batch, it, epoch, monitor)["loss"]
         theirs = reference.step(batch, it, epoch)
@@ -303,6 +313,8 @@ def main() -> None:
         action="store_true",
         help="our transformer blocks under torch.compile (compile=true)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: the case's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,13 +322,13 @@ def main() -> None:
     if args.agree:
         with tempfile.TemporaryDirectory() as tmp:
             for case in args.cases:
-                worst = agree(ref, case, args.agree, Path(tmp) / case)
+                worst = agree(ref, case, args.agree, Path(tmp) / case, args.device)
                 verdict = "agree" if worst <= 1e-5 else "DISAGREE"
                 print(f"{case}: largest relative loss difference {worst:.1e}: {verdict}")
                 if worst > 1e-5:
                     raise SystemExit(1)
         return
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         "| case | precision | ours s/step | reference s/step | ratio | MFU ours | MFU reference "
         "| GFLOP ours / reference |\n|---|---|---|---|---|---|---|---|"
@@ -332,6 +344,8 @@ def main() -> None:
                     args.steps,
                     Path(tmp) / f"{case}_{precision}",
                     args.compile,
+                    args.device,
+                    args.batch,
                 )
                 print(
                     f"| {r['case']} | {precision} | {r['ours_s']:.3f} | {r['ref_s']:.3f} | "
