@@ -251,8 +251,13 @@ class ViTEncoder(Encoder):
         """
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
+            p = self.patch_size
+            side = max(h, w)
+            lower, upper = max(p, side // p * p), -(-side // p) * p
             raise UserError(
-                f"input size {h}x{w} is not divisible by the patch size {self.patch_size}"
+                f"input size {h}x{w} is not divisible by the patch size {p} of this encoder; "
+                f"use a multiple of {p}, e.g. {lower} or {upper} (features.img_size for "
+                "the frozen tasks, img_size for finetune)"
             )
         dense = check_blocks(n_last_blocks, dense_blocks, self.num_blocks)
         last = list(range(self.num_blocks - n_last_blocks, self.num_blocks))
