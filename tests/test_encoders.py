@@ -257,6 +257,36 @@ def test_timm_cnn_from_file(tmp_path):
         enc.require_plain_vit("segmentation")
 
 
+@pytest.mark.parametrize("window", [7, 14])
+def test_timm_swin_in_the_official_layout(tmp_path, window):
+    """iBOT's Swin-T releases (windows 7 and 14) keep the official Swin layout (a stage's
+    downsampling at its end, the classifier as ``head``) inside an iBOT checkpoint; timm's
+    own converter maps it, and the window comes from the weights."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", window_size=window).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    official = {}
+    for key, value in model.state_dict().items():
+        stage = key.split(".")[1] if key.startswith("layers.") else None
+        if stage is not None and ".downsample." in key:
+            key = key.replace(f"layers.{stage}.", f"layers.{int(stage) - 1}.", 1)
+        official[key.replace("head.fc.", "head.")] = value
+    assert "layers.0.downsample.reduction.weight" in official
+    path = tmp_path / "ibot_swin.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in official.items()}}, path)
+    enc = load_encoder(f"timm:swin_tiny_patch4_window7_224:{path}")
+    assert enc.info.extra["converted_by"].endswith("swin_transformer.checkpoint_filter_fn")
+    assert enc.info.extra.get("window_size", 7) == window
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(enc.forward_features(x)["cls"], expected)
+    with pytest.raises(CheckpointError, match="timm:swin_tiny_patch4_window7_224:PATH"):
+        load_encoder(f"ibot:{path}")
+
+
 def test_timm_pretrained_only_from_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -280,6 +310,11 @@ def test_wrong_architecture(ckpt_dir, tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), path)
     with pytest.raises(CheckpointError, match="timm:NAME:PATH"):
         load_encoder(f"ibot:{path}")
+    # DINO's ResNet-50 release: torchvision keys, named as such
+    resnet50 = {f"layer3.{i}.conv1.weight": torch.zeros(1) for i in range(6)}
+    torch.save({**resnet50, "layer4.0.conv3.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="timm:resnet50:PATH"):
+        load_encoder(f"dino:{path}")
 
 
 def test_partial_load(tmp_path, nets, capsys):

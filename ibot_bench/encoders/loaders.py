@@ -8,8 +8,12 @@ scheme looks at a spec's body.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
@@ -146,6 +150,47 @@ def _classifier_names(model: nn.Module) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
+def _swin_window(name: str, state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{"window_size": W}`` for Swin (v1) weights trained with another window than the
+    name's (iBOT's Swin-T/14 release: window 14), read off the first block's relative
+    position table ((2W - 1)^2 rows); else ``{}``. Resizing that table instead would give
+    a different model."""
+    table = state.get("layers.0.blocks.0.attn.relative_position_bias_table")
+    if table is None or not name.startswith("swin_"):
+        return {}
+    window = (round(math.sqrt(table.shape[0])) + 1) // 2
+    match = re.search(r"window(\d+)", name)
+    return {} if match and int(match.group(1)) == window else {"window_size": window}
+
+
+def _timm_layout(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``state`` in ``model``'s key layout, and the converter used (None: already in it).
+
+    Weights saved by a model family's original code (the official Swin layout of iBOT's
+    Swin-T releases: downsampling at the end of a stage) go through timm's own
+    ``checkpoint_filter_fn`` for that family, kept only if it matches the model better.
+    """
+
+    def mismatch(keys) -> int:
+        own = set(model.state_dict())
+        return len(own ^ set(keys))
+
+    before = mismatch(state)
+    module = sys.modules.get(type(model).__module__)
+    convert = getattr(module, "checkpoint_filter_fn", None)
+    if before == 0 or convert is None:
+        return state, None
+    try:
+        converted = convert(dict(state), model)
+    except Exception:  # a converter for other layouts: keep the keys as they are
+        return state, None
+    if mismatch(converted) >= before:
+        return state, None
+    return dict(converted), f"{module.__name__}.checkpoint_filter_fn"
+
+
 def _fit_pos_embed(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     """Resize a checkpoint's ViT ``pos_embed`` to the model's grid (bicubic); True if resized."""
     pos, target = state.get("pos_embed"), getattr(model, "pos_embed", None)
@@ -217,8 +262,10 @@ def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool)
     """timm model ``name`` with the backbone weights of checkpoint ``path`` (checked)."""
     obj = read_checkpoint(path)
     state, where = select_state_dict(obj, path=path)
-    model = create_timm_model(name)
     backbone, head_state, ignored = split_head(strip_prefixes(state))
+    model_kwargs = _swin_window(name, backbone)
+    model = create_timm_model(name, **model_kwargs)
+    backbone, converter = _timm_layout(model, backbone)
     backbone, dropped = drop_classifier(backbone, _classifier_names(model))
     resized = _fit_pos_embed(model, backbone)
     report = load_checked(
@@ -230,9 +277,15 @@ def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool)
     )
     extra = {
         "network": where,
+        **({"converted_by": converter} if converter else {}),
+        **model_kwargs,
         "ignored_keys": ignored + dropped,
         "pos_embed_resized": resized,
         **report.partial_info(),
     }
+    if converter or model_kwargs:
+        how = [f"converted by {converter}"] if converter else []
+        how += [f"{k} {v} (from the weights)" for k, v in model_kwargs.items()]
+        print(f"[ibot-bench] {name} from {path}: {', '.join(how)}", file=sys.stderr)
     info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
     return wrap_timm_model(model, info, head_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import timm
@@ -82,13 +83,16 @@ def check_model_name(name: str) -> None:
     raise UserError(f"timm does not know the model {name!r}.{hint} See timm.list_models().")
 
 
-def create_timm_model(name: str) -> nn.Module:
-    """An uninitialised-weights timm model without classifier; ViTs accept any input size."""
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """An uninitialised-weights timm model without classifier; ViTs accept any input size.
+    ``kwargs`` (e.g. a Swin's ``window_size``) go to ``timm.create_model``."""
     check_model_name(name)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        return timm.create_model(
+            name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs
+        )
     except TypeError:  # not a ViT: no dynamic_img_size argument
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
 def find_cached_weights(name: str) -> Path | None:

@@ -138,6 +138,17 @@ def build_vit(cfg: ViTConfig, pos_embed_interp: PosInterp = "dino_offset") -> Ib
     return IbotVisionTransformer(**vit_kwargs(cfg), pos_embed_interp=pos_embed_interp)
 
 
+def _timm_hint(state: Mapping[str, torch.Tensor]) -> str:
+    """A timm name for weights of a well-known non-ViT layout (DINO's and iBOT's releases)."""
+    if "layer4.0.conv3.weight" in state:  # torchvision ResNet-50 (DINO's ResNet-50 release)
+        blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layer3."))
+        name = {6: "resnet50", 23: "resnet101", 36: "resnet152"}.get(blocks, "resnet50")
+        return f", e.g. timm:{name}:PATH (these are ResNet weights)"
+    if any(k.startswith("layers.") and ".attn.relative_position" in k for k in state):
+        return ", e.g. timm:swin_tiny_patch4_window7_224:PATH (these are Swin weights)"
+    return ""
+
+
 def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> ViTConfig:
     """Read a ViT's shape off its (prefix-stripped) weights; ``args`` only names the heads.
 
@@ -151,7 +162,7 @@ def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any])
         raise CheckpointError(
             f"the weights do not look like an iBOT/DINO ViT{hint}: missing "
             f"{[k for k in needed if k not in state]} (keys start with {sorted(state)[:5]}). "
-            "For other architectures use timm:NAME:PATH."
+            f"For other architectures use timm:NAME:PATH{_timm_hint(state)}."
         )
     dim = state["cls_token"].shape[-1]
     proj = state["patch_embed.proj.weight"]
