@@ -182,9 +182,63 @@ def _check_pair(values: list[float], key: str) -> None:
         raise ConfigError(f"{key} must be [low, high] with 0 < low <= high, got {list(values)}")
 
 
+def _check_ranges(cfg: PretrainConfig) -> None:
+    """Numbers outside the range where they mean anything: each key, its range, the value."""
+    c, o, m, lc, h = cfg.crops, cfg.optim, cfg.mask, cfg.loss, cfg.head
+    unit = "in [0, 1]"
+    checks = [
+        ("model.patch_size", cfg.model.patch_size, cfg.model.patch_size >= 1, ">= 1"),
+        ("model.drop_path", cfg.model.drop_path, 0 <= cfg.model.drop_path < 1, "in [0, 1)"),
+        ("head.hidden_dim", h.hidden_dim, h.hidden_dim >= 1, ">= 1"),
+        ("head.bottleneck_dim", h.bottleneck_dim, h.bottleneck_dim >= 1, ">= 1"),
+        ("crops.local_number", c.local_number, c.local_number >= 0, ">= 0"),
+        ("crops.flip_p", c.flip_p, 0 <= c.flip_p <= 1, unit),
+        ("crops.color_jitter_p", c.color_jitter_p, 0 <= c.color_jitter_p <= 1, unit),
+        ("crops.grayscale_p", c.grayscale_p, 0 <= c.grayscale_p <= 1, unit),
+        ("optim.momentum_teacher", o.momentum_teacher, 0 <= o.momentum_teacher <= 1, unit),
+        ("optim.momentum_teacher_end", o.momentum_teacher_end, 0 <= o.momentum_teacher_end <= 1, unit),
+        ("optim.warmup_epochs", o.warmup_epochs, o.warmup_epochs >= 0, ">= 0"),
+        ("optim.freeze_last_layer", o.freeze_last_layer, o.freeze_last_layer >= 0, ">= 0"),
+        ("optim.clip_grad", o.clip_grad, o.clip_grad >= 0, ">= 0 (0: no clipping)"),
+        ("loss.center_momentum", lc.center_momentum, 0 <= lc.center_momentum <= 1, unit),
+        ("loss.center_momentum2", lc.center_momentum2, 0 <= lc.center_momentum2 <= 1, unit),
+        ("loss.warmup_teacher_temp_epochs", lc.warmup_teacher_temp_epochs,
+         lc.warmup_teacher_temp_epochs >= 0, ">= 0"),
+        ("mask.pred_start_epoch", m.pred_start_epoch, m.pred_start_epoch >= 0, ">= 0"),
+        ("num_workers", cfg.num_workers, cfg.num_workers >= -1, ">= 0 (or -1: automatic)"),
+        ("save_every_iters", cfg.save_every_iters, cfg.save_every_iters >= 0, ">= 0 (0: per epoch)"),
+        ("saveckp_freq", cfg.saveckp_freq, cfg.saveckp_freq >= 0, ">= 0 (0: no snapshots)"),
+        ("max_iters", cfg.max_iters, cfg.max_iters >= 0, ">= 0 (0: no limit)"),
+        ("crops.blur_sigma", c.blur_sigma, max(c.blur_sigma, default=0) <= 100,
+         "<= 100 px (the paper's is [0.1, 2.0] at 224 px)"),
+    ]  # fmt: skip
+    for key in ("lambda1", "lambda2"):
+        value = getattr(lc, key)
+        checks.append((f"loss.{key}", value, math.isfinite(value) and value >= 0, ">= 0"))
+    for key in ("student_temp", "warmup_teacher_temp", "teacher_temp",
+                "warmup_teacher_patch_temp", "teacher_patch_temp"):  # fmt: skip
+        value = getattr(lc, key)
+        checks.append((f"loss.{key}", value, math.isfinite(value) and value > 0, "> 0"))
+    for key in ("global_blur_p", "global_solarize_p", "local_blur_p", "local_solarize_p"):
+        values = getattr(c, key)
+        checks.append((f"crops.{key}", values, all(0 <= p <= 1 for p in values), f"all {unit}"))
+    for key in ("global_scale", "local_scale"):
+        values = getattr(c, key)
+        checks.append((f"crops.{key}", values, max(values, default=0) <= 1, "<= 1 (image area)"))
+    if len(c.color_jitter) != 4 or min(c.color_jitter, default=0) < 0:
+        raise ConfigError(
+            f"crops.color_jitter must be [brightness, contrast, saturation, hue] (4 values "
+            f">= 0), got {list(c.color_jitter)}"
+        )
+    for key, value, ok, wanted in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {wanted}, got {value}")
+
+
 def validate(cfg: PretrainConfig, world_size: int = 1) -> None:
     """Every input error we can see before building anything (issue 3, "Bad input")."""
     c, o, m = cfg.crops, cfg.optim, cfg.mask
+    _check_ranges(cfg)
     if c.global_number < 1:
         raise ConfigError("crops.global_number must be >= 1 (the teacher needs a global crop)")
     if c.global_number + c.local_number < 2:

@@ -112,6 +112,20 @@ def test_bad_input_is_refused_before_training(tmp_path):
         ConfigError, match=r"optim.batch_size must be >= 1 \(the global batch\), got 0"
     ):
         validate(smoke(tmp_path, "optim.batch_size=0"))
+    for override, message in [  # each once a traceback from deep inside, or silently wrong
+        ("model.patch_size=0", "model.patch_size must be >= 1"),
+        ("crops.color_jitter=[0.4,0.4,0.2]", "crops.color_jitter must be"),
+        ("model.drop_path=2", r"model.drop_path must be in \[0, 1\)"),
+        ("mask.pred_start_epoch=-5", "mask.pred_start_epoch must be >= 0"),
+        ("loss.student_temp=0", "loss.student_temp must be > 0"),
+        ("head.hidden_dim=0", "head.hidden_dim must be >= 1"),
+        ("optim.momentum_teacher=2", r"optim.momentum_teacher must be in \[0, 1\]"),
+        ("crops.global_scale=[0.5,2.0]", "crops.global_scale must be <= 1"),
+        ("crops.blur_sigma=[0.1,1e9]", "crops.blur_sigma must be <= 100"),
+        ("save_every_iters=-1", "save_every_iters must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(smoke(tmp_path, override))
     with pytest.raises(DatasetError, match="fewer than one batch"):
         Trainer(smoke(tmp_path, "optim.batch_size=64"))
     empty = tmp_path / "empty" / "train" / "a"
