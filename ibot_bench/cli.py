@@ -611,8 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"ibot-bench: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ibot-bench: interrupted; finished results and caches are kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = str(exc) or "finished results and caches are kept"
+        print(f"ibot-bench: interrupted; {detail}", file=sys.stderr)
         return 130
 
 

@@ -18,6 +18,7 @@ optimizer slots are paired in the reference's parameter order (:func:`pair_optim
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,41 @@ def check_resume(
             f"--force-resume to continue with the new settings (recorded in {history}), or "
             "choose another output_dir."
         )
+
+
+def set_aside_output_checkpoint(
+    out: Path, source: Path, signature: Mapping[str, Any], force: bool, write: bool
+) -> Path | None:
+    """Before resuming from ``source`` into ``out`` when ``out`` has a checkpoint.pth of its
+    own: refuse if that one belongs to a run with other settings (resuming would overwrite
+    it), else rename it ``checkpoint.pth.replaced-STAMP`` (``.unreadable-STAMP`` for a
+    corrupt one), so this run's first save overwrites nothing and a corrupt file is never
+    rotated into checkpoint_prev.pth. ``write``: rank 0 renames. Returns the new name."""
+    current = out / CHECKPOINT
+    if not current.is_file() or current.resolve() == source.resolve():
+        return None
+    kind = "replaced"
+    try:
+        saved = saved_signature(load_training_checkpoint(current))
+    except CheckpointError:
+        kind = "unreadable"
+    else:
+        diff = {} if saved is None else signature_diff(saved, signature)
+        if diff and not force:
+            detail = ", ".join(
+                f"{k}: {current.name} {_show(k, a)} vs config {_show(k, b)}"
+                for k, (a, b) in diff.items()
+            )
+            raise CheckpointError(
+                f"{out} holds another run ({detail}); resuming from {source} into it would "
+                "overwrite that run's checkpoint.pth. Choose another output_dir (--output), "
+                "move its checkpoint.pth away, or pass --force-resume to replace it (it is "
+                "kept as checkpoint.pth.replaced-*)."
+            )
+    aside = current.with_name(f"{CHECKPOINT}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if write:
+        os.replace(current, aside)
+    return aside
 
 
 # ---------------------------------------------------------------- finiteness

@@ -50,6 +50,7 @@ from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
 from ibot_bench.pretrain.augment_batched import BatchCollate, BatchedMultiCrop, augment_mode
 from ibot_bench.pretrain.auto_precision import pretrain_precision
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
+from ibot_bench.pretrain.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import MaskGenerator
 from ibot_bench.pretrain.model import IbotStudent, IbotTeacher, build_networks, common_parameters
@@ -267,6 +268,7 @@ class Trainer:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # never touch the global RNG (exact resume)
+            worker_init_fn=ignore_interrupts if workers > 0 else None,
             collate_fn=BatchCollate(None if self.device_augment else batched) if batched else None,
         )
         self.n_global = cfg.crops.global_number
@@ -332,6 +334,16 @@ class Trainer:
         )
         rest = {k: v for k, v in obj.items() if k not in ckpt.REQUIRED_KEYS}
         ckpt.check_small_tensors(path, rest)
+        if resume:
+            aside = ckpt.set_aside_output_checkpoint(
+                self.out, path, self.signature, force, write=self.rank == 0
+            )
+            if aside is not None and self.rank == 0:
+                print(
+                    f"[pretrain] {self.out / ckpt.CHECKPOINT} (not the file resumed from) kept "
+                    f"as {aside.name}",
+                    file=sys.stderr,
+                )
         # 3. load (copies out of the mapped file), then refuse a non-finite state
         self.student.load_state_dict(student)
         self.teacher.load_state_dict(teacher)
@@ -760,57 +772,82 @@ class Trainer:
         stopped = False
         last: dict[str, float] = {}
         try:
-            while self.state.epoch < o.epochs and not stopped:
-                epoch = self.state.epoch
-                self.dataset.epoch = epoch
-                self.sampler.set_epoch(epoch, self.state.epoch_iter)
-                monitor.reset()
-                bar = tqdm(
-                    total=self.iters_per_epoch,
-                    initial=self.state.epoch_iter,
-                    desc=f"epoch {epoch}",
-                    disable=not (is_main() and cfg.progress),
-                    leave=False,
-                    file=sys.stderr,
-                )
-                t0 = time.perf_counter()
-                for batch in self.loader:
-                    it = epoch * self.iters_per_epoch + self.state.epoch_iter
-                    last = self._step(batch, it, epoch, monitor)
-                    self.state.epoch_iter += 1
-                    now = time.perf_counter()
-                    last["img_per_s"] = self.batch * self.world_size / max(now - t0, 1e-9)
-                    t0 = now
-                    if log is not None and it % max(cfg.log_every, 1) == 0:
-                        log.write({"type": "train", "epoch": epoch, "iter": it, **last}, it)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['img_per_s']:.1f}")
-                    done = it + 1
-                    over_time = (
-                        cfg.time_limit_min > 0
-                        and time.perf_counter() - start > cfg.time_limit_min * 60
+            with StopRequests() as stop:
+                while self.state.epoch < o.epochs and not stopped:
+                    epoch = self.state.epoch
+                    self.dataset.epoch = epoch
+                    self.sampler.set_epoch(epoch, self.state.epoch_iter)
+                    monitor.reset()
+                    bar = tqdm(
+                        total=self.iters_per_epoch,
+                        initial=self.state.epoch_iter,
+                        desc=f"epoch {epoch}",
+                        disable=not (is_main() and cfg.progress),
+                        leave=False,
+                        file=sys.stderr,
                     )
-                    stopped = bool(cfg.max_iters and done >= cfg.max_iters) or over_time
-                    periodic = cfg.save_every_iters and done % cfg.save_every_iters == 0
-                    if (stopped or periodic) and self.state.epoch_iter < self.iters_per_epoch:
-                        self.save()  # epoch ends are saved below
-                    if stopped:
-                        break
-                bar.close()
-                if self.state.epoch_iter >= self.iters_per_epoch:
-                    summary = monitor.compute() if cfg.eval_clusters else {}
-                    self.state = _State(epoch + 1, 0)
-                    freq = cfg.saveckp_freq
-                    self.save(snapshot=bool(freq and (epoch + 1) % freq == 0), export=True)
-                    if is_main():
-                        self._end_epoch(
-                            epoch, {**last, **summary}, log, time.perf_counter() - start
+                    t0 = time.perf_counter()
+                    batches = iter(self.loader)
+                    while True:
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            break
+                        except RuntimeError:  # a loader worker died: of the stop signal?
+                            if stop.signal_name is None:
+                                raise
+                            stopped = True
+                            if 0 < self.state.epoch_iter < self.iters_per_epoch:
+                                self.save()
+                            break
+                        it = epoch * self.iters_per_epoch + self.state.epoch_iter
+                        last = self._step(batch, it, epoch, monitor)
+                        self.state.epoch_iter += 1
+                        now = time.perf_counter()
+                        last["img_per_s"] = self.batch * self.world_size / max(now - t0, 1e-9)
+                        t0 = now
+                        if log is not None and it % max(cfg.log_every, 1) == 0:
+                            log.write({"type": "train", "epoch": epoch, "iter": it, **last}, it)
+                        bar.update(1)
+                        bar.set_postfix(
+                            loss=f"{last['loss']:.3f}", img_s=f"{last['img_per_s']:.1f}"
                         )
-                if stopped and self.state.epoch < o.epochs and is_main():
-                    self._report_cut(log, time.perf_counter() - start)
+                        done = it + 1
+                        over_time = (
+                            cfg.time_limit_min > 0
+                            and time.perf_counter() - start > cfg.time_limit_min * 60
+                        )
+                        stopped = bool(cfg.max_iters and done >= cfg.max_iters) or over_time
+                        stopped = stop.requested() or stopped
+                        periodic = cfg.save_every_iters and done % cfg.save_every_iters == 0
+                        if (stopped or periodic) and self.state.epoch_iter < self.iters_per_epoch:
+                            self.save()  # epoch ends are saved below
+                        if stopped:
+                            break
+                    bar.close()
+                    if self.state.epoch_iter >= self.iters_per_epoch:
+                        summary = monitor.compute() if cfg.eval_clusters else {}
+                        self.state = _State(epoch + 1, 0)
+                        freq = cfg.saveckp_freq
+                        self.save(snapshot=bool(freq and (epoch + 1) % freq == 0), export=True)
+                        if is_main():
+                            self._end_epoch(
+                                epoch, {**last, **summary}, log, time.perf_counter() - start
+                            )
+                    if stop.signal_name is not None:
+                        break
+                    if stopped and self.state.epoch < o.epochs and is_main():
+                        self._report_cut(log, time.perf_counter() - start)
         finally:
             if log is not None:
                 log.close()
+        if stop.signal_name is not None:
+            s = self.state
+            raise TrainingInterrupted(
+                f"pretraining stopped by {stop.signal_name}; checkpoint saved at epoch "
+                f"{s.epoch}, batch {s.epoch_iter} in {self.out / ckpt.CHECKPOINT}: rerun the "
+                "same command to resume"
+            )
         return {
             "output_dir": str(self.out),
             "is_main": is_main(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from ibot_bench.config import load_config
 from ibot_bench.encoders import load_encoder
 from ibot_bench.errors import CheckpointError, ConfigError, DatasetError
 from ibot_bench.pretrain.config import PretrainConfig, validate
+from ibot_bench.pretrain.interrupt import TrainingInterrupted
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.train import Trainer, TrainingDiverged
 
@@ -80,6 +83,52 @@ def test_resume_after_hard_stop_gives_identical_parameters(tmp_path):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_the_step_and_resumes_exactly(tmp_path, monkeypatch, signum):
+    """Ctrl-C or SIGTERM mid-epoch: the step finishes, checkpoint.pth holds it, the error says
+    where, and a rerun ends with the same parameters as a run never stopped."""
+    straight = tmp_path / "straight"
+    Trainer(smoke(straight, "optim.epochs=2")).fit()  # 4 iterations
+    out = tmp_path / "stopped"
+    original, calls = Trainer._step, {"n": 0}
+
+    def signalled(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-way through epoch 1
+            os.kill(os.getpid(), signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", signalled)
+    with pytest.raises(TrainingInterrupted, match="epoch 1, batch 1 .*rerun the same command"):
+        Trainer(smoke(out, "optim.epochs=2")).fit()
+    assert signal.getsignal(signum) is not None and calls["n"] == 3  # handler restored
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 3
+    monkeypatch.setattr(Trainer, "_step", original)
+    Trainer(smoke(out, "optim.epochs=2")).fit()
+    a, b = _params(straight), _params(out)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_resuming_another_file_keeps_the_output_folders_own_run(tmp_path):
+    """--resume FILE into a folder with its own checkpoint.pth: another run's is refused, an
+    unreadable one is moved aside (never rotated into checkpoint_prev.pth)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    Trainer(smoke(a, "seed=5", "max_iters=1")).fit()
+    Trainer(smoke(b, "max_iters=1")).fit()
+    before = (a / "checkpoint.pth").read_bytes()
+    with pytest.raises(CheckpointError, match="holds another run .*seed"):
+        Trainer(smoke(a), resume=str(b / "checkpoint.pth"))
+    assert (a / "checkpoint.pth").read_bytes() == before
+    Trainer(smoke(b, "max_iters=2")).fit()  # checkpoint_prev.pth: iteration 1
+    good = (b / "checkpoint_prev.pth").read_bytes()
+    (b / "checkpoint.pth").write_bytes((b / "checkpoint.pth").read_bytes()[:5000])
+    Trainer(smoke(b), resume=str(b / "checkpoint_prev.pth")).fit()
+    assert len(list(b.glob("checkpoint.pth.unreadable-*"))) == 1
+    assert torch.load(b / "checkpoint.pth", weights_only=True)["iteration"] > 1
+    prev = torch.load(b / "checkpoint_prev.pth", weights_only=True)  # readable, not the bad one
+    assert prev["iteration"] >= 1 and len(good) > 5000
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
