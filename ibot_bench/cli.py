@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ibot_bench.errors import UserError
+from ibot_bench.errors import UserError, user_message
 from ibot_bench.io import atomic_write_text
 from ibot_bench.launch import add_launcher_args, maybe_submit
 
@@ -609,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except UserError as exc:
-        print(f"ibot-bench: error: {exc}", file=sys.stderr)
+        print(f"ibot-bench: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         detail = str(exc) or "finished results and caches are kept"

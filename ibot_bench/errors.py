@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message (no traceback) and exits non-zero."""
 
+import re
+
 
 class UserError(Exception):
     """A problem the user can fix (bad input, config, path). The message names the fix."""
@@ -17,8 +19,30 @@ class DatasetError(UserError):
     """A dataset root that is missing or empty, or an unreadable image."""
 
 
+class UnreadableImageError(DatasetError):
+    """One image file that cannot be decoded (``path``, and PIL's ``reason``)."""
+
+    def __init__(self, message: str, path: object = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
 class NotApplicableError(UserError):
     """The protocol does not apply to this encoder (e.g. no projection head): reported, not run."""
+
+
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*Original Traceback")
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a :class:`UserError` for the console. One raised in a DataLoader worker
+    reaches the main process wrapped in the worker's traceback: only its own last line is
+    kept (without the ``module.ClassName:`` prefix)."""
+    text = str(exc).strip()
+    if not _WORKER.match(text):
+        return text
+    last = text.splitlines()[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

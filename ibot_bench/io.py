@@ -71,9 +71,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from others
         os.replace(tmp_path, path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, PermissionError):
+            raise UserError(
+                f"cannot write {path} ({exc.strerror}); make it writable or choose another "
+                "folder (--output, IBOT_BENCH_CACHE)"
+            ) from None
         if _disk_full(exc):
             raise UserError(
                 f"no space left on the device of {path.parent} while writing {path.name}; "
@@ -82,6 +88,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             ) from None
         raise
     return path
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(exc: BaseException) -> bool:

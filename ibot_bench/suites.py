@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config
 from ibot_bench.distributed import barrier, gather_objects, init_distributed, is_main
-from ibot_bench.errors import ConfigError, NotApplicableError, UserError
+from ibot_bench.errors import ConfigError, NotApplicableError, UserError, user_message
 from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
 from ibot_bench.io import atomic_write_text, remove_stale_temps
 from ibot_bench.records import read_records
@@ -266,7 +266,7 @@ def run_suite(
             except NotApplicableError as exc:
                 outcome.status, outcome.message = "n/a", str(exc)
             except UserError as exc:
-                outcome.status, outcome.message = "failed", str(exc)
+                outcome.status, outcome.message = "failed", user_message(exc)
             except Exception as exc:  # one broken evaluation must not lose the others
                 outcome.status, outcome.message = "failed", f"{type(exc).__name__}: {exc}"
                 if main_rank:

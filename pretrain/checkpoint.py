@@ -18,6 +18,7 @@ optimizer slots are paired in the reference's parameter order (:func:`pair_optim
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -120,8 +121,16 @@ def check_output_dir(out: Path) -> None:
         raise CheckpointError(
             f"output_dir {out} is a file, not a folder; choose another output_dir (--output)."
         )
-    if not out.is_dir():
-        return
+    try:  # a parent that is a file, a read-only or full disk: said now, not at the first save
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write to output_dir {out} ({exc.strerror or exc}); choose a writable "
+            "output_dir (--output)."
+        ) from None
     names = set(OUTPUT_FILES) | {p.name for p in out.glob("checkpoint*.pth")}
     for name in sorted(names):
         path = out / name

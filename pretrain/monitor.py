@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ibot_bench.data.classification import ClassificationSplit, EvalTransform, normalize_batch
 from ibot_bench.distributed import world
+from ibot_bench.pretrain.augment import read_image
 
 
 class JsonlLog:
@@ -168,7 +169,7 @@ class KnnProbe:
         n = min(max_images, len(data))
         rows = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
         transform = EvalTransform.for_size(img_size)
-        self.images = torch.stack([transform(data.read(int(i))) for i in rows])
+        self.images = torch.stack([transform(read_image(data, int(i))) for i in rows])
         self.labels = torch.as_tensor(data.labels[rows], dtype=torch.long)
         self.k = min(k, n - 1)
 

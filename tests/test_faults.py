@@ -160,6 +160,29 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tiny_imagefolder, tmp_pat
     assert not list((tmp_path / "cache").iterdir())
 
 
+def test_written_files_follow_the_umask_and_unwritable_targets_are_named(tmp_path, monkeypatch):
+    """Results are readable by whoever the umask lets read them (not mkstemp's 0600); a file
+    that cannot be replaced is a one-line error naming it."""
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "r.json", "{}")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert atomic_write_text(tmp_path / "s.json", "{}").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+    def denied(*_a, **_k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(UserError, match=r"cannot write .*r\.json \(Permission denied\)"):
+        atomic_write_text(tmp_path / "r.json", "[]")
+    monkeypatch.undo()
+    assert (tmp_path / "r.json").read_text() == "{}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_crafted_checkpoint_claiming_huge_tensors_is_refused_before_building(tmp_path, capsys):
     huge = torch.zeros(1).expand(1, 200_000, 100_000)  # 74.5 GiB of shape over 4 bytes
     torch.save({"teacher": {"backbone.pos_embed": huge}}, tmp_path / "crafted.pth")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_imagefolder
 
 from ibot_bench.cli import main
 from ibot_bench.config import load_config
@@ -181,6 +182,22 @@ def test_bad_input_is_refused_before_training(tmp_path):
     empty.mkdir(parents=True)
     with pytest.raises(DatasetError, match="no images"):
         Trainer(smoke(tmp_path, f"data=imagefolder:{tmp_path / 'empty'}"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_one_line_with_pretrainings_own_advice(tmp_path, capsys, workers):
+    """Also from a loader worker (whose traceback torch wraps into the message): one line, the
+    file, and advice pretraining can follow (it has no skip option)."""
+    root = make_imagefolder(tmp_path / "data", classes=2, per_class=8)
+    bad = next((root / "train" / "class_0").iterdir())
+    bad.write_bytes(bad.read_bytes()[:300])
+    args = [f"data=imagefolder:{root}", f"num_workers={workers}", "augment=per-image"]
+    args.append("monitor_knn=0")  # the kNN monitor reads in this process: the loader first
+    assert main(["pretrain", "--config", str(SMOKE), f"output_dir={tmp_path / 'o'}", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"ibot-bench: error: cannot read image {bad}")
+    assert "does not skip images" in err and "--force-resume" in err
+    assert "skip_corrupt" not in err and "Traceback" not in err
 
 
 def test_refuses_to_resume_into_another_architecture(tmp_path):

@@ -22,7 +22,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from ibot_bench.errors import DatasetError
+from ibot_bench.errors import DatasetError, UnreadableImageError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 # the resize modes torchvision supports on tensors (EvalTransform resizes uint8 tensors)
@@ -231,9 +231,11 @@ class ClassificationSplit:
                 arr = np.array(to_rgb(img))  # writable copy for torch
             return torch.from_numpy(arr).permute(2, 0, 1)
         except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError for bad data
-            raise DatasetError(
+            raise UnreadableImageError(
                 f"cannot read image {path}: {exc}. Remove or replace the file, or set "
-                "features.skip_corrupt=true to skip unreadable images."
+                "features.skip_corrupt=true to skip unreadable images.",
+                path,
+                str(exc),
             ) from exc
 
     def subset(self, indices: np.ndarray, tag: str) -> ClassificationSplit:
