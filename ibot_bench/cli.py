@@ -555,9 +555,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int | None:
         return
     state = "stopped early" if summary["stopped_early"] else "done"
     print(f"pretrain {state}: {summary['epochs_done']} epoch(s) in {summary['wall_s']:.0f}s")
-    out = summary["output_dir"]
-    print(f"  checkpoint  {out}/checkpoint.pth")
-    print(f"  evaluate    ibot-bench eval knn --encoder ibot:{out}/checkpoint.pth --data ...")
+    checkpoint = Path(summary["output_dir"]) / "checkpoint.pth"
+    if not checkpoint.is_file() and args.resume:  # resumed a finished run: nothing to write
+        print(f"  nothing to train: {args.resume} had already finished every epoch")
+        checkpoint = Path(args.resume)
+    print(f"  checkpoint  {checkpoint}")
+    print(f"  evaluate    ibot-bench eval knn --encoder ibot:{checkpoint} --data ...")
 
 
 def _cmd_config(args: argparse.Namespace) -> None:

@@ -154,9 +154,11 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"resume checkpoint {path} not found; check --resume")
     if not path.is_file():
+        inside = path / CHECKPOINT
+        hint = f"pass --resume {inside}" if inside.is_file() else "pass a checkpoint file"
         raise CheckpointError(
-            f"resume checkpoint {path} is a directory, not a checkpoint file; move or delete it, "
-            "or pass the file inside it with --resume."
+            f"resume checkpoint {path} is a directory, not a checkpoint file; {hint} (or, if "
+            "it is this run's checkpoint.pth, move the directory away)."
         )
     fix = (
         "Resume from a snapshot (checkpointNNNN.pth or checkpoint_prev.pth, with --resume), or "
