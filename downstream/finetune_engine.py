@@ -33,7 +33,7 @@ import functools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from ibot_bench.data.classification import (
 )
 from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
 from ibot_bench.errors import CheckpointError, ConfigError, UserError, first_line
+from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.io import atomic_write
 from ibot_bench.precision import choose_precision, probe_step, scratch
 from ibot_bench.runtime import autocast, check_precision, loader_workers, resolve_device
@@ -258,7 +259,10 @@ def evaluate(
     rank, world_size = world()
     rows = shard_range(len(val), rank, world_size)
     loader = torch.utils.data.DataLoader(
-        EvalImages(val, rows, transform), batch_size=batch_size, num_workers=workers
+        EvalImages(val, rows, transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        worker_init_fn=ignore_interrupts if workers > 0 else None,
     )
     k = min(5, len(val.class_names))
     counts = torch.zeros(3, dtype=torch.float64)
@@ -373,6 +377,7 @@ class FitRun:
     meta: dict
     state: dict
     log: Callable[[str], None]
+    stop: StopRequests = field(default_factory=lambda: StopRequests("finetune"))
 
 
 def train_precision(
@@ -598,6 +603,7 @@ def train_one_epoch(run: FitRun, epoch: int) -> dict[str, float]:
         batch_sampler=sampler,
         num_workers=run.workers,
         pin_memory=run.device.type == "cuda",
+        worker_init_fn=ignore_interrupts if run.workers > 0 else None,
     )
     batches = iter(loader)
     started, seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -610,8 +616,11 @@ def train_one_epoch(run: FitRun, epoch: int) -> dict[str, float]:
             seen += n
         _optimizer_step(run)
         due = cfg.checkpoint_every and run.state["global_step"] % cfg.checkpoint_every == 0
-        if due and step + 1 < run.steps_per_epoch:
+        stop = run.stop.requested()
+        if (due or stop) and step + 1 < run.steps_per_epoch:
             save_checkpoint(run, epoch, step + 1)
+            if stop:
+                raise _interrupted(run, epoch, step + 1)
     elapsed = time.perf_counter() - started
     run.state["step"] = 0
     return {
@@ -654,16 +663,26 @@ def fit(
         f"{cfg.accum_steps} x {run.micro}), peak lr {run.peak_lr:.3g}, {run.device}, "
         f"{run.precision}, {run.workers} loader workers"
     )
-    for epoch in range(run.state["epoch"], epochs):
-        row = train_one_epoch(run, epoch)
-        if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == epochs:
-            row.update(evaluate_epoch(run, val))
-        run.state["history"].append(row)
-        msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-        run.log(f"finetune: epoch {epoch + 1}/{epochs} {msg}")
-        save_checkpoint(run, epoch + 1, 0)
+    with run.stop:  # Ctrl-C / SIGTERM: finish the step, save, stop (ibot_bench.interrupt)
+        for epoch in range(run.state["epoch"], epochs):
+            row = train_one_epoch(run, epoch)
+            if (epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == epochs:
+                row.update(evaluate_epoch(run, val))
+            run.state["history"].append(row)
+            msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+            run.log(f"finetune: epoch {epoch + 1}/{epochs} {msg}")
+            save_checkpoint(run, epoch + 1, 0)
+            if epoch + 1 < epochs and run.stop.requested():
+                raise _interrupted(run, epoch + 1, 0)
     metrics = _summarise(run.state["history"], cfg.report, run.ema is not None)
     return metrics, _extra(run, groups, train, val, resumed_at)
+
+
+def _interrupted(run: FitRun, epoch: int, step: int) -> TrainingInterrupted:
+    return TrainingInterrupted(
+        f"fine-tuning stopped by {run.stop.signal_name}; checkpoint saved at epoch {epoch}, "
+        f"step {step} in {run.path}: rerun the same command to resume"
+    )
 
 
 def _extra(

@@ -45,12 +45,12 @@ from ibot_bench.distributed import (
     world,
 )
 from ibot_bench.errors import CheckpointError, DatasetError, UserError
+from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.pretrain import checkpoint as ckpt
 from ibot_bench.pretrain.augment import MaskedMultiCrop, MultiCropAugmentation
 from ibot_bench.pretrain.augment_batched import BatchCollate, BatchedMultiCrop, augment_mode
 from ibot_bench.pretrain.auto_precision import pretrain_precision
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit_config
-from ibot_bench.pretrain.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import MaskGenerator
 from ibot_bench.pretrain.model import IbotStudent, IbotTeacher, build_networks, common_parameters
@@ -772,7 +772,7 @@ class Trainer:
         stopped = False
         last: dict[str, float] = {}
         try:
-            with StopRequests() as stop:
+            with StopRequests("pretrain") as stop:
                 while self.state.epoch < o.epochs and not stopped:
                     epoch = self.state.epoch
                     self.dataset.epoch = epoch

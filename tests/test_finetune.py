@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +32,7 @@ from ibot_bench.encoders import load_encoder
 from ibot_bench.encoders.vit import ViTConfig, build_vit
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError
 from ibot_bench.evaluate import eval_schema, run_eval
+from ibot_bench.interrupt import TrainingInterrupted
 from ibot_bench.tasks import TaskContext, discover_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +157,28 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tiny, tmp_path, mo
     # a finished run returns its results without training again
     monkeypatch.setattr(engine, "seed_all", lambda s: pytest.fail("trained again"))
     assert finetune_eval(ctx(tiny, tmp_path / "a"), cfg)[0] == ref_metrics
+
+
+def test_a_stop_signal_saves_the_step_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """SIGTERM mid-epoch with no periodic checkpoints: the step finishes, is saved, the error
+    names where, and the rerun ends as a run never stopped."""
+    cfg = FinetuneConfig(**TINY, checkpoint_every=0)
+    ref_metrics, _ = finetune_eval(ctx(tiny, tmp_path / "a"), cfg)
+    calls, real_seed_all = [], engine.seed_all
+
+    def signal_at_step_5(seed: int) -> None:
+        calls.append(seed)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_seed_all(seed)
+
+    monkeypatch.setattr(engine, "seed_all", signal_at_step_5)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM.*rerun the same command"):
+        finetune_eval(ctx(tiny, tmp_path / "b"), cfg)
+    assert _final_state(tmp_path / "b")["state"]["global_step"] == 5
+    monkeypatch.setattr(engine, "seed_all", real_seed_all)
+    metrics, extra = finetune_eval(ctx(tiny, tmp_path / "b"), cfg)
+    assert extra["resumed_at_step"] == 5 and metrics == ref_metrics
 
 
 def test_head_first_layer_comes_from_an_official_ibot_checkpoint(tiny):

@@ -16,8 +16,8 @@ from ibot_bench.cli import main
 from ibot_bench.config import load_config
 from ibot_bench.encoders import load_encoder
 from ibot_bench.errors import CheckpointError, ConfigError, DatasetError
+from ibot_bench.interrupt import TrainingInterrupted
 from ibot_bench.pretrain.config import PretrainConfig, validate
-from ibot_bench.pretrain.interrupt import TrainingInterrupted
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.train import Trainer, TrainingDiverged
 

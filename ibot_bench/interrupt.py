@@ -1,4 +1,5 @@
-"""Stop a training run cleanly on Ctrl-C or SIGTERM: finish the step, save, then stop.
+"""Stop a training run (pretraining, fine-tuning) cleanly on Ctrl-C or SIGTERM: finish the
+step, save, then stop.
 
 The first SIGINT or SIGTERM (a terminal's Ctrl-C; ``kill``, a scheduler or a container
 stopping the job) only asks for a stop: the running step finishes, a checkpoint is written
@@ -34,7 +35,8 @@ class StopRequests:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "training") -> None:
+        self.what = what  # names the run in the message
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -59,7 +61,7 @@ class StopRequests:
         self.signal_name = signal.Signals(signum).name
         if is_main():
             print(
-                f"\n[pretrain] {self.signal_name}: stopping after this step and saving a "
+                f"\n[{self.what}] {self.signal_name}: stopping after this step and saving a "
                 "checkpoint (Ctrl-C again to stop at once, unsaved)",
                 file=sys.stderr,
             )
