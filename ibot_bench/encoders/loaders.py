@@ -173,11 +173,8 @@ def _timm_layout(
     ``checkpoint_filter_fn`` for that family, kept only if it matches the model better.
     """
 
-    def mismatch(keys) -> int:
-        own = set(model.state_dict())
-        return len(own ^ set(keys))
-
-    before = mismatch(state)
+    own = set(model.state_dict())
+    before = len(own ^ set(state))
     module = sys.modules.get(type(model).__module__)
     convert = getattr(module, "checkpoint_filter_fn", None)
     if before == 0 or convert is None:
@@ -186,7 +183,7 @@ def _timm_layout(
         converted = convert(dict(state), model)
     except Exception:  # a converter for other layouts: keep the keys as they are
         return state, None
-    if mismatch(converted) >= before:
+    if len(own ^ set(converted)) >= before:
         return state, None
     return dict(converted), f"{module.__name__}.checkpoint_filter_fn"
 
