@@ -787,19 +787,7 @@ class Trainer:
                         file=sys.stderr,
                     )
                     t0 = time.perf_counter()
-                    batches = iter(self.loader)
-                    while True:
-                        try:
-                            batch = next(batches)
-                        except StopIteration:
-                            break
-                        except RuntimeError:  # a loader worker died: of the stop signal?
-                            if stop.signal_name is None:
-                                raise
-                            stopped = True
-                            if 0 < self.state.epoch_iter < self.iters_per_epoch:
-                                self.save()
-                            break
+                    for batch in self.loader:  # its workers ignore the stop signals
                         it = epoch * self.iters_per_epoch + self.state.epoch_iter
                         last = self._step(batch, it, epoch, monitor)
                         self.state.epoch_iter += 1
