@@ -43,7 +43,9 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signals reach it only
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                # a handler someone else installed stays theirs (submitit's, under --launcher)
+                if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(
