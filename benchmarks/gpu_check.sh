@@ -55,7 +55,7 @@ step gpu 60 "NVIDIA|GPU" "$BIN/python" -c \
   "import torch; print(torch.cuda.get_device_name(0), torch.version.cuda, torch.cuda.device_count(), 'GPU(s)')"
 step pretrain 120 "vit_small" "$BIN/python" benchmarks/pretrain.py --cases vit_small \
   --precisions bf16 --steps 5 --device cuda
-step features 90 "vit_s16_224.*bf16|bf16" "$BIN/python" benchmarks/features.py \
+step features 90 "ViT-S/16.*bf16" "$BIN/python" benchmarks/features.py \
   --precisions fp32,bf16 --images 512 --batch-size 128 --device cuda
 step knn 90 "agree" "$BIN/python" benchmarks/knn_gpu_agreement.py
 step finetune 90 "bf16" "$BIN/python" benchmarks/finetune.py --precisions fp32 bf16 \
