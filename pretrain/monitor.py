@@ -153,6 +153,18 @@ def collapse_warning(teacher_entropy: float, out_dim: int, margin: float = 0.1) 
     )
 
 
+def unstable_warning(loss: float, uniform: float, factor: float = 2.0) -> str | None:
+    """The warning for a loss above ``factor`` x ``uniform``, the loss of a student whose
+    output is uniform: predicting nothing costs less, so the updates are too large."""
+    if not loss > factor * uniform:
+        return None
+    return (
+        f"[pretrain] WARNING: the loss is {loss:.2f}, more than {factor:g}x the {uniform:.2f} "
+        "of a uniform output: training is unstable. Lower optim.lr or raise "
+        "optim.warmup_epochs, then rerun in a new output_dir (or resume with --force-resume)."
+    )
+
+
 class KnnProbe:
     """A cheap kNN monitor: leave-one-out top-1 (k nearest by cosine, votes weighted by
     exp(sim / 0.07), as the kNN task) of the teacher's CLS features on a fixed subset of the

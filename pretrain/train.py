@@ -54,7 +54,13 @@ from ibot_bench.pretrain.config import PretrainConfig, crop_sizes, validate, vit
 from ibot_bench.pretrain.loss import IbotLoss
 from ibot_bench.pretrain.masking import MaskGenerator
 from ibot_bench.pretrain.model import IbotStudent, IbotTeacher, build_networks, common_parameters
-from ibot_bench.pretrain.monitor import ClusterMonitor, JsonlLog, KnnProbe, collapse_warning
+from ibot_bench.pretrain.monitor import (
+    ClusterMonitor,
+    JsonlLog,
+    KnnProbe,
+    collapse_warning,
+    unstable_warning,
+)
 from ibot_bench.pretrain.optim import (
     build_optimizer,
     cancel_last_layer_grads,
@@ -705,6 +711,12 @@ class Trainer:
         if warning and not any("collapse" in n for n in self.notes):
             print(warning, file=sys.stderr)
             self.notes.append(f"CLS head collapsed to the uniform output at epoch {epoch}")
+        h, lc = self.cfg.head, self.cfg.loss
+        uniform = lc.lambda1 * math.log(h.out_dim) + lc.lambda2 * math.log(h.patch_out_dim)
+        warning = unstable_warning(record.get("loss", 0.0), uniform)
+        if warning and not any("unstable" in n for n in self.notes):
+            print(warning, file=sys.stderr)
+            self.notes.append(f"loss unstable at epoch {epoch}")
         self._plot()
 
     def _report_cut(self, log: JsonlLog | None, wall_s: float) -> None:

@@ -14,7 +14,13 @@ from PIL import Image
 from ibot_bench.config import load_config
 from ibot_bench.data.classification import ClassificationSplit
 from ibot_bench.pretrain.config import PretrainConfig
-from ibot_bench.pretrain.monitor import ClusterMonitor, KnnProbe, collapse_warning, output_stats
+from ibot_bench.pretrain.monitor import (
+    ClusterMonitor,
+    KnnProbe,
+    collapse_warning,
+    output_stats,
+    unstable_warning,
+)
 from ibot_bench.pretrain.plot import plot_training
 from ibot_bench.pretrain.train import Trainer
 
@@ -64,6 +70,14 @@ def test_collapse_warning_only_near_uniform_and_names_the_settings():
         "momentum_teacher",
     ):
         assert setting in text
+
+
+def test_unstable_warning_only_far_above_the_uniform_loss():
+    uniform = 2 * math.log(K)
+    assert unstable_warning(1.9 * uniform, uniform) is None
+    assert unstable_warning(float("nan"), uniform) is None  # NaN is the divergence stop's
+    text = unstable_warning(2.5 * uniform, uniform)
+    assert text is not None and "unstable" in text and "optim.lr" in text
 
 
 class _Features(torch.nn.Module):
