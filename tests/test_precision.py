@@ -85,6 +85,7 @@ def test_forced_precision_overrides_the_cache(tmp_path):
 
 def test_ties_keep_the_more_exact_precision(tmp_path):
     assert precision.decide({"fp32": 1.0, "bf16": 0.97}) == "fp32"  # within the margin
+    assert precision.decide({"fp32": 1.0, "bf16": 0.88}) == "fp32"  # 1.14x: still a near tie
     assert precision.decide({"fp32": 1.0, "bf16": 0.5, "fp16": 0.49}) == "bf16"
     assert precision.decide({"fp32": 1.0, "bf16": 0.5, "fp16": 0.4}) == "fp16"
 
