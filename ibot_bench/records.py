@@ -337,12 +337,19 @@ def validate_record(data: Any) -> None:
 
 
 # Settings that change speed or memory but not the numbers: left out of the protocol hash.
-RUNTIME_KEYS = frozenset({"batch_size", "num_workers", "device", "chunk_size", "progress"})
+# A task's own ``batch_size`` is not one of them (it is the training batch of the linear
+# probes, fine-tuning and the dense tasks): only the feature engine's is.
+RUNTIME_KEYS = frozenset({"num_workers", "device", "chunk_size", "progress", "eval_batch_size"})
+RUNTIME_PATHS = frozenset({"features.batch_size"})
 
 
-def _without_runtime(value: Any) -> Any:
+def _without_runtime(value: Any, path: str = "") -> Any:
     if isinstance(value, dict):
-        return {k: _without_runtime(v) for k, v in value.items() if k not in RUNTIME_KEYS}
+        return {
+            k: _without_runtime(v, f"{path}{k}.")
+            for k, v in value.items()
+            if k not in RUNTIME_KEYS and f"{path}{k}" not in RUNTIME_PATHS
+        }
     return value
 
 
@@ -354,7 +361,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Short hash of a resolved config, ignoring runtime-only keys (:data:`RUNTIME_KEYS`)."""
+    """Short hash of a resolved config, ignoring runtime-only keys (:data:`RUNTIME_KEYS`,
+    :data:`RUNTIME_PATHS`)."""
     text = json.dumps(_without_runtime(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

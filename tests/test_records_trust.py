@@ -412,3 +412,14 @@ def test_nan_metric_fails_the_evaluation_and_writes_no_record(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and "'top1'" in err and "Traceback" not in err
     assert not list(results.rglob("*.json"))  # no record file, not even a temp one
+
+
+def test_a_tasks_own_batch_size_is_part_of_its_protocol_hash():
+    """A fine-tuning or linear-probe batch size changes the numbers (two sizes must not share
+    one run and one record); the feature engine's and the evaluation batch sizes do not."""
+    from ibot_bench.records import config_hash
+
+    base = {"batch_size": 16, "lr": 1e-3, "eval_batch_size": 8, "features": {"batch_size": 64}}
+    assert config_hash({**base, "batch_size": 20}) != config_hash(base)
+    assert config_hash({**base, "eval_batch_size": 99}) == config_hash(base)
+    assert config_hash({**base, "features": {"batch_size": 128}}) == config_hash(base)
