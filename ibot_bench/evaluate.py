@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import pickle
 import platform
@@ -23,9 +24,11 @@ from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config, to_dict
 from ibot_bench.data import ClassificationSplit, load_split
+from ibot_bench.data.subsets import find_split_file
 from ibot_bench.display_names import derive_name
 from ibot_bench.distributed import broadcast_object, init_distributed, is_main, world
 from ibot_bench.encoders import encoder_fingerprint
+from ibot_bench.encoders.checkpoint import file_sha256
 from ibot_bench.errors import ConfigError
 from ibot_bench.features import FeatureConfig, FeatureSet, check_feature_config
 from ibot_bench.records import ResultRecord, config_hash, mean_std
@@ -110,9 +113,20 @@ class EvalPlan:
         """The encoder's fingerprint (hashes its weights file once per plan)."""
         return encoder_fingerprint(self.encoder_spec)
 
+    def train_fingerprint(self) -> str:
+        """The training split's fingerprint, with the content of the ``split_file`` a task
+        reads its label subset from: a file edited in place is a new run and record."""
+        train = self.split("train")
+        split_file = self.config.get("split_file")
+        if not split_file:
+            return train.fingerprint()
+        root = train.dataset_root if isinstance(train, ClassificationSplit) else ""
+        listed = file_sha256(find_split_file(split_file, root or None))
+        return hashlib.sha256(f"{train.fingerprint()}:{listed}".encode()).hexdigest()
+
     def resume_key(self) -> tuple[str, str, str, str]:
         """(task, encoder fingerprint, train-set fingerprint, protocol hash), no model loaded."""
-        data_fp = self.split("train").fingerprint()
+        data_fp = self.train_fingerprint()
         return (self.task.name, self.encoder_fingerprint, data_fp, self.protocol_hash)
 
 
@@ -266,7 +280,7 @@ def execute(
     task, cfg = plan.task, plan.cfg
     output_dir = Path(output_dir)
     feature_config = FeatureConfig(**to_dict(cfg.features))
-    enc_fp, data_fp = plan.encoder_fingerprint, plan.split("train").fingerprint()
+    enc_fp, data_fp = plan.encoder_fingerprint, plan.train_fingerprint()
     run_id = f"{task.name}__{enc_fp[:12]}__{data_fp[:12]}__{plan.protocol_hash}"
     feature_sets: dict[str, FeatureSet] = {}  # extracted once, shared by every seed
     started = time.perf_counter()

@@ -181,3 +181,24 @@ def test_images_in_sub_folders_of_a_class_are_included(tmp_path, tiny_imagefolde
     assert data.sample_names[4:6] == [f"{first.name}/more/b.jpg", f"{first.name}/more/deeper/a.jpg"]
     assert (data.labels[:6] == 0).all()
     assert load_split(f"imagefolder:{tiny_imagefolder}", "train").paths == data.paths
+
+
+def test_a_split_file_edited_in_place_is_a_new_run(tiny_imagefolder):
+    """The semi tasks' label subset from ``split_file``: its content is part of the resume key
+    and the work folder's name, so an edited file never resumes or reuses the old run."""
+    from ibot_bench.evaluate import plan_eval
+
+    names = sorted(p.name for p in (tiny_imagefolder / "train").rglob("*.jpg"))
+    listed = tiny_imagefolder / "mine.txt"
+    listed.write_text("\n".join(names[:3]) + "\n")
+
+    def key(task: str) -> tuple:
+        spec = f"imagefolder:{tiny_imagefolder}"
+        return plan_eval(
+            task, "random:vit_tiny_patch8", spec, overrides=["split_file=mine.txt"]
+        ).resume_key()
+
+    before = key("semi"), key("semi-finetune")
+    assert key("semi") == before[0]  # unchanged file: the same run
+    listed.write_text("\n".join(names[3:6]) + "\n")
+    assert key("semi")[2] != before[0][2] and key("semi-finetune")[2] != before[1][2]
