@@ -119,6 +119,42 @@ class Recipe:
     drop_path: float
 
 
+def _check_numbers(cfg: FinetuneConfig) -> None:
+    """The recipe's numbers that torch or timm would reject from deep inside (or silently
+    misuse), each a config error naming the key and its range."""
+    checks = [
+        ("lr", cfg.lr, cfg.lr > 0, "> 0"),
+        ("min_lr", cfg.min_lr, 0 <= cfg.min_lr <= cfg.lr, f"in [0, lr={cfg.lr}]"),
+        ("warmup_lr", cfg.warmup_lr, cfg.warmup_lr >= 0, ">= 0"),
+        ("lr_batch_ref", cfg.lr_batch_ref, cfg.lr_batch_ref >= 0, ">= 0 (0: absolute lr)"),
+        ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("smoothing", cfg.smoothing, 0 <= cfg.smoothing < 1, "in [0, 1)"),
+        ("mixup", cfg.mixup, cfg.mixup >= 0, ">= 0 (0: off)"),
+        ("cutmix", cfg.cutmix, cfg.cutmix >= 0, ">= 0 (0: off)"),
+        ("mixup_prob", cfg.mixup_prob, 0 <= cfg.mixup_prob <= 1, "in [0, 1]"),
+        ("mixup_switch_prob", cfg.mixup_switch_prob, 0 <= cfg.mixup_switch_prob <= 1, "in [0, 1]"),
+        ("reprob", cfg.reprob, 0 <= cfg.reprob <= 1, "in [0, 1]"),
+        ("ema_decay", cfg.ema_decay, 0 <= cfg.ema_decay < 1, "in [0, 1)"),
+        ("crop_pct", cfg.crop_pct, 0 < cfg.crop_pct <= 1, "in (0, 1]"),
+        ("eval_every", cfg.eval_every, cfg.eval_every >= 1, ">= 1 (epochs)"),
+        ("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, ">= 0"),
+        ("head_init_scale", cfg.head_init_scale, cfg.head_init_scale > 0, "> 0"),
+    ]  # fmt: skip
+    for key, value, ok, wanted in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {wanted}, got {value}")
+    if cfg.auto_augment:
+        from timm.data import create_transform
+
+        try:  # timm's own parser of policy names (rand-..., augmix-..., v0, original, ...)
+            create_transform(32, is_training=True, auto_augment=cfg.auto_augment)
+        except (AssertionError, KeyError, ValueError) as exc:
+            raise ConfigError(
+                f"auto_augment={cfg.auto_augment!r} is not a timm augmentation policy "
+                f"({exc or 'unknown policy'}); e.g. 'rand-m9-mstd0.5-inc1', or null for none"
+            ) from None
+
+
 def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:
     """Fill ``None`` fields from the paper's per-architecture table; validate ranges."""
     arch, epochs, decay, drop = ARCH_RECIPES.get(encoder.embed_dim, ARCH_RECIPES[384])
@@ -144,6 +180,7 @@ def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:
         raise ConfigError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale}")
     if not 0.0 <= cfg.hflip <= 1.0:
         raise ConfigError(f"hflip must be a probability in [0, 1], got {cfg.hflip}")
+    _check_numbers(cfg)
     return recipe
 
 

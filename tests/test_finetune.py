@@ -122,6 +122,24 @@ def test_layer_decay_outside_range_is_an_error():
         assert (r.epochs, r.layer_decay, r.drop_path) == expected
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"lr": -1.0}, "lr must be > 0"),  # was torch's "Invalid learning rate"
+        ({"smoothing": 1.5}, r"smoothing must be in \[0, 1\)"),  # was timm's bare assert
+        ({"crop_pct": 0.0}, r"crop_pct must be in \(0, 1\]"),  # was a ZeroDivisionError
+        ({"auto_augment": "foo"}, "not a timm augmentation policy"),  # was timm's assert
+        ({"mixup": -1.0}, "mixup must be >= 0"),  # was silently off
+        ({"ema_decay": 1.5}, r"ema_decay must be in \[0, 1\)"),  # was accepted
+        ({"eval_every": 0}, "eval_every must be >= 1"),  # silently meant every epoch
+    ],
+)
+def test_recipe_numbers_out_of_range_are_config_errors(override, message):
+    enc = load_encoder("random:vit_tiny_patch8")
+    with pytest.raises(ConfigError, match=message):
+        resolve_recipe(FinetuneConfig(**override), enc)
+
+
 def _final_state(work: Path) -> dict:
     return torch.load(work / engine.CHECKPOINT, weights_only=True)
 
