@@ -11,6 +11,8 @@ mid-batch.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import sys
 import threading
@@ -25,9 +27,32 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def ignore_interrupts(_worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: stop signals are the trainer's to handle. A worker still
-    exits when the trainer shuts the loader down, or when the trainer's process is gone."""
+    exits when the trainer shuts the loader down, or when the trainer's process is gone; one
+    left running when the trainer exits (an error unwound past its loader) is killed by
+    :func:`_kill_daemon_children`, since it ignores the SIGTERM multiprocessing sends."""
     for sig in StopRequests.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_daemon_children() -> None:
+    """At exit, before multiprocessing terminates and joins its daemonic children (loader
+    workers): SIGKILL them, as they ignore its SIGTERM and the join would wait forever."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call it a failure
+    for child in children:
+        child.kill()
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """atexit runs hooks last-registered first: registered after multiprocessing's own."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_daemon_children)
+        _exit_hook_registered = True
 
 
 class StopRequests:
@@ -41,6 +66,7 @@ class StopRequests:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
+        _register_exit_hook()
         if threading.current_thread() is threading.main_thread():  # signals reach it only
             for sig in self.SIGNALS:
                 # a handler someone else installed stays theirs (submitit's, under --launcher)

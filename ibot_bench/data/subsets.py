@@ -182,9 +182,17 @@ def stratified_split(
         train.append(perm[n_val:])
     val_rows = np.sort(np.concatenate(val)).astype(np.int64) if val else np.zeros(0, np.int64)
     if len(val_rows) == 0:
+        n = len(np.asarray(labels))
+        largest = max((len(r) for r in _rows_by_class(labels).values()), default=0)
+        fix = (
+            "use a larger val_fraction"
+            if largest >= 2
+            else "every class has a single image, and a class keeps that one for training: "
+            "choosing the hyperparameters needs >= 2 labelled images in some class (more "
+            "labels, or only kNN in the semi task: methods=[knn])"
+        )
         raise UserError(
-            f"val_fraction {val_fraction} leaves no validation image "
-            f"({len(np.asarray(labels))} training images); use a larger val_fraction"
+            f"val_fraction {val_fraction} leaves no validation image ({n} training images); {fix}"
         )
     return np.sort(np.concatenate(train)).astype(np.int64), val_rows
 
