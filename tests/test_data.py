@@ -202,3 +202,18 @@ def test_a_split_file_edited_in_place_is_a_new_run(tiny_imagefolder):
     assert key("semi") == before[0]  # unchanged file: the same run
     listed.write_text("\n".join(names[3:6]) + "\n")
     assert key("semi")[2] != before[0][2] and key("semi-finetune")[2] != before[1][2]
+
+
+def test_a_split_file_missing_classes_is_named(tiny_imagefolder, caplog):
+    """A split file that labels no image of some classes is kept (it is the file's choice),
+    with a warning naming those classes: a classifier can never predict them."""
+    from ibot_bench.data.subsets import label_subset
+
+    train = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    first = [Path(n).name for n, y in zip(train.sample_names, train.labels) if y == 0]
+    (tiny_imagefolder / "one.txt").write_text("\n".join(first) + "\n")
+    args = dict(split_file="one.txt", class_names=train.class_names, root=tiny_imagefolder)
+    with caplog.at_level("WARNING"):
+        rows, _ = label_subset(train.labels, train.sample_names, **args)
+    assert set(train.labels[rows]) == {0}
+    assert "labels no image of 2 of 3 classes (class_1, class_2)" in caplog.text

@@ -17,6 +17,7 @@ int64 row indices.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path, PurePath
@@ -24,6 +25,8 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from ibot_bench.errors import ConfigError, UserError
+
+_log = logging.getLogger(__name__)
 
 # a split file may select fraction / 1.25 .. fraction * 1.25 of the training set: SimCLRv2's
 # 1percent.txt holds 12,811 of ImageNet's 1,281,167 images (1.0%), 10percent.txt 128,116
@@ -231,6 +234,14 @@ def label_subset(
                 f"set but fraction is {fraction:g}; set fraction to match (it names the protocol)"
             )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        missing = sorted(set(np.asarray(labels).tolist()) - set(np.asarray(labels)[rows].tolist()))
+        if missing:  # the file's choice, kept; but a classifier can never predict these
+            names = [class_names[c] if class_names else str(c) for c in missing]
+            _log.warning(
+                "split file %s labels no image of %d of %d classes (%s): those classes can "
+                "never be predicted", path, len(missing), len(set(np.asarray(labels).tolist())),
+                ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
+            )  # fmt: skip
         return rows, f"split_file={path.name}:{digest}"
     if fraction is None:
         raise ConfigError("a label subset needs a fraction (e.g. fraction=0.01) or a split_file")
