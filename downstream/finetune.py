@@ -45,6 +45,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
+from ibot_bench.config import check_ranges
 from ibot_bench.data import require_classification
 from ibot_bench.downstream.finetune_engine import fit
 from ibot_bench.encoders import Encoder
@@ -140,9 +141,7 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         ("checkpoint_every", cfg.checkpoint_every, cfg.checkpoint_every >= 0, ">= 0"),
         ("head_init_scale", cfg.head_init_scale, cfg.head_init_scale > 0, "> 0"),
     ]  # fmt: skip
-    for key, value, ok, wanted in checks:
-        if not ok:
-            raise ConfigError(f"{key} must be {wanted}, got {value}")
+    check_ranges(checks)
     if cfg.auto_augment:
         from timm.data import create_transform
 

@@ -55,16 +55,10 @@ from ibot_bench.data.classification import (
     IMAGENET_STD,
     EvalTransform,
     normalize_batch,
+    read_for_training,
 )
 from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
-from ibot_bench.errors import (
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    UnreadableImageError,
-    UserError,
-    first_line,
-)
+from ibot_bench.errors import CheckpointError, ConfigError, UserError, first_line
 from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.io import atomic_write
 from ibot_bench.precision import choose_precision, probe_step, scratch
@@ -101,18 +95,6 @@ def seeded_cpu(seed: int) -> Iterator[None]:
         torch.set_rng_state(states[2])
 
 
-def read_image(data: ClassificationSplit, row: int) -> torch.Tensor:
-    """Image ``row``; an unreadable file gets fine-tuning's advice (the frozen tasks' skip
-    option does not exist here)."""
-    try:
-        return data.read(row)
-    except UnreadableImageError as exc:
-        raise DatasetError(
-            f"cannot read image {exc.path}: {exc.reason}. Remove or replace the file "
-            "(fine-tuning does not skip images)."
-        ) from None
-
-
 class TrainImages(torch.utils.data.Dataset):
     """``(row, sample_seed)`` -> (augmented normalised float image, label)."""
 
@@ -124,7 +106,7 @@ class TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         row, seed = item
-        image = read_image(self.data, row)
+        image = read_for_training(self.data, row, "fine-tuning")
         with seeded_cpu(seed):
             img = self.transform(TF.to_pil_image(image))
         return img, int(self.data.labels[row])
@@ -141,7 +123,9 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         row = self.rows[i]
-        return self.transform(read_image(self.data, row)), int(self.data.labels[row])
+        return self.transform(read_for_training(self.data, row, "fine-tuning")), int(
+            self.data.labels[row]
+        )
 
 
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:

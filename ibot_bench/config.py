@@ -172,6 +172,14 @@ def load_config(
     return cfg  # type: ignore[return-value]
 
 
+def check_ranges(checks: Iterable[tuple[str, Any, bool, str]]) -> None:
+    """``(key, value, ok, wanted)`` rows: the first not ``ok`` is a :class:`ConfigError`
+    naming the key, the range it wants and the value it got."""
+    for key, value, ok, wanted in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {wanted}, got {value}")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, resolved dict of a config (for records and hashes)."""
     if isinstance(cfg, DictConfig):

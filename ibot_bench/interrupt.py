@@ -12,6 +12,7 @@ mid-batch.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import signal
 import sys
@@ -44,15 +45,10 @@ def _kill_daemon_children() -> None:
         child.kill()
 
 
-_exit_hook_registered = False
-
-
+@functools.cache
 def _register_exit_hook() -> None:
-    """atexit runs hooks last-registered first: registered after multiprocessing's own."""
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_kill_daemon_children)
-        _exit_hook_registered = True
+    """Once; atexit runs hooks last-registered first, so after multiprocessing's own."""
+    atexit.register(_kill_daemon_children)
 
 
 class StopRequests:

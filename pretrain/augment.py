@@ -17,8 +17,7 @@ import torch
 import torchvision.transforms.v2 as T
 from torch.utils.data import Dataset
 
-from ibot_bench.data.classification import ClassificationSplit
-from ibot_bench.errors import DatasetError, UnreadableImageError
+from ibot_bench.data.classification import ClassificationSplit, read_for_training
 from ibot_bench.pretrain.config import CropsConfig, per_crop
 from ibot_bench.pretrain.masking import MaskGenerator
 
@@ -89,17 +88,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 2_654_435_761 + index) % (2**63)
 
 
-def read_image(data: ClassificationSplit, index: int) -> torch.Tensor:
-    """Image ``index`` as uint8 (3, H, W); an unreadable file gets pretraining's advice (the
-    frozen tasks' skip option does not exist here)."""
-    try:
-        return data.read(index)
-    except UnreadableImageError as exc:
-        raise DatasetError(
-            f"cannot read image {exc.path}: {exc.reason}. Remove or replace the file "
-            "(pretraining does not skip images). Removing it changes the data, so resuming "
-            "a run started with it then needs --force-resume."
-        ) from None
+# removing an unreadable image changes the data fingerprint a resume compares
+RESUME_NOTE = (
+    " Removing it changes the data, so resuming a run started with it then needs --force-resume."
+)
 
 
 @dataclass
@@ -125,7 +117,7 @@ class MaskedMultiCrop(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         s = sample_seed(self.seed, self.epoch, index)
-        img = read_image(self.data, index)
+        img = read_for_training(self.data, index, "pretraining", RESUME_NOTE)
         rng = random.Random(s)
         masks = [
             self.masks(rng, (size // self.patch_size, size // self.patch_size), self.epoch)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ibot_bench.config import check_ranges
 from ibot_bench.encoders.vit import VIT_ARCHS, ViTConfig, parse_vit_arch
 from ibot_bench.errors import ConfigError
 
@@ -230,9 +231,7 @@ def _check_ranges(cfg: PretrainConfig) -> None:
             f"crops.color_jitter must be [brightness, contrast, saturation, hue] (4 values "
             f">= 0), got {list(c.color_jitter)}"
         )
-    for key, value, ok, wanted in checks:
-        if not ok:
-            raise ConfigError(f"{key} must be {wanted}, got {value}")
+    check_ranges(checks)
 
 
 def validate(cfg: PretrainConfig, world_size: int = 1) -> None:

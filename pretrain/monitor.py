@@ -20,9 +20,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ibot_bench.data.classification import ClassificationSplit, EvalTransform, normalize_batch
+from ibot_bench.data.classification import (
+    ClassificationSplit,
+    EvalTransform,
+    normalize_batch,
+    read_for_training,
+)
 from ibot_bench.distributed import world
-from ibot_bench.pretrain.augment import read_image
+from ibot_bench.pretrain.augment import RESUME_NOTE
 
 
 class JsonlLog:
@@ -181,7 +186,8 @@ class KnnProbe:
         n = min(max_images, len(data))
         rows = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
         transform = EvalTransform.for_size(img_size)
-        self.images = torch.stack([transform(read_image(data, int(i))) for i in rows])
+        images = [read_for_training(data, int(i), "pretraining", RESUME_NOTE) for i in rows]
+        self.images = torch.stack([transform(image) for image in images])
         self.labels = torch.as_tensor(data.labels[rows], dtype=torch.long)
         self.k = min(k, n - 1)
 

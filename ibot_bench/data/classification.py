@@ -139,6 +139,21 @@ def normalize_batch(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return (batch.to(dtype) - mean) / std
 
 
+def read_for_training(
+    data: ClassificationSplit, index: int, task: str, note: str = ""
+) -> torch.Tensor:
+    """Image ``index`` of ``data`` for a training ``task`` (pretraining, fine-tuning), which
+    has no option to skip an unreadable image: its error says so (and ``note``), instead of
+    the frozen tasks' ``features.skip_corrupt`` advice."""
+    try:
+        return data.read(index)
+    except UnreadableImageError as exc:
+        raise DatasetError(
+            f"cannot read image {exc.path}: {exc.reason}. Remove or replace the file "
+            f"({task} does not skip images).{note}"
+        ) from None
+
+
 @dataclass
 class ClassificationSplit:
     """One split of a labelled image dataset.

@@ -234,12 +234,13 @@ def label_subset(
                 f"set but fraction is {fraction:g}; set fraction to match (it names the protocol)"
             )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
-        missing = sorted(set(np.asarray(labels).tolist()) - set(np.asarray(labels)[rows].tolist()))
-        if missing:  # the file's choice, kept; but a classifier can never predict these
+        classes = np.unique(labels)
+        missing = np.setdiff1d(classes, np.asarray(labels)[rows])
+        if len(missing):  # the file's choice, kept; but a classifier can never predict these
             names = [class_names[c] if class_names else str(c) for c in missing]
             _log.warning(
                 "split file %s labels no image of %d of %d classes (%s): those classes can "
-                "never be predicted", path, len(missing), len(set(np.asarray(labels).tolist())),
+                "never be predicted", path, len(missing), len(classes),
                 ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
             )  # fmt: skip
         return rows, f"split_file={path.name}:{digest}"
