@@ -132,7 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", default=None, help="root of real datasets (suite `full`)")
     run.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     run.add_argument("--output", default=None, help="results folder (default: results/<suite>)")
-    run.add_argument("--force", action="store_true", help="rerun evaluations already recorded")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="rerun evaluations already recorded (a training task whose finished checkpoint is in "
+        "OUTPUT/work/ returns its results: delete that folder to train again)",
+    )
     run.add_argument(
         "--profile",
         default=None,
