@@ -193,7 +193,7 @@ def _corrupt(path: Path, exc: Exception) -> CheckpointError:
 
 # ---------------------------------------------------------------- layouts
 _WRAPPER_KEYS = ("state_dict", "model", "module")
-_PREFIXES = ("module.", "backbone.")
+_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
 def _describe(obj: Any) -> str:
@@ -259,7 +259,8 @@ def select_state_dict(
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP's ``module.`` and the wrapper's ``backbone.`` prefixes (in any combination)."""
+    """Drop DDP's ``module.``, the wrapper's ``backbone.`` and ``torch.compile``'s ``_orig_mod.``
+    prefixes (in any combination): the weights of a compiled model are the model's own."""
     out = {}
     for key, value in state.items():
         changed = True
