@@ -366,6 +366,15 @@ def test_read_errors(tmp_path, ckpt_dir):
         load_encoder(f"ibot:{ckpt_dir / 'flat.pth'}:student")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_new_pickle_protocol_is_named_not_corrupt(tmp_path, nets):
+    path = tmp_path / "proto4.pth"
+    torch.save(nets["teacher"].state_dict(), path, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match=r"proto4.pth was pickled with protocol 4") as err:
+        load_encoder(f"ibot:{path}")
+    assert "corrupt" not in str(err.value)
+
+
 def test_pickled_code_refused(tmp_path, nets):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": nets["teacher"].state_dict(), "extra": Evil()}, path)

@@ -140,6 +140,8 @@ def read_checkpoint(path: str | Path) -> Any:
         check_tensor_sizes(obj, path)
         return obj
     except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):
+            raise _new_pickle_protocol(path) from exc
         if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
             raise _corrupt(path, exc) from exc
         names = ", ".join(_unsafe_globals(path, exc)) or "unknown"
@@ -180,6 +182,18 @@ def check_tensor_sizes(obj: Any, path: Path) -> None:
                 f"backed by only {t.untyped_storage().nbytes()} bytes: the file is crafted or "
                 "corrupt, not a weights file; nothing was built from it"
             )
+
+
+def _new_pickle_protocol(path: Path) -> CheckpointError:
+    """The error for a pickle torch's safe loader cannot parse: protocol 4 or later
+    (``torch.save(..., pickle_protocol=4)``, or ``pickle.dump``), not a damaged file."""
+    return CheckpointError(
+        f"{path} was pickled with protocol 4 or later (torch.save(..., pickle_protocol=4) or "
+        "pickle.dump), which torch's safe loader (weights_only=True) cannot read; ibot-bench "
+        "never runs pickled code. Re-save it, in an environment you trust, with torch's default "
+        "protocol or as safetensors: `torch.save(torch.load(path, weights_only=False), "
+        "'weights.pth')`."
+    )
 
 
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
