@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ibot_bench.encoders import ENCODERS, build_head, encoder_fingerprint, load_encoder
 from ibot_bench.encoders.checkpoint import _HASH_CACHE, fingerprint
+from ibot_bench.encoders.vit import ViTConfig, build_vit
 from ibot_bench.errors import CheckpointError, NotApplicableError, UserError
+from ibot_bench.pretrain.checkpoint import export_backbone
 
 DIM, DEPTH, PATCH, IMG, OUT = 192, 2, 8, 32, 32
 
@@ -317,6 +320,26 @@ def test_wrong_architecture(ckpt_dir, tmp_path):
     torch.save({**resnet50, "layer4.0.conv3.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="timm:resnet50:PATH"):
         load_encoder(f"dino:{path}")
+
+
+def test_heads_of_a_custom_width_are_never_guessed(tmp_path):
+    """Width 32 with 2 heads: the shapes are those of 1 head, so the count must be read."""
+    torch.manual_seed(0)
+    vit = build_vit(ViTConfig(32, 2, 2, patch_size=PATCH, img_size=IMG)).eval()
+    exported = export_backbone(tmp_path / "teacher_backbone.safetensors", vit)
+    enc = load_encoder(f"ibot:{exported}")
+    assert enc.model.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(enc(X), vit.forward_head(vit.forward_features(X), True))
+    bare = tmp_path / "bare.pth"
+    torch.save(vit.state_dict(), bare)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(str(bare))}: the number of attention heads of this width-32 ViT",
+    ):
+        load_encoder(f"ibot:{bare}")
+    torch.save({"state_dict": vit.state_dict(), "args": {"num_heads": 2}}, bare)
+    assert load_encoder(f"ibot:{bare}").model.blocks[0].attn.num_heads == 2
 
 
 def test_partial_load(tmp_path, nets, capsys):

@@ -420,9 +420,18 @@ def load_checked(
     return report
 
 
-def checkpoint_args(obj: Any) -> dict[str, Any]:
-    """The training ``args`` of a full checkpoint as a dict ({} if absent)."""
+def checkpoint_args(obj: Any, path: str | Path | None = None) -> dict[str, Any]:
+    """The training ``args`` of a full checkpoint as a dict, else the string metadata of the
+    safetensors file ``path`` (ibot-bench's backbone export names ``num_heads`` there, which
+    the weights' shapes do not tell); {} if neither."""
     args = obj.get("args") if isinstance(obj, Mapping) else None
     if isinstance(args, argparse.Namespace):
         return vars(args)
-    return dict(args) if isinstance(args, Mapping) else {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    if path is None or not _is_safetensors(Path(path)):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
