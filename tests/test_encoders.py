@@ -79,6 +79,7 @@ def ckpt_dir(tmp_path_factory, nets):
     torch.save(full, d / "checkpoint.pth")
     torch.save({"state_dict": {f"module.{k}": v for k, v in t.items()}}, d / "sd.pth")
     torch.save({"model": dict(t)}, d / "model.pth")
+    torch.save({"model_ema": dict(t), "epoch": 3}, d / "model_ema.pth")
     torch.save(dict(t), d / "flat.pth")
     torch.save({f"module._orig_mod.{k}": v for k, v in t.items()}, d / "compiled_ddp.pth")
     save_file({k: v.contiguous() for k, v in t.items()}, str(d / "flat.safetensors"))
@@ -168,7 +169,15 @@ def test_head_state_and_build_head(ckpt_dir, nets):
 
 @pytest.mark.parametrize(
     "name",
-    ["sd.pth", "model.pth", "flat.pth", "flat.safetensors", "checkpoint.pth", "compiled_ddp.pth"],
+    [
+        "sd.pth",
+        "model.pth",
+        "model_ema.pth",
+        "flat.pth",
+        "flat.safetensors",
+        "checkpoint.pth",
+        "compiled_ddp.pth",
+    ],
 )
 def test_layouts_give_teacher_features(ckpt_dir, nets, name):
     enc = load_encoder(f"dino:{ckpt_dir / name}")

@@ -206,7 +206,9 @@ def _corrupt(path: Path, exc: Exception) -> CheckpointError:
 
 
 # ---------------------------------------------------------------- layouts
-_WRAPPER_KEYS = ("state_dict", "model", "module")
+# in order of preference: an EMA copy (DeiT's model_ema, timm's state_dict_ema) only when
+# the file holds no plain one, as DeiT's and timm's own evaluation scripts read the plain one
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
@@ -231,7 +233,8 @@ def select_state_dict(
     """The tensor dict for one network of a checkpoint, and a label of where it was found.
 
     Accepts full iBOT/DINO checkpoints (``student``/``teacher``; ``which`` picks one,
-    default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers and flat dicts.
+    default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers (an EMA copy only
+    without a plain one, :data:`_WRAPPER_KEYS`) and flat dicts.
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(
