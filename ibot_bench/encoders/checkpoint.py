@@ -144,13 +144,17 @@ def read_checkpoint(path: str | Path) -> Any:
             raise _new_pickle_protocol(path) from exc
         if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
             raise _corrupt(path, exc) from exc
-        names = ", ".join(_unsafe_globals(path, exc)) or "unknown"
+        unsafe = _unsafe_globals(path, exc)
+        load = "sd = torch.load(path, weights_only=False)"
+        if any(n.startswith("torch.nn.modules.") for n in unsafe):  # torch.save(model)
+            load = f"`{load}.state_dict()`"
+        else:
+            load = f"`{load}['state_dict']` (or the 'teacher'/'model' entry)"
         raise CheckpointError(
-            f"{path} contains pickled Python objects that are not plain weights ({names}); "
-            "ibot-bench never runs pickled code. Re-save only the state dict, in an environment "
-            "you trust: `sd = torch.load(path, weights_only=False)['state_dict']` (or the "
-            "'teacher'/'model' entry), then `torch.save(sd, 'weights.pth')` or save it as "
-            "safetensors."
+            f"{path} contains pickled Python objects that are not plain weights "
+            f"({', '.join(unsafe) or 'unknown'}); ibot-bench never runs pickled code. Re-save "
+            f"only the state dict, in an environment you trust: {load}, then "
+            "`torch.save(sd, 'weights.pth')` or save it as safetensors."
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise _corrupt(path, exc) from exc
