@@ -109,9 +109,11 @@ def keep_previous(out: Path) -> bool:
 
 
 def export_backbone(path: Path, backbone: torch.nn.Module) -> Path:
-    """The teacher backbone alone as safetensors (flat timm/iBOT keys), e.g. for ``ibot:``."""
+    """The teacher backbone alone as safetensors (flat timm/iBOT keys), e.g. for ``ibot:``;
+    its metadata names ``num_heads``, which ``ibot:`` cannot read off a custom width's weights."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    meta = {"format": "pt", "num_heads": str(backbone.blocks[0].attn.num_heads)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def check_output_dir(out: Path) -> None:

@@ -52,7 +52,8 @@ def make_ibot_vit(path: Path, dim: int = 64, depth: int = 2) -> Path:
         teacher[f"head.{name}.bias"] = torch.randn(shape[0], generator=g) * 0.1
     teacher["head.last_layer.weight_g"] = torch.ones(8, 1)
     teacher["head.last_layer.weight_v"] = torch.randn(8, 16, generator=g)
-    torch.save({"teacher": teacher, "epoch": 1}, path)
+    # a custom width: the file names its heads (ibot: never guesses them)
+    torch.save({"teacher": teacher, "epoch": 1, "args": {"num_heads": 1}}, path)
     return path
 
 

@@ -23,7 +23,8 @@ def make_vit_checkpoint(
     """A small ViT in the official iBOT checkpoint layout (teacher backbone only)."""
     torch.manual_seed(0)
     vit = build_vit(ViTConfig(dim, depth, 1, patch_size=patch, img_size=img_size))
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}, path)
+    teacher = {f"backbone.{k}": v for k, v in vit.state_dict().items()}
+    torch.save({"teacher": teacher, "args": {"num_heads": 1}}, path)  # custom width: heads named
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ibot_bench.encoders import ENCODERS, build_head, encoder_fingerprint, load_encoder
 from ibot_bench.encoders.checkpoint import _HASH_CACHE, fingerprint
+from ibot_bench.encoders.vit import ViTConfig, build_vit
 from ibot_bench.errors import CheckpointError, NotApplicableError, UserError
+from ibot_bench.pretrain.checkpoint import export_backbone
 
 DIM, DEPTH, PATCH, IMG, OUT = 192, 2, 8, 32, 32
 
@@ -76,7 +79,9 @@ def ckpt_dir(tmp_path_factory, nets):
     torch.save(full, d / "checkpoint.pth")
     torch.save({"state_dict": {f"module.{k}": v for k, v in t.items()}}, d / "sd.pth")
     torch.save({"model": dict(t)}, d / "model.pth")
+    torch.save({"model_ema": dict(t), "epoch": 3}, d / "model_ema.pth")
     torch.save(dict(t), d / "flat.pth")
+    torch.save({f"module._orig_mod.{k}": v for k, v in t.items()}, d / "compiled_ddp.pth")
     save_file({k: v.contiguous() for k, v in t.items()}, str(d / "flat.safetensors"))
     return d
 
@@ -163,7 +168,16 @@ def test_head_state_and_build_head(ckpt_dir, nets):
 
 
 @pytest.mark.parametrize(
-    "name", ["sd.pth", "model.pth", "flat.pth", "flat.safetensors", "checkpoint.pth"]
+    "name",
+    [
+        "sd.pth",
+        "model.pth",
+        "model_ema.pth",
+        "flat.pth",
+        "flat.safetensors",
+        "checkpoint.pth",
+        "compiled_ddp.pth",
+    ],
 )
 def test_layouts_give_teacher_features(ckpt_dir, nets, name):
     enc = load_encoder(f"dino:{ckpt_dir / name}")
@@ -317,6 +331,26 @@ def test_wrong_architecture(ckpt_dir, tmp_path):
         load_encoder(f"dino:{path}")
 
 
+def test_heads_of_a_custom_width_are_never_guessed(tmp_path):
+    """Width 32 with 2 heads: the shapes are those of 1 head, so the count must be read."""
+    torch.manual_seed(0)
+    vit = build_vit(ViTConfig(32, 2, 2, patch_size=PATCH, img_size=IMG)).eval()
+    exported = export_backbone(tmp_path / "teacher_backbone.safetensors", vit)
+    enc = load_encoder(f"ibot:{exported}")
+    assert enc.model.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(enc(X), vit.forward_head(vit.forward_features(X), True))
+    bare = tmp_path / "bare.pth"
+    torch.save(vit.state_dict(), bare)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(str(bare))}: the number of attention heads of this width-32 ViT",
+    ):
+        load_encoder(f"ibot:{bare}")
+    torch.save({"state_dict": vit.state_dict(), "args": {"num_heads": 2}}, bare)
+    assert load_encoder(f"ibot:{bare}").model.blocks[0].attn.num_heads == 2
+
+
 def test_partial_load(tmp_path, nets, capsys):
     sd = dict(nets["teacher"].state_dict())
     del sd["blocks.1.mlp.fc2.weight"]
@@ -364,10 +398,22 @@ def test_read_errors(tmp_path, ckpt_dir):
         load_encoder(f"ibot:{ckpt_dir / 'flat.pth'}:student")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_new_pickle_protocol_is_named_not_corrupt(tmp_path, nets):
+    path = tmp_path / "proto4.pth"
+    torch.save(nets["teacher"].state_dict(), path, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match=r"proto4.pth was pickled with protocol 4") as err:
+        load_encoder(f"ibot:{path}")
+    assert "corrupt" not in str(err.value)
+
+
 def test_pickled_code_refused(tmp_path, nets):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": nets["teacher"].state_dict(), "extra": Evil()}, path)
-    with pytest.raises(CheckpointError, match=r"Evil.*never runs pickled code"):
+    with pytest.raises(CheckpointError, match=r"Evil.*never runs pickled code.*\['state_dict'\]"):
+        load_encoder(f"ibot:{path}")
+    torch.save(nets["teacher"], path)  # a whole model: its state_dict() is the fix
+    with pytest.raises(CheckpointError, match=r"weights_only=False\)\.state_dict\(\)`, then"):
         load_encoder(f"ibot:{path}")
 
 

@@ -58,7 +58,8 @@ def make_ibot_checkpoint(path: Path, with_head: bool = True) -> Path:
         teacher["head.last_layer.weight_g"] = torch.ones(32, 1)
         teacher["head.last_layer.weight_v"] = torch.randn(32, 16, generator=g)
     student = {f"module.{k}": v.clone() for k, v in teacher.items()}
-    torch.save({"teacher": teacher, "student": student, "epoch": 1}, path)
+    args = {"num_heads": 1}  # width 64 is no standard ViT width: the file names its heads
+    torch.save({"teacher": teacher, "student": student, "epoch": 1, "args": args}, path)
     return path
 
 

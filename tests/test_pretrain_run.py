@@ -51,6 +51,7 @@ def test_cli_run_writes_official_layout_readable_by_ibot_loader(tmp_path, capsys
     student = load_encoder(f"ibot:{out}/checkpoint.pth:student")
     assert student.info.extra["ignored_keys"] == ["masked_embed"]
     exported = load_encoder(f"ibot:{out}/teacher_backbone.safetensors")
+    assert exported.model.blocks[0].attn.num_heads == 2  # named in its metadata
     assert torch.equal(exported.model.blocks[1].attn.qkv.weight, w)
     assert (out / "checkpoint_init.pth").is_file() and (out / "config.yaml").is_file()
 

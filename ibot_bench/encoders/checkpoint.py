@@ -140,15 +140,21 @@ def read_checkpoint(path: str | Path) -> Any:
         check_tensor_sizes(obj, path)
         return obj
     except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):
+            raise _new_pickle_protocol(path) from exc
         if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
             raise _corrupt(path, exc) from exc
-        names = ", ".join(_unsafe_globals(path, exc)) or "unknown"
+        unsafe = _unsafe_globals(path, exc)
+        load = "sd = torch.load(path, weights_only=False)"
+        if any(n.startswith("torch.nn.modules.") for n in unsafe):  # torch.save(model)
+            load = f"`{load}.state_dict()`"
+        else:
+            load = f"`{load}['state_dict']` (or the 'teacher'/'model' entry)"
         raise CheckpointError(
-            f"{path} contains pickled Python objects that are not plain weights ({names}); "
-            "ibot-bench never runs pickled code. Re-save only the state dict, in an environment "
-            "you trust: `sd = torch.load(path, weights_only=False)['state_dict']` (or the "
-            "'teacher'/'model' entry), then `torch.save(sd, 'weights.pth')` or save it as "
-            "safetensors."
+            f"{path} contains pickled Python objects that are not plain weights "
+            f"({', '.join(unsafe) or 'unknown'}); ibot-bench never runs pickled code. Re-save "
+            f"only the state dict, in an environment you trust: {load}, then "
+            "`torch.save(sd, 'weights.pth')` or save it as safetensors."
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise _corrupt(path, exc) from exc
@@ -182,6 +188,18 @@ def check_tensor_sizes(obj: Any, path: Path) -> None:
             )
 
 
+def _new_pickle_protocol(path: Path) -> CheckpointError:
+    """The error for a pickle torch's safe loader cannot parse: protocol 4 or later
+    (``torch.save(..., pickle_protocol=4)``, or ``pickle.dump``), not a damaged file."""
+    return CheckpointError(
+        f"{path} was pickled with protocol 4 or later (torch.save(..., pickle_protocol=4) or "
+        "pickle.dump), which torch's safe loader (weights_only=True) cannot read; ibot-bench "
+        "never runs pickled code. Re-save it, in an environment you trust, with torch's default "
+        "protocol or as safetensors: `torch.save(torch.load(path, weights_only=False), "
+        "'weights.pth')`."
+    )
+
+
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
     msg = first_line(exc)
     return CheckpointError(
@@ -192,8 +210,10 @@ def _corrupt(path: Path, exc: Exception) -> CheckpointError:
 
 
 # ---------------------------------------------------------------- layouts
-_WRAPPER_KEYS = ("state_dict", "model", "module")
-_PREFIXES = ("module.", "backbone.")
+# in order of preference: an EMA copy (DeiT's model_ema, timm's state_dict_ema) only when
+# the file holds no plain one, as DeiT's and timm's own evaluation scripts read the plain one
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
+_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
 def _describe(obj: Any) -> str:
@@ -217,7 +237,8 @@ def select_state_dict(
     """The tensor dict for one network of a checkpoint, and a label of where it was found.
 
     Accepts full iBOT/DINO checkpoints (``student``/``teacher``; ``which`` picks one,
-    default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers and flat dicts.
+    default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers (an EMA copy only
+    without a plain one, :data:`_WRAPPER_KEYS`) and flat dicts.
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(
@@ -259,7 +280,8 @@ def select_state_dict(
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP's ``module.`` and the wrapper's ``backbone.`` prefixes (in any combination)."""
+    """Drop DDP's ``module.``, the wrapper's ``backbone.`` and ``torch.compile``'s ``_orig_mod.``
+    prefixes (in any combination): the weights of a compiled model are the model's own."""
     out = {}
     for key, value in state.items():
         changed = True
@@ -405,9 +427,18 @@ def load_checked(
     return report
 
 
-def checkpoint_args(obj: Any) -> dict[str, Any]:
-    """The training ``args`` of a full checkpoint as a dict ({} if absent)."""
+def checkpoint_args(obj: Any, path: str | Path | None = None) -> dict[str, Any]:
+    """The training ``args`` of a full checkpoint as a dict, else the string metadata of the
+    safetensors file ``path`` (ibot-bench's backbone export names ``num_heads`` there, which
+    the weights' shapes do not tell); {} if neither."""
     args = obj.get("args") if isinstance(obj, Mapping) else None
     if isinstance(args, argparse.Namespace):
         return vars(args)
-    return dict(args) if isinstance(args, Mapping) else {}
+    if isinstance(args, Mapping):
+        return dict(args)
+    if path is None or not _is_safetensors(Path(path)):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})

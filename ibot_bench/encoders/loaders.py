@@ -111,7 +111,7 @@ class SSLCheckpointScheme(EncoderScheme):
         state, where = select_state_dict(obj, which, path=path)
         backbone, head_state, ignored = split_head(strip_prefixes(state))
         backbone, dropped = drop_classifier(backbone, ("head",))
-        cfg = infer_vit_config(backbone, checkpoint_args(obj))
+        cfg = infer_vit_config(backbone, checkpoint_args(obj, path), source=str(path))
         model = build_vit(cfg)
         report = load_checked(
             model,

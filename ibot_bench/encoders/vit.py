@@ -149,18 +149,48 @@ def _timm_hint(state: Mapping[str, torch.Tensor]) -> str:
     return ""
 
 
-def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> ViTConfig:
-    """Read a ViT's shape off its (prefix-stripped) weights; ``args`` only names the heads.
+def _num_heads(dim: int, args: Mapping[str, Any], source: str) -> int:
+    """Attention heads of a width-``dim`` ViT, which its weights' shapes do not tell: from
+    ``args.arch`` or ``args.num_heads``, else the iBOT/DINO/DeiT width's own (ViT-T/S/B/L).
+    Any other width without a count is an error: a guess would give wrong features silently."""
+    arch = str(args.get("arch", ""))
+    if arch in VIT_ARCHS:
+        width, _, heads = VIT_ARCHS[arch]
+        if width != dim:
+            raise CheckpointError(
+                f"{source}: the checkpoint's args say arch={arch!r} (width {width}) but its "
+                f"weights have width {dim}; the file is inconsistent. Re-save it or fix args.arch."
+            )
+        return heads
+    if int(args.get("num_heads", 0) or 0) > 0:  # custom widths (ibot-bench pretrain saves it)
+        return int(args["num_heads"])
+    standard = {width: heads for width, _, heads in VIT_ARCHS.values()}
+    if dim in standard:
+        return standard[dim]
+    widths = ", ".join(f"{w} -> {h}" for w, h in standard.items())
+    raise CheckpointError(
+        f"{source}: the number of attention heads of this width-{dim} ViT cannot be read off "
+        f"its weights, and the file names none (no args.arch / args.num_heads; standard widths: "
+        f"{widths}). Re-save it with the count: torch.save({{'state_dict': sd, 'args': "
+        "{'num_heads': N}}, 'weights.pth')."
+    )
+
+
+def infer_vit_config(
+    state: Mapping[str, torch.Tensor], args: Mapping[str, Any], source: str = "checkpoint"
+) -> ViTConfig:
+    """Read a ViT's shape off its (prefix-stripped) weights of file ``source``; ``args`` (or
+    the standard width) names the heads (:func:`_num_heads`).
 
     Width from ``cls_token``, depth from block indices, patch size from the patch
-    conv, trained size from ``pos_embed``, heads from ``args.arch`` or width / 64.
+    conv, trained size from ``pos_embed``.
     """
     needed = ("cls_token", "pos_embed", "patch_embed.proj.weight")
     if any(k not in state for k in needed):
         arch = args.get("arch", "")
         hint = f" (its args say arch={arch!r})" if arch else ""
         raise CheckpointError(
-            f"the weights do not look like an iBOT/DINO ViT{hint}: missing "
+            f"{source}: the weights do not look like an iBOT/DINO ViT{hint}: missing "
             f"{[k for k in needed if k not in state]} (keys start with {sorted(state)[:5]}). "
             f"For other architectures use timm:NAME:PATH{_timm_hint(state)}."
         )
@@ -174,21 +204,10 @@ def infer_vit_config(state: Mapping[str, torch.Tensor], args: Mapping[str, Any])
     side = math.isqrt(n_patches)
     if side * side != n_patches or depth == 0:
         raise CheckpointError(
-            f"cannot infer the ViT shape: pos_embed has {n_patches} patch positions (not a "
-            f"square grid) or no blocks.N keys (depth {depth})."
+            f"{source}: cannot infer the ViT shape: pos_embed has {n_patches} patch positions "
+            f"(not a square grid) or no blocks.N keys (depth {depth})."
         )
-    heads = max(1, dim // 64)
-    arch = str(args.get("arch", ""))
-    if arch in VIT_ARCHS:
-        width, _, table_heads = VIT_ARCHS[arch]
-        if width != dim:
-            raise CheckpointError(
-                f"the checkpoint's args say arch={arch!r} (width {width}) but its weights have "
-                f"width {dim}; the file is inconsistent. Re-save it or fix args.arch."
-            )
-        heads = table_heads
-    elif int(args.get("num_heads", 0) or 0) > 0:  # custom widths (ibot-bench pretrain saves it)
-        heads = int(args["num_heads"])
+    heads = _num_heads(dim, args, source)
     fc1 = state.get("blocks.0.mlp.fc1.weight")
     return ViTConfig(
         embed_dim=dim,
