@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from ibot_bench.data.coco import CocoDataset
 from ibot_bench.dense.runner import resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
-from ibot_bench.downstream.detection.models import build_detection_config, check_categories
+from ibot_bench.downstream.detection.models import (
+    build_detection_config,
+    check_categories,
+    check_instances,
+)
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
@@ -106,6 +110,7 @@ def detection(ctx: TaskContext, cfg: DetectionConfig) -> TaskOutput:
     require_mm("detection")
     train, val = coco_splits(ctx)
     classes = check_categories(train, val, cfg.classes)
+    check_instances(train, val)
     rt = resolve_runtime(
         ctx.encoder(),
         device=cfg.device,
