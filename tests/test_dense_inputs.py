@@ -120,3 +120,111 @@ def test_train_file_without_categories_says_so(coco):
     edit_coco(coco, "train", lambda d: d.update(categories=[], annotations=[]))
     with pytest.raises(DatasetError, match="instances_train2017.json lists no categories"):
         _check(coco)
+
+
+# --- bad image and mask files, as the mmdet / mmseg pipelines meet them ----------------------
+
+
+def pipeline_datasets(task: str, root: Path) -> dict:
+    """The train and val datasets of ``task``'s real mmengine config on ``root`` (built by
+    mmdet / mmseg with the run's pipelines), without a model or training."""
+    from mmengine.registry import DATASETS, init_default_scope
+
+    import ibot_bench.dense.register  # noqa: F401
+    from ibot_bench.data import load_split
+    from ibot_bench.dense.runner import DenseRuntime
+
+    rt = DenseRuntime("cpu", "fp32", "BN", 1.0, 0.0, 64, 4, 8)
+    spec = f"{'coco' if task == 'detection' else 'ade20k'}:{root}"
+    train, val = load_split(spec, "train"), load_split(spec, "val")
+    if task == "detection":
+        from ibot_bench.downstream.detection import DetectionConfig, milestones_for
+        from ibot_bench.downstream.detection.models import build_detection_config
+
+        cfg = DetectionConfig(multiscale=False, img_scale=[32, 32])
+        classes = check_categories(train, val, None)
+        config = build_detection_config(
+            cfg, rt, "random:vit_tiny_patch8", train, val, classes, root, milestones_for(cfg)
+        )
+    else:
+        from ibot_bench.downstream.segmentation import SegmentationConfig
+        from ibot_bench.downstream.segmentation.models import build_segmentation_config
+
+        cfg = SegmentationConfig(crop_size=32, img_scale=[32, 32])
+        config = build_segmentation_config(
+            cfg, rt, "random:vit_tiny_patch8", train, val, 1e-4, root
+        )
+    init_default_scope(config["default_scope"])
+    return {
+        split: DATASETS.build(config[f"{split}_dataloader"]["dataset"])
+        for split in ("train", "test")
+    }
+
+
+def read_all(datasets: dict) -> None:
+    for ds in datasets.values():
+        for i in range(len(ds)):
+            ds[i]
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("split", "fix"), [("train", "replace or remove it"), ("val", "resumes from its last")]
+)
+def test_unreadable_coco_image_is_named(coco, split, fix):
+    """mmcv asserted 'failed to load image' deep in a loader; for val after all training."""
+    read_all(pipeline_datasets("detection", coco))
+    bad = _corrupt(sorted((coco / f"{split}2017").iterdir())[0])
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}: it does not decode; .*{fix}"):
+        read_all(pipeline_datasets("detection", coco))
+
+
+@pytest.fixture
+def ade(synth, tmp_path) -> Path:
+    """A private copy of the synthetic ADE20K release (7 classes: 3 shapes + 4 textures)."""
+    return shutil.copytree(synth / "ade20k" / "ADEChallengeData2016", tmp_path / "ade")
+
+
+def _first_mask(root: Path, split: str = "training") -> Path:
+    return sorted((root / "annotations" / split).iterdir())[0]
+
+
+def _rewrite_mask(path: Path, fn: Callable) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(fn(np.array(Image.open(path)))).save(path)
+
+
+@pytest.mark.parametrize(
+    ("split", "edit", "message"),
+    [
+        ("training", lambda p: _corrupt(p), "cannot be read"),
+        ("training", lambda p: _rewrite_mask(p, lambda m: m[:16]), "of the image's size 32x32"),
+        ("training", lambda p: _rewrite_mask(p, lambda m: m[..., None].repeat(3, 2)), "mode RGB"),
+        (
+            "training",
+            lambda p: _rewrite_mask(p, lambda m: m * 0 + 8),
+            r"value\(s\) \[8\] above the 7",
+        ),
+        ("validation", lambda p: _rewrite_mask(p, lambda m: m * 0 + 200), r"\[200\] .*resumes"),
+    ],
+)
+def test_bad_ade20k_mask_is_named(ade, split, edit, message):
+    """mmseg crashed on None (unreadable), trained on misaligned labels (other size), hit an
+    IndexError in the loss or lowered val mIoU without a word (values above the classes)."""
+    read_all(pipeline_datasets("segmentation", ade))  # values 0..7 and 255 pass
+    path = _first_mask(ade, split)
+    edit(path)
+    with pytest.raises(DatasetError, match=f"ADE20K mask {path} .*{message}"):
+        read_all(pipeline_datasets("segmentation", ade))
+
+
+def test_ade20k_class_list_shorter_than_the_masks(ade):
+    (ade / "classes.txt").write_text("circle\nsquare\n")
+    with pytest.raises(DatasetError, match="above the 2 classes .*classes.txt"):
+        read_all(pipeline_datasets("segmentation", ade))

@@ -13,6 +13,7 @@ from typing import Any
 
 from ibot_bench.data.coco import CocoDataset, preview_ids
 from ibot_bench.dense.runner import (
+    TEST_FIX,
     DenseRuntime,
     optim_wrapper,
     per_process_batch,
@@ -159,7 +160,7 @@ def pipelines(cfg) -> tuple[list[dict], list[dict]]:
     """Train and test pipelines: the Swin / iBOT multi-scale recipe, or one resize."""
     long, short = cfg.img_scale
     load = [
-        {"type": "LoadImageFromFile"},
+        {"type": "LoadImageNamingFile"},
         {"type": "LoadAnnotations", "with_bbox": True, "with_mask": True},
     ]
     if cfg.multiscale:
@@ -187,7 +188,7 @@ def pipelines(cfg) -> tuple[list[dict], list[dict]]:
         resize = [{"type": "Resize", "scale": (long, short), "keep_ratio": True}]
     train = [*load, {"type": "RandomFlip", "prob": 0.5}, *resize, {"type": "PackDetInputs"}]
     test = [
-        {"type": "LoadImageFromFile"},
+        {"type": "LoadImageNamingFile", "fix": TEST_FIX},
         {"type": "Resize", "scale": (long, short), "keep_ratio": True},
         {"type": "LoadAnnotations", "with_bbox": True, "with_mask": True},
         {

@@ -25,6 +25,10 @@ from ibot_bench.distributed import barrier
 from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 
+# the advice for an unreadable val file: the val split is not part of the run's key, so the
+# rerun finds the same work folder and its last checkpoint
+TEST_FIX = "replace it, then rerun: the run resumes from its last checkpoint, training kept"
+
 # embed_dim -> (layer_decay, drop_path): docs/protocols.md#detection (ViT-S / ViT-B);
 # ViT-L takes its fine-tuning values
 ARCH_DEFAULTS = {384: (0.75, 0.1), 768: (0.65, 0.2), 1024: (0.75, 0.4)}
