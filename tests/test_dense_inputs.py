@@ -228,3 +228,34 @@ def test_ade20k_class_list_shorter_than_the_masks(ade):
     (ade / "classes.txt").write_text("circle\nsquare\n")
     with pytest.raises(DatasetError, match="above the 2 classes .*classes.txt"):
         read_all(pipeline_datasets("segmentation", ade))
+
+
+# --- settings torch or mmengine would reject from deep inside ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "setting", "message"),
+    [
+        ("detection", {"lr": -0.1}, "lr must be > 0, got -0.1"),
+        ("detection", {"weight_decay": -1}, "weight_decay must be >= 0"),
+        ("detection", {"warmup_iters": 0}, "warmup_iters must be >= 1"),
+        ("detection", {"num_workers": -1}, "num_workers must be >= 0"),
+        ("detection", {"img_scale": [0, 0]}, "img_scale must be"),
+        ("detection", {"milestones": [5, 20]}, r"milestones must be epochs in 1..12"),
+        ("segmentation", {"lr": 0.0}, "lr must be > 0"),
+        ("segmentation", {"clip_grad": 0.0}, "clip_grad must be > 0 or null"),
+        ("segmentation", {"ratio_range": [2.0, 0.5]}, "ratio_range must be"),
+    ],
+)
+def test_out_of_range_settings_are_config_errors(task, setting, message):
+    """torch's AdamW, mmengine's schedulers and mmcv's crop raised these from a built run."""
+    from ibot_bench.downstream import detection, segmentation
+    from ibot_bench.errors import ConfigError
+
+    module = detection if task == "detection" else segmentation
+    config_cls = (
+        detection.DetectionConfig if task == "detection" else segmentation.SegmentationConfig
+    )
+    module.validate(config_cls())
+    with pytest.raises(ConfigError, match=message):
+        module.validate(config_cls(**setting))

@@ -87,6 +87,20 @@ def resolve_runtime(
     return runtime
 
 
+def dense_checks(cfg: Any) -> list[tuple[str, Any, bool, str]]:
+    """Range rows (:func:`~ibot_bench.config.check_ranges`) of the settings both dense tasks
+    share, which torch or mmengine would reject from deep inside a built run."""
+    lr = getattr(cfg, "lr", None)
+    return [
+        ("lr", lr, lr is None or lr > 0, "> 0"),
+        ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("warmup_iters", cfg.warmup_iters, cfg.warmup_iters >= 1, ">= 1"),
+        ("clip_grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad > 0, "> 0 or null (off)"),
+        ("num_workers", cfg.num_workers, cfg.num_workers >= 0, ">= 0"),
+        ("log_every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
+    ]  # fmt: skip
+
+
 def optim_wrapper(rt: DenseRuntime, lr: float, weight_decay: float, clip_grad: float | None):
     """AdamW with layer-wise lr decay; mixed precision only on CUDA (see runtime)."""
     wrapper: dict[str, Any] = {
