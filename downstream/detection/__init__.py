@@ -17,10 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ibot_bench.config import check_ranges
 from ibot_bench.data.coco import CocoDataset
-from ibot_bench.dense.runner import resolve_runtime, run
+from ibot_bench.dense.runner import dense_checks, resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
-from ibot_bench.downstream.detection.models import build_detection_config, check_categories
+from ibot_bench.downstream.detection.models import (
+    build_detection_config,
+    check_categories,
+    check_instances,
+)
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
@@ -84,6 +89,10 @@ def validate(cfg: DetectionConfig) -> None:
         raise ConfigError("epochs, batch_size, rois_per_image and proposals_per_image must be >= 1")
     if len(cfg.img_scale) != 2:
         raise ConfigError(f"img_scale is [long, short] side, got {cfg.img_scale}")
+    check_ranges(dense_checks(cfg) + [
+        ("img_scale", cfg.img_scale, min(cfg.img_scale) >= 1, "[long, short] sides >= 1"),
+        ("milestones", cfg.milestones, all(1 <= m <= cfg.epochs for m in milestones_for(cfg)), f"epochs in 1..{cfg.epochs}"),
+    ])  # fmt: skip
     if cfg.train_images is not None and cfg.train_images < cfg.batch_size:
         raise ConfigError(
             f"train_images={cfg.train_images} is fewer than one batch ({cfg.batch_size}); "
@@ -106,6 +115,7 @@ def detection(ctx: TaskContext, cfg: DetectionConfig) -> TaskOutput:
     require_mm("detection")
     train, val = coco_splits(ctx)
     classes = check_categories(train, val, cfg.classes)
+    check_instances(train, val)
     rt = resolve_runtime(
         ctx.encoder(),
         device=cfg.device,

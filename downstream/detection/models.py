@@ -11,8 +11,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from ibot_bench.data.coco import CocoDataset
+from ibot_bench.data.coco import CocoDataset, preview_ids
 from ibot_bench.dense.runner import (
+    TEST_FIX,
     DenseRuntime,
     optim_wrapper,
     per_process_batch,
@@ -44,11 +45,12 @@ def check_categories(train: CocoDataset, val: CocoDataset, classes: list[str] | 
 
     With ``classes`` unset the train file's categories (id order) are used and the val file
     must list the same; with ``classes`` set, both files must list exactly those names.
-    Training also needs at least one annotated image (mmdet skips images without boxes).
     """
     names = {
         split: [c["name"] for c in ds.categories] for split, ds in (("train", train), ("val", val))
     }
+    if not names["train"]:
+        raise DatasetError(f"{train.ann_file} lists no categories; it cannot train a detector.")
     wanted = list(classes) if classes is not None else names["train"]
     for split, found in names.items():
         if found != wanted:
@@ -60,15 +62,48 @@ def check_categories(train: CocoDataset, val: CocoDataset, classes: list[str] | 
                 "Fix the annotation file, or set classes to the file's names (classes=null uses "
                 "the train file's)."
             )
-    if not wanted:
-        raise DatasetError(f"{train.ann_file} lists no categories; it cannot train a detector.")
-    annotated = {a["image_id"] for a in train.coco.dataset.get("annotations", [])}
-    if not annotated:
-        raise DatasetError(
-            f"no image of {train.ann_file} has an annotation: detection needs boxes to train on "
-            "(images without annotations are skipped)."
-        )
     return wanted
+
+
+def _usable_box(ann: dict) -> bool:
+    """A box mmdet trains on: not a crowd, at least 1 px wide and high (mmdet's own rule)."""
+    _, _, w, h = ann["bbox"]
+    return not ann.get("iscrowd", 0) and w >= 1 and h >= 1 and ann["area"] > 0
+
+
+def _short_polygons(anns: list[dict]) -> list:
+    """Ids of annotations with a polygon of fewer than 3 points (COCOeval fails on them)."""
+    return [
+        a["id"]
+        for a in anns
+        if isinstance(a["segmentation"], list)
+        and any(len(poly) < 6 or len(poly) % 2 for poly in a["segmentation"])
+    ]
+
+
+def check_instances(train: CocoDataset, val: CocoDataset) -> None:
+    """Refuse splits that would train on nothing or score nothing, before any training.
+
+    mmdet skips crowd and sub-pixel boxes, so training needs one other box; COCO evaluation
+    reports -1 (a -100 AP record) without ground truth, and fails on a polygon of fewer than
+    3 points only when it scores masks, after training.
+    """
+    if not any(_usable_box(a) for a in train.coco.anns.values()):
+        raise DatasetError(
+            f"{train.ann_file} has no box to train on: detection needs annotations that are "
+            "not crowds, at least 1 px wide and high (mmdet skips the others)."
+        )
+    if not any(not a.get("iscrowd", 0) for a in val.coco.anns.values()):
+        raise DatasetError(
+            f"{val.ann_file} has no (non-crowd) annotation: COCO evaluation has nothing to "
+            "score; use a val split with annotations."
+        )
+    short = _short_polygons(list(val.coco.anns.values()))
+    if short:
+        raise DatasetError(
+            f"{val.ann_file}: {len(short)} annotation(s) (id {preview_ids(short)}) have a polygon of fewer than 3 "
+            "points, which COCO evaluation cannot score; fix or remove them."
+        )
 
 
 def _cascade_box_head(num_classes: int, stds: list[float], norm: str) -> dict[str, Any]:
@@ -125,7 +160,7 @@ def pipelines(cfg) -> tuple[list[dict], list[dict]]:
     """Train and test pipelines: the Swin / iBOT multi-scale recipe, or one resize."""
     long, short = cfg.img_scale
     load = [
-        {"type": "LoadImageFromFile"},
+        {"type": "LoadImageNamingFile"},
         {"type": "LoadAnnotations", "with_bbox": True, "with_mask": True},
     ]
     if cfg.multiscale:
@@ -153,7 +188,7 @@ def pipelines(cfg) -> tuple[list[dict], list[dict]]:
         resize = [{"type": "Resize", "scale": (long, short), "keep_ratio": True}]
     train = [*load, {"type": "RandomFlip", "prob": 0.5}, *resize, {"type": "PackDetInputs"}]
     test = [
-        {"type": "LoadImageFromFile"},
+        {"type": "LoadImageNamingFile", "fix": TEST_FIX},
         {"type": "Resize", "scale": (long, short), "keep_ratio": True},
         {"type": "LoadAnnotations", "with_bbox": True, "with_mask": True},
         {

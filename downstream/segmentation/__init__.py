@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ibot_bench.config import check_ranges
 from ibot_bench.data.ade20k import ADE20KDataset
-from ibot_bench.dense.runner import resolve_runtime, run
+from ibot_bench.dense.runner import dense_checks, resolve_runtime, run
 from ibot_bench.dense.runtime import require_mm
 from ibot_bench.downstream.segmentation.models import build_segmentation_config
 from ibot_bench.errors import ConfigError, UserError
@@ -69,6 +70,10 @@ def validate(cfg: SegmentationConfig) -> None:
         raise ConfigError("iters, batch_size, crop_size and checkpoint_every must be >= 1")
     if cfg.eval_mode == "slide" and not 0 < cfg.slide_stride <= cfg.crop_size:
         raise ConfigError(f"slide_stride must be in 1..crop_size, got {cfg.slide_stride}")
+    check_ranges(dense_checks(cfg) + [
+        ("img_scale", cfg.img_scale, len(cfg.img_scale) == 2 and min(cfg.img_scale) >= 1, "[long, short] sides >= 1"),
+        ("ratio_range", cfg.ratio_range, len(cfg.ratio_range) == 2 and 0 < cfg.ratio_range[0] <= cfg.ratio_range[1], "[low, high] with 0 < low <= high"),
+    ])  # fmt: skip
 
 
 def protocol_name(cfg: SegmentationConfig) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ibot_bench.data.ade20k import ADE20K_NUM_CLASSES, ADE20KDataset
 from ibot_bench.dense.runner import (
+    TEST_FIX,
     DenseRuntime,
     optim_wrapper,
     per_process_batch,
@@ -79,11 +80,14 @@ def segmentor(cfg, rt: DenseRuntime, encoder_spec: str, num_classes: int) -> dic
     return model
 
 
-def pipelines(cfg) -> tuple[list[dict], list[dict]]:
+def pipelines(cfg, num_classes: int) -> tuple[list[dict], list[dict]]:
+    """Train and test pipelines; each mask is checked (:class:`CheckSegMap`) before mmseg
+    loads it."""
     scale = tuple(cfg.img_scale)
     crop = (cfg.crop_size, cfg.crop_size)
     train = [
-        {"type": "LoadImageFromFile"},
+        {"type": "LoadImageNamingFile"},
+        {"type": "CheckSegMap", "num_classes": num_classes},
         {"type": "LoadAnnotations", "reduce_zero_label": True},
         {
             "type": "RandomResize",
@@ -97,7 +101,8 @@ def pipelines(cfg) -> tuple[list[dict], list[dict]]:
         {"type": "PackSegInputs"},
     ]
     test = [
-        {"type": "LoadImageFromFile"},
+        {"type": "LoadImageNamingFile", "fix": TEST_FIX},
+        {"type": "CheckSegMap", "num_classes": num_classes, "fix": TEST_FIX},
         {"type": "Resize", "scale": scale, "keep_ratio": True},
         {"type": "LoadAnnotations", "reduce_zero_label": True},
         {"type": "PackSegInputs"},
@@ -148,7 +153,7 @@ def build_segmentation_config(
 ) -> dict[str, Any]:
     """The complete mmengine config of one segmentation run."""
     classes = class_names(train)
-    train_pipe, test_pipe = pipelines(cfg)
+    train_pipe, test_pipe = pipelines(cfg, len(classes))
     loader = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
     config = runtime_config(
         device=rt.device,

@@ -36,6 +36,23 @@ def _list_preview(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def read_mask(path: str | Path, shape: tuple[int, int], fix: str = "replace it") -> np.ndarray:
+    """The (H, W) uint8 label mask at ``path``, which must match the image's ``shape``
+    (H, W); a DatasetError naming the file, ending with ``fix``, when it cannot be decoded
+    or does not fit."""
+    try:
+        with Image.open(path) as m:
+            mode, mask = m.mode, np.array(m)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"ADE20K mask {path} cannot be read ({exc}); {fix}.") from exc
+    if mode not in ("L", "P") or mask.shape != tuple(shape):
+        raise DatasetError(
+            f"ADE20K mask {path} must be a single-channel uint8 PNG of the image's size "
+            f"{shape[1]}x{shape[0]}; it is mode {mode} with shape {mask.shape}: {fix}."
+        )
+    return mask
+
+
 class ADE20KDataset:
     """Image / label-mask pairs of one ADE20K split, sorted by file name."""
 
@@ -96,18 +113,11 @@ class ADE20KDataset:
         try:
             with Image.open(image_path) as im:
                 image = to_rgb(im)
-            with Image.open(mask_path) as m:
-                mode, mask = m.mode, np.array(m)
         except (OSError, ValueError) as exc:
             raise DatasetError(
-                f"ADE20K pair {image_path} / {mask_path} cannot be read ({exc}); replace it."
+                f"ADE20K image {image_path} cannot be read ({exc}); replace it."
             ) from exc
-        if mode not in ("L", "P") or mask.shape != (image.height, image.width):
-            raise DatasetError(
-                f"ADE20K mask {mask_path} must be a single-channel uint8 PNG of the image's size "
-                f"{image.width}x{image.height}; it is mode {mode} with shape {mask.shape}."
-            )
-        return image, mask.astype(np.uint8, copy=False)
+        return image, read_mask(mask_path, (image.height, image.width))
 
     def fingerprint(self) -> str:
         """sha256 over the split, class names and each image's and mask's relative name with

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,64 @@ _HINT = (
 )
 
 
+# what mmdet's CocoDataset and COCOeval read of every entry (a missing one is a KeyError there)
+_IMAGE_KEYS = ("id", "file_name", "width", "height")
+_ANN_KEYS = ("id", "image_id", "category_id", "bbox", "area", "segmentation")
+
+
+def preview_ids(items: list) -> str:
+    """Up to 3 of ``items`` for a message, with how many more there are."""
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return ", ".join(str(x) for x in items[:3]) + more
+
+
+def _bad_annotations(anns: list[dict], image_ids: set, category_ids: set) -> dict[str, list]:
+    """Annotation ids by what is wrong with them (only annotations holding every key)."""
+    bad: dict[str, list] = {}
+    for a in anns:
+        if any(key not in a for key in _ANN_KEYS):
+            continue
+        for what, wrong in (
+            ("an image_id not in 'images'", a["image_id"] not in image_ids),
+            ("a category_id not in 'categories'", a["category_id"] not in category_ids),
+            ("a bbox that is not [x, y, w, h]", not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4)),
+            ("an empty segmentation", not a["segmentation"]),
+        ):  # fmt: skip
+            if wrong:
+                bad.setdefault(what, []).append(a["id"])
+    return bad
+
+
+def instance_problems(data: dict) -> list[str]:
+    """What in a COCO instances dict mmdet or COCOeval would crash on, or drop without a word:
+    entries lacking a key they read, repeated ids (pycocotools keeps one of them),
+    annotations of images or categories the file does not list, bboxes that are not
+    ``[x, y, w, h]``, empty segmentations. One line per kind, naming up to 3 entries."""
+    absent = [key for key in ("images", "categories") if key not in data]
+    if absent:
+        return [f"it has no {' or '.join(map(repr, absent))} list"]
+    images, anns = data["images"], data.get("annotations", [])
+    problems = []
+    for kind, items, keys in (("image", images, _IMAGE_KEYS), ("annotation", anns, _ANN_KEYS)):
+        for key in keys:
+            lacking = [i for i, item in enumerate(items) if key not in item]
+            if lacking:
+                problems.append(
+                    f"{len(lacking)} {kind}(s) (index {preview_ids(lacking)}) have no {key!r}"
+                )
+        counts = Counter(item["id"] for item in items if "id" in item)
+        repeated = [i for i, n in counts.items() if n > 1]
+        if repeated:
+            problems.append(f"{kind} id(s) {preview_ids(repeated)} are used more than once")
+    image_ids = {img.get("id") for img in images}
+    category_ids = {cat.get("id") for cat in data["categories"]}
+    for what, ids in _bad_annotations(anns, image_ids, category_ids).items():
+        problems.append(f"{len(ids)} annotation(s) (id {preview_ids(ids)}) have {what}")
+    return problems
+
+
 def _load_coco(ann_file: Path) -> Any:
+    """pycocotools' index of ``ann_file``, after :func:`instance_problems` found nothing."""
     try:
         from pycocotools.coco import COCO
     except ImportError as exc:
@@ -33,13 +91,25 @@ def _load_coco(ann_file: Path) -> Any:
             "reading COCO needs pycocotools; install it with `pip install pycocotools`."
         ) from exc
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
-            return COCO(str(ann_file))
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as exc:
+        data = json.loads(ann_file.read_bytes())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        problems = instance_problems(data)
+        if problems:
+            raise DatasetError(
+                f"COCO annotation file {ann_file}: {'; '.join(problems)}. Fix the file: mmdet "
+                "and COCO evaluation would fail on these entries or skip them silently."
+            )
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex() prints progress lines
+            coco.createIndex()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DatasetError(
             f"COCO annotation file {ann_file} is not valid COCO instances JSON ({exc}); "
             "re-download or regenerate it."
         ) from exc
+    return coco
 
 
 class CocoDataset:

@@ -25,6 +25,10 @@ from ibot_bench.distributed import barrier
 from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
 
+# the advice for an unreadable val file: the val split is not part of the run's key, so the
+# rerun finds the same work folder and its last checkpoint
+TEST_FIX = "replace it, then rerun: the run resumes from its last checkpoint, training kept"
+
 # embed_dim -> (layer_decay, drop_path): docs/protocols.md#detection (ViT-S / ViT-B);
 # ViT-L takes its fine-tuning values
 ARCH_DEFAULTS = {384: (0.75, 0.1), 768: (0.65, 0.2), 1024: (0.75, 0.4)}
@@ -81,6 +85,20 @@ def resolve_runtime(
     if not 0.0 <= runtime.drop_path < 1.0:
         raise ConfigError(f"drop_path must be in [0, 1), got {runtime.drop_path}")
     return runtime
+
+
+def dense_checks(cfg: Any) -> list[tuple[str, Any, bool, str]]:
+    """Range rows (:func:`~ibot_bench.config.check_ranges`) of the settings both dense tasks
+    share, which torch or mmengine would reject from deep inside a built run."""
+    lr = getattr(cfg, "lr", None)
+    return [
+        ("lr", lr, lr is None or lr > 0, "> 0"),
+        ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+        ("warmup_iters", cfg.warmup_iters, cfg.warmup_iters >= 1, ">= 1"),
+        ("clip_grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad > 0, "> 0 or null (off)"),
+        ("num_workers", cfg.num_workers, cfg.num_workers >= 0, ">= 0"),
+        ("log_every", cfg.log_every, cfg.log_every >= 1, ">= 1"),
+    ]  # fmt: skip
 
 
 def optim_wrapper(rt: DenseRuntime, lr: float, weight_decay: float, clip_grad: float | None):
