@@ -425,3 +425,8 @@ def test_spec_errors():
         load_encoder("checkpoint.pth")
     with pytest.raises(UserError, match="resnet18"):
         load_encoder("timm:resnet18x")
+    # timm's hf-hub: names would download; the timm-hosted ones have a cache-reading twin
+    with pytest.raises(UserError, match=r"use timm:vit_small_patch16_224\.augreg_in21k, which"):
+        encoder_fingerprint("timm:hf-hub:timm/vit_small_patch16_224.augreg_in21k")
+    with pytest.raises(UserError, match="not read: use timm:ARCH:PATH"):
+        load_encoder("timm:hf-hub:facebook/some-vit:weights.pth")

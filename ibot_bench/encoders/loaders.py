@@ -237,6 +237,8 @@ class TimmScheme(EncoderScheme):
 
     def parse(self, body: str) -> tuple[str, Path | None]:
         """(timm model name, weights file or None for the locally cached pretrained weights)."""
+        if body.startswith("hf-hub:"):
+            raise UserError(_hf_hub_advice(body))
         name, _, path_str = body.partition(":")
         return name, Path(path_str).expanduser() if path_str else None
 
@@ -253,6 +255,20 @@ class TimmScheme(EncoderScheme):
             info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
             return wrap_timm_model(model, info)
         return _load_timm_checkpoint(name, path, spec, allow_partial)
+
+
+def _hf_hub_advice(body: str) -> str:
+    """What to write instead of timm's ``hf-hub:ORG/NAME`` (a name timm would download)."""
+    repo = body.removeprefix("hf-hub:").split(":")[0]
+    org, _, tag = repo.rpartition("/")
+    same = (
+        f"timm:{tag}, which reads the same weights from the local Hugging Face cache "
+        "(IBOT_BENCH_DOWNLOAD=1 lets timm fetch them once), or "
+    )
+    return (
+        f"timm:hf-hub:... names are not read: use {same if org == 'timm' else ''}"
+        "timm:ARCH:PATH with the weights file (e.g. timm:vit_small_patch16_224:model.safetensors)."
+    )
 
 
 def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool) -> Encoder:
