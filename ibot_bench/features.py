@@ -36,6 +36,8 @@ from ibot_bench.distributed import (
 )
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
 from ibot_bench.errors import ConfigError, DatasetError, UserError
+from ibot_bench.feature_progress import OK, ExtractionProgress
+from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.io import remove_stale_temps, temp_prefix
 from ibot_bench.precision import choose_precision, probe_step
 from ibot_bench.runtime import autocast, loader_workers, resolve_device
@@ -157,6 +159,22 @@ def cls_feature(fs: FeatureSet) -> dict:
 
 FEATURE_ARRAYS = ("cls", "patch_mean", "cls_last_n")  # float32 (N, D) each
 ARRAYS = (*FEATURE_ARRAYS, "labels")
+
+
+def _resumed(
+    arrays: dict[str, np.ndarray] | None, n: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The (features, ok) buffers of a shard of ``n`` rows, starting with the saved rows."""
+    ok = torch.zeros(n, dtype=torch.bool)
+    if arrays is None:
+        return {}, ok
+    done = len(arrays[OK])
+    ok[:done] = torch.from_numpy(arrays[OK])
+    out = {}
+    for name in FEATURE_ARRAYS:
+        out[name] = torch.zeros((n, arrays[name].shape[1]), dtype=torch.float32)
+        out[name][:done] = torch.from_numpy(arrays[name])
+    return out, ok
 
 
 class _Images(torch.utils.data.Dataset):
@@ -399,23 +417,33 @@ def extract_features(
             f"cls = {layout['cls']}, cls_last_n = CLS of the last {n_last_blocks} block(s)"
         )
     rows = shard_range(len(data), rank, world_size)
+    n = len(rows)
+    saved = ExtractionProgress(path, rows, rank, world_size)
+    if refresh:
+        saved.discard()
+    out, ok = _resumed(saved.resume(FEATURE_ARRAYS, log), n)
     workers = loader_workers(cfg.num_workers, device, world_size)
     loader = torch.utils.data.DataLoader(
-        _Images(data, rows, transform, cfg.skip_corrupt),
+        _Images(data, range(rows.start + saved.saved, rows.stop), transform, cfg.skip_corrupt),
         batch_size=cfg.batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_interrupts,
     )
-    n = len(rows)
-    out: dict[str, torch.Tensor] = {}
-    ok = torch.zeros(n, dtype=torch.bool)
     start = time.perf_counter()
     with (
-        tqdm(total=n, desc=f"features {split}", unit="img", disable=not progress or rank) as bar,
+        tqdm(
+            total=n,
+            initial=saved.saved,
+            desc=f"features {split}",
+            unit="img",
+            disable=not progress or rank,
+        ) as bar,
         torch.inference_mode(),
         autocast(device, precision),
+        StopRequests("features") as stop,
     ):
         for row_idx, images, good in loader:
             x = normalize_batch(images.to(device, non_blocking=True))
@@ -430,6 +458,16 @@ def extract_features(
                 out[name][local] = value
             ok[local] = good
             bar.update(len(row_idx))
+            done = int(local[-1]) + 1  # batches come in row order
+            if stop.signal_name is not None:  # this rank's own signal: no collective call
+                saved.save(out, ok, done)
+                raise TrainingInterrupted(
+                    f"features stopped by {stop.signal_name}; {done} of {n} images of "
+                    f"{data_spec} [{split}] saved in {saved.folder}: rerun the same command "
+                    "to continue"
+                )
+            if saved.due():
+                saved.save(out, ok, done)
     elapsed = time.perf_counter() - start
     ok = gather_rows(ok, len(data))
     arrays = {  # nothing to gather for an empty feature (cls_last_n with 0 blocks)
@@ -467,6 +505,7 @@ def extract_features(
     }
     if rank == 0:
         _write_cache(path, arrays, meta)
+        saved.discard()
         log(f"features: {meta['images_per_s']:.1f} img/s, cached at {path}")
     barrier()
     return FeatureSet(

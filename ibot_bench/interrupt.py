@@ -1,5 +1,5 @@
-"""Stop a training run (pretraining, fine-tuning) cleanly on Ctrl-C or SIGTERM: finish the
-step, save, then stop.
+"""Stop a long run (pretraining, fine-tuning, feature extraction) cleanly on Ctrl-C or
+SIGTERM: finish the step (or batch), save, then stop.
 
 The first SIGINT or SIGTERM (a terminal's Ctrl-C; ``kill``, a scheduler or a container
 stopping the job) only asks for a stop: the running step finishes, a checkpoint is written

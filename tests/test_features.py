@@ -129,3 +129,71 @@ def test_default_last_blocks_resolved_per_encoder_and_recorded(tiny_imagefolder,
         feats.cls, feats.patch_mean, feats.cls_last_n, feats.labels, feats.class_names
     )  # no meta (built by hand, or cached before layouts were recorded): inferred
     assert legacy.layout["n_last_blocks"] == 4 and legacy.layout["num_blocks"] is None
+
+
+def _stopping_encoder(after_calls: int, stop):
+    """The test encoder, whose forward calls ``stop()`` on call ``after_calls``."""
+    enc = load_encoder(ENC)
+    forward, calls = enc.forward_features, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == after_calls:
+            stop()
+        return forward(*args, **kwargs)
+
+    enc.forward_features = counted
+    return enc
+
+
+def test_stopped_extraction_resumes_where_it_stopped(tiny_imagefolder, tmp_path, capsys):
+    """Ctrl-C saves the rows done; the rerun extracts only the rest and equals a run that was
+    never stopped; the saved rows are removed with the cache entry written."""
+    import signal
+
+    from ibot_bench.interrupt import TrainingInterrupted
+
+    spec = f"imagefolder:{tiny_imagefolder}"
+    whole = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path / "a", progress=False)
+    enc = _stopping_encoder(2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingInterrupted, match="10 of 12 images.*rerun the same command"):
+        extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=enc, progress=False)
+    (partial,) = tmp_path.glob("*.partial")
+    assert [p.name for p in partial.iterdir()] == ["rank0of1-0-10.npz"]
+    calls = []
+    rest = _stopping_encoder(0, lambda: None)
+    forward = rest.forward_features
+    rest.forward_features = lambda x, **kw: calls.append(len(x)) or forward(x, **kw)
+    resumed = extract_features(
+        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=rest, progress=False
+    )
+    assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
+    for name in ("cls", "patch_mean", "cls_last_n", "labels"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name))
+    assert not partial.exists()
+
+
+def test_killed_extraction_keeps_saved_rows_and_drops_damaged_ones(
+    tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    """A crash (or kill -9) loses only the rows since the last save; a damaged chunk is
+    discarded and extracted again, never trusted."""
+    import ibot_bench.feature_progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "SAVE_EVERY_S", 0.0)  # save after every batch
+    spec = f"imagefolder:{tiny_imagefolder}"
+    whole = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path / "a", progress=False)
+
+    def crash():
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        enc = _stopping_encoder(3, crash)
+        extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=enc, progress=False)
+    (partial,) = tmp_path.glob("*.partial")
+    assert sorted(p.name for p in partial.iterdir()) == ["rank0of1-0-5.npz", "rank0of1-5-10.npz"]
+    (partial / "rank0of1-5-10.npz").write_bytes(b"PK\x03\x04 truncated")
+    again = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, progress=False)
+    assert "discarding the saved rows" in capsys.readouterr().out
+    np.testing.assert_array_equal(again.cls, whole.cls)
+    assert not partial.exists()

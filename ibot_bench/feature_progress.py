@@ -1,0 +1,106 @@
+"""Resumable feature extraction: the rows extracted so far are kept on disk, so a stopped or
+killed extraction continues where it stopped instead of starting over.
+
+A frozen-feature extraction can take hours (ImageNet's 1.28M training images on a CPU). Every
+:data:`SAVE_EVERY_S` seconds, and at once on Ctrl-C / SIGTERM, each rank writes the rows it
+extracted since its last save as one chunk file in ``<cache entry>.partial/`` (named by rank,
+world size and row range). The entry's name is the hash of the cache key, so the chunks belong
+to exactly these weights, data and settings. A rerun reads its rank's chunks, checks that
+they are readable, finite and contiguous from the shard's first row (anything else is
+discarded and extracted again), and extracts the rest. The folder is removed once the cache
+entry is written.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ibot_bench.io import atomic_write
+
+SAVE_EVERY_S = 300.0  # a kill -9 loses at most this much extraction time
+OK = "ok"  # the chunk array of per-row "image was readable" flags
+
+
+class ExtractionProgress:
+    """The saved rows of one rank's shard ``rows`` of the cache entry ``entry``."""
+
+    def __init__(self, entry: Path, rows: range, rank: int, world_size: int) -> None:
+        self.folder = entry.with_name(f"{entry.name}.partial")
+        self.rows = rows
+        self.prefix = f"rank{rank}of{world_size}"
+        self.saved = 0  # rows of the shard (from its first) already on disk
+        self.last_save = time.monotonic()
+
+    def _chunks(self) -> list[tuple[int, int, Path]]:
+        pattern = re.compile(rf"{self.prefix}-(\d+)-(\d+)\.npz")
+        found = (pattern.fullmatch(p.name) for p in self.folder.glob(f"{self.prefix}-*.npz"))
+        return sorted((int(m[1]), int(m[2]), self.folder / m[0]) for m in found if m)
+
+    def resume(
+        self, names: tuple[str, ...], log: Callable[[str], None]
+    ) -> dict[str, np.ndarray] | None:
+        """The arrays (``names`` and :data:`OK`) of the shard's first rows saved by a stopped
+        run, or None if there are none (or they are unusable: then they are removed)."""
+        chunks = self._chunks()
+        if not chunks:
+            return None
+        try:
+            arrays = self._read(chunks, names)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            log(f"features: discarding the saved rows in {self.folder} ({exc}); starting over")
+            for *_, path in chunks:
+                path.unlink(missing_ok=True)
+            return None
+        self.saved = len(arrays[OK])
+        log(f"features: resuming after {self.saved} of {len(self.rows)} images ({self.folder})")
+        return arrays
+
+    def _read(self, chunks: list[tuple[int, int, Path]], names: tuple[str, ...]) -> dict:
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in (*names, OK)}
+        expected = self.rows.start
+        for start, stop, path in chunks:
+            if start != expected or stop > self.rows.stop:
+                raise ValueError(f"{path.name} does not continue the rows before it")
+            with np.load(path, allow_pickle=False) as chunk:
+                for name, part in parts.items():
+                    value = chunk[name]
+                    if len(value) != stop - start or not np.isfinite(value).all():
+                        raise ValueError(f"{path.name}: {name} is truncated or not finite")
+                    part.append(value)
+            expected = stop
+        arrays = {name: np.concatenate(part) for name, part in parts.items()}
+        arrays[OK] = arrays[OK].astype(bool)
+        return arrays
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_save >= SAVE_EVERY_S
+
+    def save(self, out: dict[str, torch.Tensor], ok: torch.Tensor, done: int) -> None:
+        """Write the shard's rows ``[saved, done)`` (indices into ``out`` / ``ok``) as a chunk."""
+        if done > self.saved:
+            start, stop = self.rows.start + self.saved, self.rows.start + done
+            arrays = {name: t[self.saved : done].numpy() for name, t in out.items()}
+            arrays[OK] = ok[self.saved : done].numpy()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"{self.prefix}-{start}-{stop}.npz"
+            atomic_write(path, lambda tmp: _savez(tmp, arrays))
+            self.saved = done
+        self.last_save = time.monotonic()
+
+    def discard(self) -> None:
+        """Remove the saved rows of every rank (once the cache entry is written, or on
+        ``--refresh``)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
