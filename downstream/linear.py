@@ -44,11 +44,14 @@ the protocol name then ends in ``-aug`` (the paper's published linear numbers ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,10 +59,12 @@ import torch
 from torch import nn
 
 from ibot_bench.data.subsets import stratified_split
+from ibot_bench.downstream.linear_resume import HeadsCheckpoint, Position
 from ibot_bench.downstream.live_features import LiveViews, live_views
 from ibot_bench.encoders.base import DEFAULT_LAST_BLOCKS
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet, feature_layout
+from ibot_bench.interrupt import StopRequests, TrainingInterrupted
 from ibot_bench.precision import choose_precision
 from ibot_bench.runtime import resolve_device
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
@@ -235,6 +240,21 @@ class HeadsSGD:
                 else:
                     buf.mul_(self.momentum).add_(grad)
                 p.addcmul_(buf, self.lrs[f], value=-factor)
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        """The momentum buffers by parameter name (``weight.<variant>``, ``bias.<variant>``)."""
+        named = {}
+        for f in self.model.groups:
+            for kind, p in (("weight", self.model.weight[f]), ("bias", self.model.bias[f])):
+                if id(p) in self.buffers:
+                    named[f"{kind}.{f}"] = self.buffers[id(p)]
+        return named
+
+    def load_named_buffers(self, named: dict[str, torch.Tensor]) -> None:
+        for f in self.model.groups:
+            for kind, p in (("weight", self.model.weight[f]), ("bias", self.model.bias[f])):
+                if f"{kind}.{f}" in named:
+                    self.buffers[id(p)] = named[f"{kind}.{f}"].to(p.device)
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -439,6 +459,8 @@ def train_heads(
     cfg: LinearBaseConfig,
     on_epoch: Callable[[int, LinearHeads], None] | None = None,
     views: LiveViews | None = None,
+    checkpoint: Path | None = None,
+    tracked: dict[str, Any] | None = None,
 ) -> LinearHeads:
     """Train all heads of ``specs`` together on rows ``rows`` of ``fs``.
 
@@ -447,6 +469,9 @@ def train_heads(
     heads of one feature variant run as one matmul (:class:`LinearHeads`).
     ``on_epoch(epoch, model)`` is called after every epoch. With ``cfg.augment`` the
     training features of each batch are computed live from augmented ``views``.
+    ``checkpoint``: a file that keeps long runs resumable (:mod:`.linear_resume`: saved every
+    few minutes and on Ctrl-C / SIGTERM, restored by a rerun); ``tracked`` is the caller's
+    mutable record of results (values: numbers, lists, tensors), saved and restored with it.
     """
     if cfg.augment and views is None:
         raise UserError("augment=true needs the encoder: run it as a task (ibot-bench eval)")
@@ -454,33 +479,88 @@ def train_heads(
     device = resolve_device(cfg.device)
     dims = check_variants(fs, [s.feature for s in specs])
     model = LinearHeads(specs, dims, num_classes, cfg.seed).to(device)
-    model.bf16 = heads_precision(model, dims, cfg, device) == "bf16"
     opt = HeadsSGD(model, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total_steps, step = cfg.epochs * steps_per_epoch, 0
+    total_steps = cfg.epochs * steps_per_epoch
     rng = np.random.default_rng(cfg.seed)
     labels = np.asarray(fs.labels, dtype=np.int64)
     features = sorted(dims)
-    for epoch in range(cfg.epochs):
-        perm = rng.permutation(rows)
-        total = 0.0
-        for start in range(0, len(perm), cfg.batch_size):
-            batch = perm[start : start + cfg.batch_size]
-            if source is None:
-                feats = feature_batch(fs, batch, features, device)
-            else:
-                feats = {k: v.to(device) for k, v in source(batch).items() if k in features}
-            y = torch.from_numpy(labels[batch]).to(device)
-            # sum over heads of each head's batch-mean cross-entropy
-            total += heads_gradients(model, feats, y, model.bf16)
-            opt.step(cosine_factor(step, total_steps))
-            step += 1
-        log.debug(
-            "linear epoch %d: mean loss per head %.4f", epoch, total / steps_per_epoch / len(specs)
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, model)
+    saver = _heads_checkpoint(checkpoint, specs, num_classes, rows, cfg)
+    resumed = saver.load(log.info) if saver is not None else None
+    if resumed is None:
+        model.bf16, at = heads_precision(model, dims, cfg, device) == "bf16", Position()
+    else:
+        state, at = resumed
+        model.load_state_dict(state["heads"])
+        opt.load_named_buffers(state["momentum"])
+        model.bf16 = state["bf16"]
+        if source is not None:
+            source.set_state(state["views"])
+        if tracked is not None:
+            tracked.update(state["tracked"])
+        rng.bit_generator.state = at.rng_state
+    step = at.step
+    with StopRequests("linear probe") if saver is not None else contextlib.nullcontext() as stop:
+        for epoch in range(at.epoch, cfg.epochs):
+            epoch_rng = rng.bit_generator.state
+            perm = rng.permutation(rows)
+            first = at.start if epoch == at.epoch else 0
+            for start in range(first, len(perm), cfg.batch_size):
+                batch = perm[start : start + cfg.batch_size]
+                if source is None:
+                    feats = feature_batch(fs, batch, features, device)
+                else:
+                    feats = {k: v.to(device) for k, v in source(batch).items() if k in features}
+                y = torch.from_numpy(labels[batch]).to(device)
+                # sum over heads of each head's batch-mean cross-entropy
+                heads_gradients(model, feats, y, model.bf16)
+                opt.step(cosine_factor(step, total_steps))
+                step += 1
+                asked = stop is not None and stop.signal_name is not None
+                if saver is not None and (asked or saver.due()):
+                    where = Position(epoch, start + cfg.batch_size, step, epoch_rng)
+                    saver.save(_heads_state(model, opt, source, tracked), where)
+                    if asked:
+                        raise TrainingInterrupted(
+                            f"linear probe stopped by {stop.signal_name}; saved at epoch "
+                            f"{epoch + 1}, row {start + len(batch)} of {len(perm)} in "
+                            f"{saver.path}: rerun the same command to resume"
+                        )
+            if on_epoch is not None:
+                on_epoch(epoch, model)
+    if saver is not None:
+        saver.finish()
     return model
+
+
+def _heads_checkpoint(
+    path: Path | None, specs: list[HeadSpec], num_classes: int, rows: np.ndarray, cfg: Any
+) -> HeadsCheckpoint | None:
+    """The checkpoint of this training at ``path`` (None: not resumable), named by what it
+    trains: the heads, classes, training rows and schedule."""
+    if path is None:
+        return None
+    signature = {
+        "heads": [s.as_dict() for s in specs],
+        "classes": num_classes,
+        "rows": hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest()[:16],
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+    }
+    return HeadsCheckpoint(path, signature)
+
+
+def _heads_state(
+    model: LinearHeads, opt: HeadsSGD, source: Any, tracked: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "heads": model.state_dict(),
+        "momentum": opt.named_buffers(),
+        "bf16": model.bf16,
+        "views": source.get_state() if source is not None else None,
+        "tracked": dict(tracked or {}),
+    }
 
 
 def _num_classes(train: FeatureSet, test: FeatureSet) -> int:
@@ -495,20 +575,27 @@ def _test_metrics(top1: float, top5: float, num_classes: int) -> dict[str, float
 
 
 def linear_probe(
-    train: FeatureSet, test: FeatureSet, cfg: LinearConfig, views: LiveViews | None = None
+    train: FeatureSet,
+    test: FeatureSet,
+    cfg: LinearConfig,
+    views: LiveViews | None = None,
+    work_dir: Path | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Protocol ``linear``: choose the head on a held-out split, report it on ``test``.
 
     The validation split is stratified and deterministic (``val_fraction``, ``seed``); the
     chosen head has the best validation top-1 (ties: first in (feature, lr) order). Returns
     ``(metrics, extra)``; extra holds the chosen head and every head's validation score.
-    Reused by ``semi`` as a plain function.
+    Reused by ``semi`` as a plain function. ``work_dir``: where long runs keep their resume
+    state (:func:`train_heads`).
     """
     _check_config(cfg)
     cfg, variants = resolve_variants(train, test, cfg)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     fit_rows, val_rows = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
-    model = train_heads(train, fit_rows, specs, num_classes, cfg, views=views)
+    model = train_heads(
+        train, fit_rows, specs, num_classes, cfg, views=views, checkpoint=_in(work_dir, "heads")
+    )
     device = next(model.parameters()).device
     val1, _ = evaluate_heads(model, train, val_rows, cfg.eval_batch_size, device)
     best = int(np.argmax(val1))
@@ -516,7 +603,11 @@ def linear_probe(
     log.info("linear: chose %s (val top-1 %.2f)", chosen, val1[best])
     if cfg.refit:
         all_rows = np.arange(len(train))
-        model, best = train_heads(train, all_rows, [chosen], num_classes, cfg, views=views), 0
+        refit = _in(work_dir, "refit")
+        model = train_heads(
+            train, all_rows, [chosen], num_classes, cfg, views=views, checkpoint=refit
+        )
+        best = 0
     test_rows = np.arange(len(test))
     top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device)
     extra = {
@@ -532,7 +623,11 @@ def linear_probe(
 
 
 def linear_probe_paper(
-    train: FeatureSet, test: FeatureSet, cfg: LinearPaperConfig, views: LiveViews | None = None
+    train: FeatureSet,
+    test: FeatureSet,
+    cfg: LinearPaperConfig,
+    views: LiveViews | None = None,
+    work_dir: Path | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Protocol ``linear-paper``: max over heads and epochs of the test top-1 (reference).
 
@@ -546,20 +641,36 @@ def linear_probe_paper(
     cfg, variants = resolve_variants(train, test, cfg)
     specs, num_classes = head_specs(cfg), _num_classes(train, test)
     test_rows = np.arange(len(test))
-    best = {"top1": -1.0}
-    per_head = np.full(len(specs), -1.0)
+    # the best (head, epoch) and each head's best: saved and restored with the heads
+    tracked: dict[str, Any] = {"best": {"top1": -1.0}, "per_head": [-1.0] * len(specs)}
 
     def on_epoch(epoch: int, model: LinearHeads) -> None:
         if (epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs:
             return
         device = next(model.parameters()).device
         top1, top5 = evaluate_heads(model, test, test_rows, cfg.eval_batch_size, device)
-        np.maximum(per_head, top1, out=per_head)
+        tracked["per_head"] = np.maximum(tracked["per_head"], top1).tolist()
         h = int(np.argmax(top1))
-        if top1[h] > best["top1"]:
-            best.update(top1=float(top1[h]), top5=float(top5[h]), head=h, epoch=epoch + 1)
+        if top1[h] > tracked["best"]["top1"]:
+            tracked["best"] = {
+                "top1": float(top1[h]),
+                "top5": float(top5[h]),
+                "head": h,
+                "epoch": epoch + 1,
+            }
 
-    model = train_heads(train, np.arange(len(train)), specs, num_classes, cfg, on_epoch, views)
+    model = train_heads(
+        train,
+        np.arange(len(train)),
+        specs,
+        num_classes,
+        cfg,
+        on_epoch,
+        views,
+        checkpoint=_in(work_dir, "heads"),
+        tracked=tracked,
+    )
+    best, per_head = tracked["best"], tracked["per_head"]
     extra = {
         "chosen_head": {**specs[best["head"]].as_dict(), "epoch": best["epoch"]},
         "heads": [{**s.as_dict(), "best_test_top1": float(v)} for s, v in zip(specs, per_head)],
@@ -568,6 +679,11 @@ def linear_probe_paper(
         "variants": variants,
     }
     return _test_metrics(best["top1"], best["top5"], num_classes), extra
+
+
+def _in(work_dir: Path | None, name: str) -> Path | None:
+    """The resume file ``name`` of a linear training in ``work_dir`` (None: not resumable)."""
+    return None if work_dir is None else Path(work_dir) / f"linear_{name}.pth"
 
 
 def variants_need(variants: list[str], features: Any = None) -> dict[str, int | None]:
@@ -598,7 +714,7 @@ def log_skipped(ctx: TaskContext, extra: dict, task: str = "linear") -> None:
 def linear(ctx: TaskContext, cfg: LinearConfig) -> TaskOutput:
     """Linear probes, head chosen on a held-out split (docs/protocols.md#linear-probe)."""
     train, test = ctx.features("train"), ctx.features("val")
-    metrics, extra = linear_probe(train, test, cfg, live_views(ctx, cfg))
+    metrics, extra = linear_probe(train, test, cfg, live_views(ctx, cfg), ctx.work_dir)
     log_skipped(ctx, extra)
     return TaskOutput(metrics=metrics, protocol=protocol_name("linear", cfg), extra=extra)
 
@@ -607,7 +723,7 @@ def linear(ctx: TaskContext, cfg: LinearConfig) -> TaskOutput:
 def linear_paper(ctx: TaskContext, cfg: LinearPaperConfig) -> TaskOutput:
     """Linear probes, max over heads and epochs on test as the reference (docs/protocols.md#linear-probe)."""
     train, test = ctx.features("train"), ctx.features("val")
-    metrics, extra = linear_probe_paper(train, test, cfg, live_views(ctx, cfg))
+    metrics, extra = linear_probe_paper(train, test, cfg, live_views(ctx, cfg), ctx.work_dir)
     log_skipped(ctx, extra, "linear-paper")
     return TaskOutput(metrics=metrics, protocol=protocol_name("linear-paper", cfg), extra=extra)
 

@@ -23,12 +23,12 @@ from ibot_bench.tasks import TaskContext
 
 FeatureSource = Callable[[np.ndarray], dict[str, torch.Tensor]]
 # training feature set -> the source of augmented features of its rows
-LiveViews = Callable[[FeatureSet], FeatureSource]
+LiveViews = Callable[[FeatureSet], "AugmentedFeatures"]
 
 
 def augmented_source(
     ctx: TaskContext, train: FeatureSet, scale: tuple[float, float], seed: int, device: torch.device
-) -> FeatureSource:
+) -> AugmentedFeatures:
     """``rows -> {cls, cls_last4, cls_patch}`` of freshly augmented views of those rows.
 
     Rows index ``train`` (features of the context's train split, possibly a label subset);
@@ -64,10 +64,12 @@ def augmented_source(
     )
     torch_gen = torch.Generator().manual_seed(seed)
 
-    def source(rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def views(rows: np.ndarray) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch_gen)))
-            batch = torch.stack([augment(data.read(int(i))) for i in images[rows]])
+            return torch.stack([augment(data.read(int(i))) for i in images[rows]])
+
+    def features(batch: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode(), autocast(device, precision):
             out = encoder.forward_features(normalize_batch(batch.to(device)), n_blocks)
         cls = out["cls"].float().clone()
@@ -77,7 +79,24 @@ def augmented_source(
             "cls_patch": torch.cat([cls, out["patch_mean"].float()], dim=1),
         }
 
-    return source
+    return AugmentedFeatures(lambda rows: features(views(rows)), torch_gen)
+
+
+class AugmentedFeatures:
+    """``rows -> features`` of fresh augmented views; the augmentation RNG's state can be
+    saved and restored, so a resumed linear probe draws the views an unstopped one would."""
+
+    def __init__(self, compute: FeatureSource, generator: torch.Generator) -> None:
+        self.compute, self.generator = compute, generator
+
+    def __call__(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.compute(rows)
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
 
 def live_views(ctx: TaskContext, cfg) -> LiveViews | None:

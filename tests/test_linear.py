@@ -225,3 +225,102 @@ def test_linear_precision_auto_is_measured_and_recorded(tmp_path, monkeypatch):
 def test_linear_precision_fp16_is_refused():
     with pytest.raises(ConfigError, match="auto, fp32 or bf16"):
         linear(feature_context(TRAIN, TEST), LinearConfig(**FAST, precision="fp16"))
+
+
+def _stop_at(monkeypatch, call: int, stop) -> None:
+    """Make the ``call``-th training step of the heads call ``stop()`` first."""
+    import ibot_bench.downstream.linear as linear_mod
+
+    real, calls = linear_mod.heads_gradients, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            stop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "heads_gradients", counted)
+
+
+def test_stopped_linear_probe_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch saves the heads, momentum, position and the best-so-far; the rerun
+    ends with the numbers of a run never stopped, and removes the saved state."""
+    import os
+    import signal
+
+    from ibot_bench.interrupt import TrainingInterrupted
+
+    cfg = LinearPaperConfig(**FAST, eval_every=2)
+    whole = linear_paper(feature_context(TRAIN, TEST), cfg)
+    ctx = feature_context(TRAIN, TEST, work_dir=tmp_path)
+    _stop_at(
+        monkeypatch, 20, lambda: os.kill(os.getpid(), signal.SIGINT)
+    )  # 8 steps an epoch: in epoch 3 of 6
+    with pytest.raises(TrainingInterrupted, match="epoch 3, row 256 of 480.*rerun the same"):
+        linear_paper(ctx, cfg)
+    assert (tmp_path / "linear_heads.pth").is_file()
+    monkeypatch.undo()
+    resumed = linear_paper(ctx, cfg)
+    assert resumed.metrics == whole.metrics and resumed.extra == whole.extra
+    assert not (tmp_path / "linear_heads.pth").exists()
+
+
+def test_killed_linear_probe_resumes_from_its_last_save(tmp_path, monkeypatch):
+    """A crash (or kill -9) loses only what came after the last periodic save; a damaged
+    state file is moved aside and the training starts over, never trusted."""
+    import ibot_bench.downstream.linear_resume as resume_mod
+
+    cfg = LinearConfig(**FAST, refit=True)
+    whole = linear(feature_context(TRAIN, TEST), cfg)
+    ctx = feature_context(TRAIN, TEST, work_dir=tmp_path)
+    monkeypatch.setattr(resume_mod, "SAVE_EVERY_S", 0.0)  # save after every step
+
+    def crash():
+        raise RuntimeError("killed")
+
+    _stop_at(monkeypatch, 7 * 6 + 4, crash)  # 42 steps choose the head (7 an epoch), then the refit
+    with pytest.raises(RuntimeError, match="killed"):
+        linear(ctx, cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear_refit.pth"]
+    monkeypatch.undo()
+    assert linear(ctx, cfg).metrics == whole.metrics
+    _stop_at(monkeypatch, 3, crash)
+    monkeypatch.setattr(resume_mod, "SAVE_EVERY_S", 0.0)
+    with pytest.raises(RuntimeError, match="killed"):
+        linear(ctx, cfg)
+    (tmp_path / "linear_heads.pth").write_bytes(b"PK\x03\x04 damaged")
+    monkeypatch.undo()
+    assert linear(ctx, cfg).metrics == whole.metrics
+    assert [p.name for p in tmp_path.glob("linear_heads.pth.unusable-*")]
+
+
+def test_stopped_augmented_probe_draws_the_same_views_after_resuming(
+    tiny_imagefolder, tmp_path, monkeypatch
+):
+    """The paper's augmented protocol (the long one): the augmentation RNG is saved too, so
+    the resumed run sees the views an unstopped one would and ends with the same heads."""
+    import os
+    import signal
+
+    from ibot_bench.downstream.live_features import live_views
+    from ibot_bench.features import FeatureConfig, extract_features
+    from ibot_bench.interrupt import TrainingInterrupted
+
+    enc, spec = "random:vit_tiny_patch8", f"imagefolder:{tiny_imagefolder}"
+    feats = FeatureConfig(img_size=32, num_workers=0, precision="fp32", n_last_blocks=4)
+    train, test = (extract_features(enc, spec, s, feats, progress=False) for s in ("train", "val"))
+    ctx = feature_context(train, test, enc, spec, feature_config=feats)
+    cfg = LinearPaperConfig(epochs=2, batch_size=4, base_lrs=[0.1], variants=["cls"], augment=True)
+    rows, specs, ckpt = np.arange(len(train)), head_specs(cfg), tmp_path / "heads.pth"
+
+    def train_probe():
+        return train_heads(train, rows, specs, 6, cfg, views=live_views(ctx, cfg), checkpoint=ckpt)
+
+    whole = train_probe()
+    _stop_at(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted, match="SIGTERM; saved at epoch 1, row 8 of 12"):
+        train_probe()
+    monkeypatch.undo()
+    resumed = train_probe()
+    assert torch.equal(resumed.weight["cls"], whole.weight["cls"])
+    assert torch.equal(resumed.bias["cls"], whole.bias["cls"])
