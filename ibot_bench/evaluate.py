@@ -31,6 +31,7 @@ from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.encoders.checkpoint import file_sha256
 from ibot_bench.errors import ConfigError
 from ibot_bench.features import FeatureConfig, FeatureSet, check_feature_config
+from ibot_bench.io import remove_stale_temps
 from ibot_bench.records import ResultRecord, config_hash, mean_std
 from ibot_bench.resources import config_dir, resolve_config, shipped_configs
 from ibot_bench.runtime import resolve_device
@@ -286,10 +287,12 @@ def execute(
     started = time.perf_counter()
     outputs, contexts = [], []
     for seed in cfg.seeds:
+        work_dir = output_dir / "work" / f"{run_id}__seed{seed}"
+        remove_stale_temps(work_dir)  # a killed run's half-written checkpoint (can be GBs)
         ctx = TaskContext(
             plan.encoder_spec,
             plan.data_spec,
-            work_dir=output_dir / "work" / f"{run_id}__seed{seed}",
+            work_dir=work_dir,
             allow_partial=allow_partial,
             log=log,
             seed=seed,

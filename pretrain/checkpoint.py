@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ibot_bench.encoders.checkpoint import _safe_globals
 from ibot_bench.errors import CheckpointError
-from ibot_bench.io import atomic_write
+from ibot_bench.io import atomic_write, remove_stale_temps
 
 CHECKPOINT = "checkpoint.pth"
 PREVIOUS = "checkpoint_prev.pth"  # the checkpoint.pth before the last write (hard link)
@@ -118,13 +118,15 @@ def export_backbone(path: Path, backbone: torch.nn.Module) -> Path:
 
 def check_output_dir(out: Path) -> None:
     """Refuse, before anything is built, an output folder whose files pretrain will write
-    are not plain files (a folder named ``checkpoint.pth`` would crash the first save)."""
+    are not plain files (a folder named ``checkpoint.pth`` would crash the first save); drop
+    the temp files that killed runs left there."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(
             f"output_dir {out} is a file, not a folder; choose another output_dir (--output)."
         )
     try:  # a parent that is a file, a read-only or full disk: said now, not at the first save
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # what a killed run left half-written (a checkpoint: GBs)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
         os.close(fd)
         os.unlink(probe)

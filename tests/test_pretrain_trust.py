@@ -4,6 +4,7 @@ resume with correctly paired optimizer state, bad files in the output folder."""
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 from pathlib import Path
 
@@ -359,3 +360,39 @@ def test_older_checkpoints_are_compared_by_their_recorded_config(tmp_path):
     trainer = Trainer(smoke(out))
     assert trainer.resumed_from == path
     assert trainer.history_entry["note"].startswith("older checkpoint")
+
+
+def test_half_written_files_of_a_killed_run_are_removed(tmp_path):
+    """A SIGKILL during a save leaves the temp file (a checkpoint's can be GBs): pretraining's
+    output folder and an evaluation's work folder drop those of dead writers on the rerun."""
+    import socket
+    import subprocess
+    import sys
+
+    from ibot_bench.io import temp_prefix
+    from ibot_bench.pretrain.checkpoint import check_output_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = f".checkpoint.pth.~{socket.gethostname()}-{os.getpid()}~x.tmp"  # this process
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    stale = out / f".checkpoint.pth.~{socket.gethostname()}-{dead.pid}~x.tmp"
+    for path in (stale, out / alive):
+        path.write_bytes(b"half")
+    check_output_dir(out)
+    assert not stale.exists() and (out / alive).exists()
+    assert temp_prefix(out / "checkpoint.pth").startswith(".checkpoint.pth.~")
+
+    results = tmp_path / "eval"
+    args = ["eval", "knn", "--encoder", "random:vit_tiny_patch8", "--data", "digits"]
+    args += ["--output", str(results), "--cache-dir", str(tmp_path / "cache"), "ks=[5]"]
+    assert main(args) == 0
+    (config,) = (results / "configs").glob("knn__*.yaml")  # TASK__PROTOCOL__RUN-KEY.yaml
+    task, _protocol, key = config.stem.split("__", 2)
+    work = results / "work" / f"{task}__{key}__seed0"
+    work.mkdir(parents=True)
+    planted = work / f".linear_heads.pth.~{socket.gethostname()}-{dead.pid}~y.tmp"
+    planted.write_bytes(b"half")
+    assert main(args) == 0
+    assert not planted.exists()
