@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.downstream.linear_resume import HeadsCheckpoint, Position
@@ -500,7 +501,10 @@ def train_heads(
             tracked.update(state["tracked"])
         rng.bit_generator.state = at.rng_state
     step = at.step
-    with StopRequests("linear probe") if saver is not None else contextlib.nullcontext() as stop:
+    with (
+        StopRequests("linear probe") if saver is not None else contextlib.nullcontext() as stop,
+        tqdm(total=total_steps, initial=step, desc="linear heads", unit="step", leave=False) as bar,
+    ):
         for epoch in range(at.epoch, cfg.epochs):
             epoch_rng = rng.bit_generator.state
             perm = rng.permutation(rows)
@@ -516,6 +520,7 @@ def train_heads(
                 heads_gradients(model, feats, y, model.bf16)
                 opt.step(cosine_factor(step, total_steps))
                 step += 1
+                bar.update()
                 asked = stop is not None and stop.signal_name is not None
                 if saver is not None and (asked or saver.due()):
                     where = Position(epoch, start + cfg.batch_size, step, epoch_rng)
