@@ -60,13 +60,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ibot_bench.data.subsets import stratified_split
-from ibot_bench.downstream.linear_resume import HeadsCheckpoint, Position
 from ibot_bench.downstream.live_features import LiveViews, live_views
 from ibot_bench.encoders.base import DEFAULT_LAST_BLOCKS
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet, feature_layout
 from ibot_bench.interrupt import StopRequests, TrainingInterrupted
 from ibot_bench.precision import choose_precision
+from ibot_bench.resume_file import ResumeFile
 from ibot_bench.runtime import resolve_device
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
@@ -256,6 +256,18 @@ class HeadsSGD:
             for kind, p in (("weight", self.model.weight[f]), ("bias", self.model.bias[f])):
                 if f"{kind}.{f}" in named:
                     self.buffers[id(p)] = named[f"{kind}.{f}"].to(p.device)
+
+
+@dataclass
+class Position:
+    """Where a heads training stands: ``epoch``, the first row ``start`` of that epoch's
+    shuffled order still to train, the global ``step``, and the shuffling RNG's state at that
+    epoch's start (the order is drawn again from it on resume)."""
+
+    epoch: int = 0
+    start: int = 0
+    step: int = 0
+    rng_state: dict | None = None
 
 
 def cosine_factor(step: int, total: int) -> float:
@@ -470,7 +482,7 @@ def train_heads(
     heads of one feature variant run as one matmul (:class:`LinearHeads`).
     ``on_epoch(epoch, model)`` is called after every epoch. With ``cfg.augment`` the
     training features of each batch are computed live from augmented ``views``.
-    ``checkpoint``: a file that keeps long runs resumable (:mod:`.linear_resume`: saved every
+    ``checkpoint``: a file that keeps long runs resumable (:mod:`ibot_bench.resume_file`: saved every
     few minutes and on Ctrl-C / SIGTERM, restored by a rerun); ``tracked`` is the caller's
     mutable record of results (values: numbers, lists, tensors), saved and restored with it.
     """
@@ -487,11 +499,17 @@ def train_heads(
     labels = np.asarray(fs.labels, dtype=np.int64)
     features = sorted(dims)
     saver = _heads_checkpoint(checkpoint, specs, num_classes, rows, cfg)
-    resumed = saver.load(log.info) if saver is not None else None
-    if resumed is None:
+    state = saver.load(log.info) if saver is not None else None
+    if state is None:
         model.bf16, at = heads_precision(model, dims, cfg, device) == "bf16", Position()
     else:
-        state, at = resumed
+        at = Position(**state["position"])
+        log.info(
+            "linear: resuming from %s at epoch %d, row %d of the epoch",
+            saver.path,
+            at.epoch + 1,
+            at.start,
+        )
         model.load_state_dict(state["heads"])
         opt.load_named_buffers(state["momentum"])
         model.bf16 = state["bf16"]
@@ -524,7 +542,7 @@ def train_heads(
                 asked = stop is not None and stop.signal_name is not None
                 if saver is not None and (asked or saver.due()):
                     where = Position(epoch, start + cfg.batch_size, step, epoch_rng)
-                    saver.save(_heads_state(model, opt, source, tracked), where)
+                    saver.save(_heads_state(model, opt, source, tracked, where))
                     if asked:
                         raise TrainingInterrupted(
                             f"linear probe stopped by {stop.signal_name}; saved at epoch "
@@ -540,7 +558,7 @@ def train_heads(
 
 def _heads_checkpoint(
     path: Path | None, specs: list[HeadSpec], num_classes: int, rows: np.ndarray, cfg: Any
-) -> HeadsCheckpoint | None:
+) -> ResumeFile | None:
     """The checkpoint of this training at ``path`` (None: not resumable), named by what it
     trains: the heads, classes, training rows and schedule."""
     if path is None:
@@ -553,13 +571,18 @@ def _heads_checkpoint(
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
     }
-    return HeadsCheckpoint(path, signature)
+    return ResumeFile(path, signature, "linear")
 
 
 def _heads_state(
-    model: LinearHeads, opt: HeadsSGD, source: Any, tracked: dict[str, Any] | None
+    model: LinearHeads,
+    opt: HeadsSGD,
+    source: Any,
+    tracked: dict[str, Any] | None,
+    position: Position,
 ) -> dict[str, Any]:
     return {
+        "position": dataclasses.asdict(position),
         "heads": model.state_dict(),
         "momentum": opt.named_buffers(),
         "bf16": model.bf16,

@@ -15,17 +15,23 @@ ascending C with warm starts (the optimum is unique, so only speed changes).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from tqdm.auto import tqdm
 
 from ibot_bench.data.subsets import stratified_split
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet, cls_feature
+from ibot_bench.resume_file import ResumeFile
 from ibot_bench.tasks import TaskContext, TaskOutput, register_task
 
 log = logging.getLogger(__name__)
@@ -76,38 +82,80 @@ def _check(cfg: LogregConfig, labels: np.ndarray) -> None:
 
 
 def select_c(
-    x: np.ndarray, y: np.ndarray, cfg: LogregConfig
+    x: np.ndarray, y: np.ndarray, cfg: LogregConfig, state: Path | None = None
 ) -> tuple[float, dict[float, float], bool]:
     """Best C of ``cfg.c_grid`` by top-1 on a stratified hold-out (ties: the smallest C).
 
-    Returns ``(best_c, {C: val_top1}, all_converged)``.
+    Returns ``(best_c, {C: val_top1}, all_converged)``. ``state``: a file that keeps a long
+    sweep resumable (:mod:`ibot_bench.resume_file`): the scores so far and the warm start
+    are saved after a C when a few minutes have passed, and a rerun continues from them with
+    the same results (lbfgs from the same warm start).
     """
     fit_rows, val_rows = stratified_split(y, cfg.val_fraction, cfg.seed)
     x_fit, y_fit, x_val, y_val = x[fit_rows], y[fit_rows], x[val_rows], y[val_rows]
     clf = LogisticRegression(max_iter=cfg.max_iter, tol=cfg.tol, warm_start=True)
+    saver = _sweep_file(state, x, y, cfg)
+    saved = saver.load(log.info) if saver is not None else None
     scores: dict[float, float] = {}
     converged = True
-    for c in sorted(cfg.c_grid):
+    if saved is not None:
+        scores = {float(c): v for c, v in saved["scores"]}
+        converged = saved["converged"]
+        clf.coef_, clf.intercept_ = saved["coef"].numpy(), saved["intercept"].numpy()
+        clf.classes_ = saved["classes"].numpy()
+        log.info("logreg: resuming the C sweep from %s after %d C values", state, len(scores))
+    grid = sorted(cfg.c_grid)
+    todo = [c for c in grid if c not in scores]
+    for c in tqdm(todo, desc="logreg C sweep", total=len(grid), initial=len(scores), leave=False):
         clf.set_params(C=c)
         converged &= _fit(clf, x_fit, y_fit)
         scores[c] = 100.0 * float(np.mean(clf.predict(x_val) == y_val))
         log.debug("logreg C=%g val top-1 %.2f", c, scores[c])
+        if saver is not None and saver.due() and c != grid[-1]:
+            saver.save(_sweep_state(clf, scores, converged))
+    if saver is not None:
+        saver.finish()
     best = max(scores, key=lambda c: (scores[c], -c))
     return best, scores, converged
 
 
+def _sweep_file(
+    path: Path | None, x: np.ndarray, y: np.ndarray, cfg: LogregConfig
+) -> ResumeFile | None:
+    """The resume file of this sweep (None: not resumable), named by its data and settings."""
+    if path is None:
+        return None
+    data = hashlib.sha256(np.ascontiguousarray(x))  # the buffers themselves: no 2 GB copies
+    data.update(np.ascontiguousarray(y))
+    return ResumeFile(path, {"data": data.hexdigest()[:16], **asdict(cfg)}, "logreg")
+
+
+def _sweep_state(
+    clf: LogisticRegression, scores: dict[float, float], converged: bool
+) -> dict[str, Any]:
+    return {
+        "scores": [[c, v] for c, v in scores.items()],
+        "converged": converged,
+        "coef": torch.from_numpy(clf.coef_),
+        "intercept": torch.from_numpy(clf.intercept_),
+        "classes": torch.from_numpy(clf.classes_),
+    }
+
+
 def logreg_eval(
-    train: FeatureSet, test: FeatureSet, cfg: LogregConfig
+    train: FeatureSet, test: FeatureSet, cfg: LogregConfig, work_dir: Path | None = None
 ) -> tuple[dict[str, float], dict]:
     """Logistic-regression core (docs/protocols.md#logistic-regression): ``(metrics, extra)``; reused by ``semi``.
 
     Metrics: ``top1`` and, with at least 5 classes, ``top5`` (percent). Extra: ``best_C``,
-    the validation top-1 of every C, and whether lbfgs converged everywhere.
+    the validation top-1 of every C, and whether lbfgs converged everywhere. ``work_dir``:
+    where a long C sweep keeps its resume state (:func:`select_c`).
     """
     y = np.asarray(train.labels, dtype=np.int64)
     _check(cfg, y)
     x, x_test = _normalize(train.cls), _normalize(test.cls)
-    best_c, scores, converged = select_c(x, y, cfg)
+    state = None if work_dir is None else Path(work_dir) / "logreg_sweep.pth"
+    best_c, scores, converged = select_c(x, y, cfg, state)
     clf = LogisticRegression(C=best_c, max_iter=cfg.max_iter, tol=cfg.tol)
     converged &= _fit(clf, x, y)
     if not converged:
@@ -131,5 +179,5 @@ def logreg_eval(
 @register_task("logreg", LogregConfig)
 def logreg(ctx: TaskContext, cfg: LogregConfig) -> TaskOutput:
     """Logistic regression on L2-normalised CLS, C chosen on a hold-out (docs/protocols.md#logistic-regression)."""
-    metrics, extra = logreg_eval(ctx.features("train"), ctx.features("val"), cfg)
+    metrics, extra = logreg_eval(ctx.features("train"), ctx.features("val"), cfg, ctx.work_dir)
     return TaskOutput(metrics=metrics, protocol="logreg", extra=extra)

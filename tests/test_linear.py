@@ -268,7 +268,7 @@ def test_stopped_linear_probe_resumes_to_the_same_numbers(tmp_path, monkeypatch)
 def test_killed_linear_probe_resumes_from_its_last_save(tmp_path, monkeypatch):
     """A crash (or kill -9) loses only what came after the last periodic save; a damaged
     state file is moved aside and the training starts over, never trusted."""
-    import ibot_bench.downstream.linear_resume as resume_mod
+    import ibot_bench.resume_file as resume_mod
 
     cfg = LinearConfig(**FAST, refit=True)
     whole = linear(feature_context(TRAIN, TEST), cfg)

@@ -153,3 +153,37 @@ def test_protocol_names():
 def test_registered():
     for name, cls in [("logreg", LogregConfig), ("semi", SemiConfig)]:
         assert TASKS.get(name).config_cls is cls
+
+
+def test_logreg_sweep_resumes_after_the_last_saved_c(tmp_path, monkeypatch):
+    """A killed sweep keeps the C values done (and the warm start); the rerun fits only the
+    rest and reports what a sweep never stopped would. A damaged file is moved aside."""
+    import ibot_bench.downstream.logreg as logreg_mod
+    import ibot_bench.resume_file as resume_mod
+
+    grid = [1e-4, 1e-2, 1.0, 100.0]
+    cfg = LogregConfig(c_grid=grid)
+    whole = logreg(feature_context(TRAIN, TEST), cfg)
+    ctx = feature_context(TRAIN, TEST, work_dir=tmp_path)
+    real_fit, fitted = logreg_mod._fit, []
+
+    def fit(clf, x, y):
+        fitted.append(clf.C)
+        if len(fitted) == 3 and crash:
+            raise RuntimeError("killed")
+        return real_fit(clf, x, y)
+
+    monkeypatch.setattr(logreg_mod, "_fit", fit)
+    monkeypatch.setattr(resume_mod, "SAVE_EVERY_S", 0.0)  # save after every C
+    crash = True
+    with pytest.raises(RuntimeError, match="killed"):
+        logreg(ctx, cfg)
+    assert (tmp_path / "logreg_sweep.pth").is_file()
+    crash, fitted[:] = False, []
+    resumed = logreg(ctx, cfg)
+    assert fitted == [1.0, 100.0, resumed.extra["best_C"]]  # the rest of the grid, the refit
+    assert resumed.metrics == whole.metrics and resumed.extra == whole.extra
+    assert not (tmp_path / "logreg_sweep.pth").exists()
+    (tmp_path / "logreg_sweep.pth").write_bytes(b"damaged")
+    assert logreg(ctx, cfg).metrics == whole.metrics
+    assert list(tmp_path.glob("logreg_sweep.pth.unusable-*"))
