@@ -2,10 +2,10 @@
 killed extraction continues where it stopped instead of starting over.
 
 A frozen-feature extraction can take hours (ImageNet's 1.28M training images on a CPU). Every
-:data:`SAVE_EVERY_S` seconds, and at once on Ctrl-C / SIGTERM, each rank writes the rows it
-extracted since its last save as one chunk file in ``<cache entry>.partial/`` (named by rank,
-world size and row range). The entry's name is the hash of the cache key, so the chunks belong
-to exactly these weights, data and settings. A rerun reads its rank's chunks, checks that
+few minutes (:data:`ibot_bench.resume_file.SAVE_EVERY_S`), and at once on Ctrl-C / SIGTERM,
+each rank writes the rows it extracted since its last save as one chunk file in
+``<cache entry>.partial/`` (named by rank, world size and row range). The entry's name is the
+hash of the cache key, so the chunks belong to exactly these weights, data and settings. A rerun reads its rank's chunks, checks that
 they are readable, finite and contiguous from the shard's first row (anything else is
 discarded and extracted again), and extracts the rest. The folder is removed once the cache
 entry is written.
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ibot_bench import resume_file
 from ibot_bench.io import atomic_write
 
-SAVE_EVERY_S = 300.0  # a kill -9 loses at most this much extraction time
 OK = "ok"  # the chunk array of per-row "image was readable" flags
 
 
@@ -81,7 +81,7 @@ class ExtractionProgress:
         return arrays
 
     def due(self) -> bool:
-        return time.monotonic() - self.last_save >= SAVE_EVERY_S
+        return time.monotonic() - self.last_save >= resume_file.SAVE_EVERY_S
 
     def save(self, out: dict[str, torch.Tensor], ok: torch.Tensor, done: int) -> None:
         """Write the shard's rows ``[saved, done)`` (indices into ``out`` / ``ok``) as a chunk."""

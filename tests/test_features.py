@@ -178,9 +178,9 @@ def test_killed_extraction_keeps_saved_rows_and_drops_damaged_ones(
 ):
     """A crash (or kill -9) loses only the rows since the last save; a damaged chunk is
     discarded and extracted again, never trusted."""
-    import ibot_bench.feature_progress as progress_mod
+    import ibot_bench.resume_file as resume_mod
 
-    monkeypatch.setattr(progress_mod, "SAVE_EVERY_S", 0.0)  # save after every batch
+    monkeypatch.setattr(resume_mod, "SAVE_EVERY_S", 0.0)  # save after every batch
     spec = f"imagefolder:{tiny_imagefolder}"
     whole = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path / "a", progress=False)
 
