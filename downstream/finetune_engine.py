@@ -57,7 +57,14 @@ from ibot_bench.data.classification import (
     normalize_batch,
     read_for_training,
 )
-from ibot_bench.distributed import barrier, init_distributed, is_main, shard_range, world
+from ibot_bench.distributed import (
+    barrier,
+    check_shared,
+    init_distributed,
+    is_main,
+    shard_range,
+    world,
+)
 from ibot_bench.errors import CheckpointError, ConfigError, UserError, first_line
 from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.io import atomic_write
@@ -497,7 +504,7 @@ def resume(run: FitRun) -> int | None:
     Returns the global step it resumes at (None for a fresh run). A finished run resumes
     past its last epoch, so :func:`fit` returns its results without training.
     """
-    if run.path.exists() and not run.path.is_file():
+    if check_shared(run.path) and not run.path.is_file():
         raise CheckpointError(
             f"{run.path} is not a file (a folder?); it is where this run's checkpoint goes: "
             "remove it to start over (nothing was trained)"
@@ -684,7 +691,8 @@ def fit(
 
 def _interrupted(run: FitRun, epoch: int, step: int) -> TrainingInterrupted:
     return TrainingInterrupted(
-        f"fine-tuning stopped by {run.stop.signal_name}; checkpoint saved at epoch {epoch}, "
+        f"fine-tuning stopped by {run.stop.signal_name or 'a signal to another rank'}; "
+        f"checkpoint saved at epoch {epoch}, "
         f"step {step} in {run.path}: rerun the same command to resume"
     )
 

@@ -319,6 +319,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
 def _cmd_features(args: argparse.Namespace) -> None:
     from ibot_bench.config import load_config, to_dict
     from ibot_bench.display_names import split_named
+    from ibot_bench.distributed import is_main
     from ibot_bench.features import FeatureConfig, extract_features
 
     _only_one(args)
@@ -338,6 +339,8 @@ def _cmd_features(args: argparse.Namespace) -> None:
         refresh=args.refresh,
         allow_partial=args.allow_partial,
     )
+    if not is_main():  # under torchrun every rank has the features; rank 0 reports
+        return
     meta = feats.meta
     print(f"images      {len(feats)} ({feats.num_classes} classes, split {args.split})")
     print(f"cls         {tuple(feats.cls.shape)}")
@@ -600,6 +603,16 @@ COMMANDS = {
 }
 
 
+def _record_for_torchrun(exc: Exception) -> None:
+    """Under torchrun, write ``exc`` to this rank's error file (torch elastic's), so the
+    failure summary torchrun prints at the end names the error instead of
+    ``error_file: <N/A>`` under a pile of other ranks' lost-connection tracebacks."""
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -618,7 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args) or 0
     except UserError as exc:
         print(f"ibot-bench: error: {user_message(exc)}", file=sys.stderr)
+        _record_for_torchrun(exc)
         return 2
+    except Exception as exc:
+        _record_for_torchrun(exc)
+        raise
     except KeyboardInterrupt as exc:
         detail = str(exc) or "finished results and caches are kept"
         print(f"ibot-bench: interrupted; {detail}", file=sys.stderr)

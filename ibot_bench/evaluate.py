@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import pickle
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +25,13 @@ from ibot_bench.config import load_config, save_config, to_dict
 from ibot_bench.data import ClassificationSplit, load_split
 from ibot_bench.data.subsets import find_split_file
 from ibot_bench.display_names import derive_name
-from ibot_bench.distributed import broadcast_object, init_distributed, is_main, world
+from ibot_bench.distributed import (
+    broadcast_object,
+    init_distributed,
+    is_main,
+    picklable,
+    world,
+)
 from ibot_bench.encoders import encoder_fingerprint
 from ibot_bench.encoders.checkpoint import file_sha256
 from ibot_bench.errors import ConfigError
@@ -207,15 +212,6 @@ def combine_seeds(outputs: list[TaskOutput], seeds: list[int]) -> tuple[dict[str
     return metrics, {"per_seed": [o.extra for o in outputs]}
 
 
-def _picklable(exc: BaseException) -> BaseException:
-    """``exc`` if it can cross to other ranks, else a RuntimeError with its text."""
-    try:
-        pickle.dumps(exc)
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
 def run_task(task: TaskDef, ctx: TaskContext, cfg: Any) -> TaskOutput:
     """Run ``task`` once, whatever the number of processes.
 
@@ -233,7 +229,7 @@ def run_task(task: TaskDef, ctx: TaskContext, cfg: Any) -> TaskOutput:
         try:
             result: tuple[str, Any] = ("ok", task.fn(ctx, cfg))
         except BaseException as exc:
-            broadcast_object(("done", ("error", _picklable(exc))))
+            broadcast_object(("done", ("error", picklable(exc))))
             raise
         broadcast_object(("done", result))
         return result[1]

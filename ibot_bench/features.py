@@ -29,8 +29,10 @@ from ibot_bench.data.classification import (
 from ibot_bench.distributed import (
     all_ranks,
     barrier,
+    gather_objects,
     gather_rows,
     init_distributed,
+    raise_any,
     shard_range,
     world,
 )
@@ -175,6 +177,15 @@ def _resumed(
         out[name] = torch.zeros((n, arrays[name].shape[1]), dtype=torch.float32)
         out[name][:done] = torch.from_numpy(arrays[name])
     return out, ok
+
+
+def _match_empty_shard(out: dict[str, torch.Tensor], n: int) -> None:
+    """Collective: a rank whose shard is empty (more ranks than images) never saw a feature,
+    so it takes the other ranks' widths and gathers the same arrays as they do."""
+    shapes = gather_objects({name: t.shape[1] for name, t in out.items()})
+    widths = next((w for w in shapes if w), {})
+    for name, width in widths.items():  # type: ignore[union-attr]
+        out.setdefault(name, torch.zeros((n, width), dtype=torch.float32))
 
 
 class _Images(torch.utils.data.Dataset):
@@ -433,41 +444,46 @@ def extract_features(
         worker_init_fn=ignore_interrupts,
     )
     start = time.perf_counter()
-    with (
-        tqdm(
-            total=n,
-            initial=saved.saved,
-            desc=f"features {split}",
-            unit="img",
-            disable=not progress or rank,
-        ) as bar,
-        torch.inference_mode(),
-        autocast(device, precision),
-        StopRequests("features") as stop,
-    ):
-        for row_idx, images, good in loader:
-            x = normalize_batch(images.to(device, non_blocking=True))
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats = encoder.forward_features(x, n_last_blocks=n_last_blocks)
-            local = row_idx - rows.start
-            for name in FEATURE_ARRAYS:
-                value = feats[name].float().cpu()
-                if name not in out:
-                    out[name] = torch.zeros((n, value.shape[1]), dtype=torch.float32)
-                out[name][local] = value
-            ok[local] = good
-            bar.update(len(row_idx))
-            done = int(local[-1]) + 1  # batches come in row order
-            if stop.signal_name is not None:  # this rank's own signal: no collective call
-                saved.save(out, ok, done)
-                raise TrainingInterrupted(
-                    f"features stopped by {stop.signal_name}; {done} of {n} images of "
-                    f"{data_spec} [{split}] saved in {saved.folder}: rerun the same command "
-                    "to continue"
-                )
-            if saved.due():
-                saved.save(out, ok, done)
+    try:
+        with (
+            tqdm(
+                total=n,
+                initial=saved.saved,
+                desc=f"features {split}",
+                unit="img",
+                disable=not progress or rank,
+            ) as bar,
+            torch.inference_mode(),
+            autocast(device, precision),
+            StopRequests("features") as stop,
+        ):
+            for row_idx, images, good in loader:
+                x = normalize_batch(images.to(device, non_blocking=True))
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                feats = encoder.forward_features(x, n_last_blocks=n_last_blocks)
+                local = row_idx - rows.start
+                for name in FEATURE_ARRAYS:
+                    value = feats[name].float().cpu()
+                    if name not in out:
+                        out[name] = torch.zeros((n, value.shape[1]), dtype=torch.float32)
+                    out[name][local] = value
+                ok[local] = good
+                bar.update(len(row_idx))
+                done = int(local[-1]) + 1  # batches come in row order
+                if stop.signal_name is not None:  # this rank's own signal: no collective call
+                    saved.save(out, ok, done)
+                    raise TrainingInterrupted(
+                        f"features stopped by {stop.signal_name}; {done} of {n} images of "
+                        f"{data_spec} [{split}] saved in {saved.folder}: rerun the same command "
+                        "to continue"
+                    )
+                if saved.due():
+                    saved.save(out, ok, done)
+    except Exception as exc:  # every rank must hear of it, or the others wait in the gather
+        raise_any(exc)
+    raise_any(None)
+    _match_empty_shard(out, n)
     elapsed = time.perf_counter() - start
     ok = gather_rows(ok, len(data))
     arrays = {  # nothing to gather for an empty feature (cls_last_n with 0 blocks)
@@ -499,7 +515,7 @@ def extract_features(
         "skipped": skipped,
         "key": key_parts,
         "layout": layout,
-        "images_per_s": n * world_size / max(elapsed, 1e-9),
+        "images_per_s": len(data) / max(elapsed, 1e-9),  # all ranks' (a shard may be empty)
         "world_size": world_size,
         "device": str(device),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config
-from ibot_bench.distributed import barrier, gather_objects, init_distributed, is_main
+from ibot_bench.distributed import (
+    barrier,
+    gather_objects,
+    init_distributed,
+    is_main,
+    wait_for_all,
+    world,
+)
 from ibot_bench.errors import ConfigError, NotApplicableError, UserError, user_message
 from ibot_bench.evaluate import EvalPlan, execute, plan_eval, record_key
 from ibot_bench.io import atomic_write_text, remove_stale_temps
@@ -210,6 +218,24 @@ def agree(decision: tuple[str, str]) -> tuple[str, str]:
     return next((d for d in decisions if d[0] == "failed"), decisions[0])  # type: ignore[return-value]
 
 
+def leave_if_alone(error: BaseException | None, outcome: str) -> None:
+    """After a task that runs on every rank (fine-tuning, dense): ``error`` (this rank's, or
+    None) is re-raised, ending the run, when the other ranks do not all arrive within
+    :data:`~ibot_bench.distributed.MEET_TIMEOUT`: they are stuck in the task's collective
+    operations. A failure on every rank (a bad config) leaves them in step and the suite goes
+    on. ``outcome`` is the line a failed rank other than rank 0 (whose log is silent) prints
+    at once."""
+    rank = world()[0]
+    if error is not None and rank:
+        print(f"[rank {rank}] {outcome}", file=sys.stderr)
+    try:
+        wait_for_all()
+    except RuntimeError:
+        if error is None:
+            raise
+        raise error from None
+
+
 def run_suite(
     cfg: SuiteConfig,
     encoders: Sequence[str],
@@ -251,6 +277,7 @@ def run_suite(
         outcome = Outcome(encoder, entry.task, entry.dataset, status, message)
         if status == "run":
             log(f"{prefix}: running")
+            error: BaseException | None = None
             try:
                 record = execute(
                     plan,
@@ -264,14 +291,17 @@ def run_suite(
                 done_keys.add(record_key(record))
                 outcome.status = "done"
             except NotApplicableError as exc:
-                outcome.status, outcome.message = "n/a", str(exc)
+                outcome.status, outcome.message, error = "n/a", str(exc), exc
             except UserError as exc:
-                outcome.status, outcome.message = "failed", user_message(exc)
+                outcome.status, outcome.message, error = "failed", user_message(exc), exc
             except Exception as exc:  # one broken evaluation must not lose the others
                 outcome.status, outcome.message = "failed", f"{type(exc).__name__}: {exc}"
+                error = exc
                 if main_rank:
                     name = f"{entry.task}__{entry.dataset}__{i}.txt"
                     atomic_write_text(output_dir / "errors" / name, traceback.format_exc())
+            if plan.task.distributed:
+                leave_if_alone(error, f"{prefix}: {outcome.status} - {outcome.message}")
         outcome.seconds = time.perf_counter() - start
         log(f"{prefix}: {outcome.status}{' - ' + outcome.message if outcome.message else ''}")
         outcomes.append(outcome)

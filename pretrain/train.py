@@ -40,6 +40,7 @@ from ibot_bench.distributed import (
     all_ranks,
     barrier,
     broadcast_object,
+    check_shared,
     init_distributed,
     is_main,
     world,
@@ -294,7 +295,7 @@ class Trainer:
     def _maybe_resume(self, resume: str | None, force: bool) -> Path | None:
         self._rng_restored = False
         path = Path(resume) if resume else self.out / ckpt.CHECKPOINT
-        if not resume and not (path.exists() or path.is_symlink()):
+        if not resume and not check_shared(path):
             return None
         obj = ckpt.load_training_checkpoint(path)
         # 1. settings (plain values only): refused before any tensor is looked at
@@ -834,17 +835,18 @@ class Trainer:
                             self._end_epoch(
                                 epoch, {**last, **summary}, log, time.perf_counter() - start
                             )
-                    if stop.signal_name is not None:
+                    if stop.requested():  # collective: a rank's own signal may come late
                         break
                     if stopped and self.state.epoch < o.epochs and is_main():
                         self._report_cut(log, time.perf_counter() - start)
         finally:
             if log is not None:
                 log.close()
-        if stop.signal_name is not None:
+        if stop.requested():
             s = self.state
             raise TrainingInterrupted(
-                f"pretraining stopped by {stop.signal_name}; checkpoint saved at epoch "
+                f"pretraining stopped by {stop.signal_name or 'a signal to another rank'}; "
+                f"checkpoint saved at epoch "
                 f"{s.epoch}, batch {s.epoch_iter} in {self.out / ckpt.CHECKPOINT}: rerun the "
                 "same command to resume"
             )
