@@ -85,8 +85,8 @@ class StopRequests:
         self.signal_name = signal.Signals(signum).name
         if is_main():
             print(
-                f"\n[{self.what}] {self.signal_name}: stopping after this step and saving a "
-                "checkpoint (Ctrl-C again to stop at once, unsaved)",
+                f"\n[{self.what}] {self.signal_name}: stopping after this step, saving what "
+                "is done (Ctrl-C again to stop at once, unsaved)",
                 file=sys.stderr,
             )
 
