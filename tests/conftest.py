@@ -63,3 +63,17 @@ def write_ibot_checkpoint(
     state.update({f"head.{k}": v for k, v in head.state_dict().items()})
     torch.save({"teacher": state, "student": state}, path)
     return path
+
+
+def on_call(n: int, action, fn):
+    """``fn``, wrapped to run ``action()`` first on its ``n``-th call (a stop or a crash at a
+    chosen point of a loop)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+        return fn(*args, **kwargs)
+
+    return wrapped

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import on_call
 
 import ibot_bench.features as features_mod
 import ibot_bench.runtime as runtime
@@ -134,15 +135,7 @@ def test_default_last_blocks_resolved_per_encoder_and_recorded(tiny_imagefolder,
 def _stopping_encoder(after_calls: int, stop):
     """The test encoder, whose forward calls ``stop()`` on call ``after_calls``."""
     enc = load_encoder(ENC)
-    forward, calls = enc.forward_features, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == after_calls:
-            stop()
-        return forward(*args, **kwargs)
-
-    enc.forward_features = counted
+    enc.forward_features = on_call(after_calls, stop, enc.forward_features)
     return enc
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import feature_context
+from conftest import feature_context, on_call
 
 from ibot_bench.downstream.linear import (
     DINOV2_BASE_LRS,
@@ -231,15 +231,9 @@ def _stop_at(monkeypatch, call: int, stop) -> None:
     """Make the ``call``-th training step of the heads call ``stop()`` first."""
     import ibot_bench.downstream.linear as linear_mod
 
-    real, calls = linear_mod.heads_gradients, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            stop()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(linear_mod, "heads_gradients", counted)
+    monkeypatch.setattr(
+        linear_mod, "heads_gradients", on_call(call, stop, linear_mod.heads_gradients)
+    )
 
 
 def test_stopped_linear_probe_resumes_to_the_same_numbers(tmp_path, monkeypatch):
