@@ -433,6 +433,7 @@ def extract_features(
     if refresh:
         saved.discard()
     out, ok = _resumed(saved.resume(FEATURE_ARRAYS, log), n)
+    resumed_rows = saved.saved  # rows a stopped run extracted: not part of this run's speed
     workers = loader_workers(cfg.num_workers, device, world_size)
     loader = torch.utils.data.DataLoader(
         _Images(data, range(rows.start + saved.saved, rows.stop), transform, cfg.skip_corrupt),
@@ -485,6 +486,7 @@ def extract_features(
     raise_any(None)
     _match_empty_shard(out, n)
     elapsed = time.perf_counter() - start
+    extracted = sum(gather_objects(n - resumed_rows))  # this run's images, all ranks
     ok = gather_rows(ok, len(data))
     arrays = {  # nothing to gather for an empty feature (cls_last_n with 0 blocks)
         name: (gather_rows(t, len(data)) if t.shape[1] else t.new_zeros(len(data), 0)).numpy()
@@ -515,7 +517,7 @@ def extract_features(
         "skipped": skipped,
         "key": key_parts,
         "layout": layout,
-        "images_per_s": len(data) / max(elapsed, 1e-9),  # all ranks' (a shard may be empty)
+        "images_per_s": extracted / max(elapsed, 1e-9),  # all ranks' (a shard may be empty)
         "world_size": world_size,
         "device": str(device),
     }
