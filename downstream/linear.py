@@ -503,21 +503,8 @@ def train_heads(
     if state is None:
         model.bf16, at = heads_precision(model, dims, cfg, device) == "bf16", Position()
     else:
-        at = Position(**state["position"])
-        log.info(
-            "linear: resuming from %s at epoch %d, row %d of the epoch",
-            saver.path,
-            at.epoch + 1,
-            at.start,
-        )
-        model.load_state_dict(state["heads"])
-        opt.load_named_buffers(state["momentum"])
-        model.bf16 = state["bf16"]
-        if source is not None:
-            source.set_state(state["views"])
-        if tracked is not None:
-            tracked.update(state["tracked"])
-        rng.bit_generator.state = at.rng_state
+        at = _restore(state, model, opt, source, tracked, rng)
+        log.info("linear: resuming from %s at epoch %d, row %d", saver.path, at.epoch + 1, at.start)
     step = at.step
     with (
         StopRequests("linear probe") if saver is not None else contextlib.nullcontext() as stop,
@@ -572,6 +559,27 @@ def _heads_checkpoint(
         "seed": cfg.seed,
     }
     return ResumeFile(path, signature, "linear")
+
+
+def _restore(
+    state: dict[str, Any],
+    model: LinearHeads,
+    opt: HeadsSGD,
+    source: Any,
+    tracked: dict[str, Any] | None,
+    rng: np.random.Generator,
+) -> Position:
+    """Put a saved training state (:func:`_heads_state`) back; returns where it stood."""
+    model.load_state_dict(state["heads"])
+    opt.load_named_buffers(state["momentum"])
+    model.bf16 = state["bf16"]
+    if source is not None:
+        source.set_state(state["views"])
+    if tracked is not None:
+        tracked.update(state["tracked"])
+    at = Position(**state["position"])
+    rng.bit_generator.state = at.rng_state
+    return at
 
 
 def _heads_state(
