@@ -278,3 +278,48 @@ def test_segmentation_trains_and_evaluates(dense, head):
     assert record.protocol == {"upernet": "upernet-1it", "linear": "linear-seg-1it"}[head]
     assert set(record.metrics) == {"miou", "macc", "aacc"}
     assert 0.0 <= record.metrics["miou"] <= 100.0
+
+
+def test_stopped_segmentation_saves_and_resumes_at_that_iteration(dense, tmp_path, monkeypatch):
+    """Ctrl-C in an iteration-based run: the step ends, a checkpoint is saved through the run's
+    CheckpointHook (last_checkpoint names it) and the rerun trains only the iterations left."""
+    import os
+    import signal
+
+    from conftest import on_call
+
+    from ibot_bench.interrupt import TrainingInterrupted
+
+    overrides = [o for o in QUICK_SEG if not o.startswith(("iters=", "checkpoint_every="))]
+    overrides += ["iters=4", "checkpoint_every=100", "head=linear"]
+
+    def segment():
+        return run_eval(
+            "segmentation",
+            f"ibot:{dense['ckpt']}",
+            f"ade20k:{dense['root'] / 'ade20k'}",
+            overrides=overrides,
+            output_dir=tmp_path,
+        )
+
+    real = EncoderBackbone.forward
+    training_calls = []
+
+    def counted(self, x):
+        if self.training:
+            training_calls.append(1)
+        return real(self, x)
+
+    stop = on_call(2, lambda: os.kill(os.getpid(), signal.SIGINT), counted)
+    monkeypatch.setattr(EncoderBackbone, "forward", stop)
+    with pytest.raises(
+        TrainingInterrupted, match="stopped by SIGINT; checkpoint saved at iteration 2"
+    ):
+        segment()
+    work = next((tmp_path / "work").glob("segmentation__*"))
+    assert (work / "last_checkpoint").read_text().endswith("iter_2.pth")
+    monkeypatch.setattr(EncoderBackbone, "forward", counted)
+    training_calls.clear()
+    record = segment()
+    assert len(training_calls) == 2  # iterations 3 and 4
+    assert 0.0 <= record.metrics["miou"] <= 100.0

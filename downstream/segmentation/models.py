@@ -12,6 +12,7 @@ from ibot_bench.dense.runner import (
     optim_wrapper,
     per_process_batch,
     runtime_config,
+    stoppable_loader,
 )
 
 
@@ -154,7 +155,7 @@ def build_segmentation_config(
     """The complete mmengine config of one segmentation run."""
     classes = class_names(train)
     train_pipe, test_pipe = pipelines(cfg, len(classes))
-    loader = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0}
+    loader = stoppable_loader(cfg.num_workers, cfg.seed)
     config = runtime_config(
         device=rt.device,
         scope="mmseg",

@@ -3,11 +3,13 @@
 The task modules build the model / data / evaluator parts of the config; this module adds what
 both share: the layer-decay AdamW optimizer, warm-up, checkpoints for resume, launcher and
 device settings. A run writes into its work folder; rerunning the same evaluation resumes
-from the last checkpoint there, so an interrupted run loses at most one checkpoint interval.
+from the last checkpoint there, so a killed run loses at most one checkpoint interval (a
+segmentation run stopped by Ctrl-C or SIGTERM saves first, :func:`run`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +23,16 @@ from ibot_bench.dense.runtime import (
     resolve_mm_precision,
     resolve_norm,
 )
-from ibot_bench.distributed import barrier
+from ibot_bench.distributed import barrier, world
 from ibot_bench.encoders import Encoder
 from ibot_bench.errors import ConfigError
+from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 
 # the advice for an unreadable val file: the val split is not part of the run's key, so the
 # rerun finds the same work folder and its last checkpoint
 TEST_FIX = "replace it, then rerun: the run resumes from its last checkpoint, training kept"
 
+TASK_NAMES = {"mmdet": "detection", "mmseg": "segmentation"}  # by the config's default scope
 # embed_dim -> (layer_decay, drop_path): docs/protocols.md#detection (ViT-S / ViT-B);
 # ViT-L takes its fine-tuning values
 ARCH_DEFAULTS = {384: (0.75, 0.1), 768: (0.65, 0.2), 1024: (0.75, 0.4)}
@@ -170,8 +174,35 @@ def runtime_config(
     }
 
 
+def worker_init(worker_id: int, num_workers: int, rank: int, seed: int, **kwargs: Any) -> None:
+    """Loader workers of a dense run: mmengine's own seeding, and stop signals left to the
+    trainer (:func:`~ibot_bench.interrupt.ignore_interrupts`), which saves before it stops."""
+    from mmengine.dataset import worker_init_fn
+
+    worker_init_fn(worker_id, num_workers, rank, seed, **kwargs)
+    ignore_interrupts(worker_id)
+
+
+def stoppable_loader(num_workers: int, seed: int) -> dict[str, Any]:
+    """Dataloader settings of an iteration-based run, whose workers leave stop signals to
+    the trainer (:func:`run` saves on them)."""
+    init = {"type": "IbotBenchWorkerInit", "num_workers": num_workers, "rank": world()[0]}
+    return {
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,
+        "worker_init_fn": {**init, "seed": seed},
+    }
+
+
 def run(config: dict[str, Any]) -> dict[str, float]:
-    """Train with mmengine's Runner (resuming when possible), then return the test metrics."""
+    """Train with mmengine's Runner (resuming when possible), then return the test metrics.
+
+    An iteration-based run (segmentation) stopped by Ctrl-C or SIGTERM saves a checkpoint
+    after the step, through the run's CheckpointHook (:func:`save_on_stop`), and the rerun
+    resumes from it. An epoch-based run (detection) resumes from its last epoch's checkpoint:
+    mmengine restarts an epoch from its first step, so a mid-epoch checkpoint would not resume
+    the schedule it claims.
+    """
     from mmengine.config import Config
     from mmengine.runner import Runner
 
@@ -179,9 +210,40 @@ def run(config: dict[str, Any]) -> dict[str, float]:
 
     Path(config["work_dir"]).mkdir(parents=True, exist_ok=True)
     runner = Runner.from_cfg(Config(config))  # builds the model: loads the encoder
+    iter_based = not config["default_hooks"]["checkpoint"]["by_epoch"]
     # entered after the encoder loader's own (non-nesting) safe_globals block has exited
-    with torch.serialization.safe_globals(mmengine_checkpoint_globals()):
+    with (
+        torch.serialization.safe_globals(mmengine_checkpoint_globals()),
+        StopRequests(TASK_NAMES[config["default_scope"]])
+        if iter_based
+        else contextlib.nullcontext() as stop,
+    ):
+        if stop is not None:
+            runner.register_hook(save_on_stop(stop), priority="VERY_LOW")
         runner.train()
         barrier()  # rank 0 writes the last checkpoint, which test() (resume) loads on every rank
         metrics = runner.test()
     return {k: float(v) for k, v in metrics.items()}
+
+
+def save_on_stop(stop: StopRequests) -> Any:
+    """An mmengine hook: after each step, when a stop was asked for (on any rank), save a
+    checkpoint as the run's CheckpointHook does (so ``last_checkpoint`` names it and the
+    rerun resumes from it), then stop with where it resumes."""
+    from mmengine.hooks import CheckpointHook, Hook
+
+    class SaveOnStop(Hook):
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+            if not stop.requested():
+                return
+            saver = next(h for h in runner.hooks if isinstance(h, CheckpointHook))
+            step = runner.iter + 1
+            if not (saver.last_ckpt or "").endswith(saver.filename_tmpl.format(step)):
+                saver._save_checkpoint(runner)  # not just saved at its interval
+            raise TrainingInterrupted(
+                f"{stop.what} stopped by {stop.signal_name or 'a signal to another rank'}; "
+                f"checkpoint saved at iteration {step} in {runner.work_dir}: rerun the same "
+                "command to resume"
+            )
+
+    return SaveOnStop()
