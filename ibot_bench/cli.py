@@ -219,7 +219,7 @@ def _add_encoder_data(p: argparse.ArgumentParser) -> None:
         "--encoder",
         required=True,
         action="append",  # given twice is an error (_only_one), not silently the last
-        help="[NAME=]SPEC, SPEC: random:ARCH | timm:NAME[:PATH] | ibot:PATH | dino:PATH; "
+        help="[NAME=]SPEC, SPEC: random:ARCH | timm:NAME[:PATH[:NET]] | ibot:PATH[:NET] | dino:PATH[:NET]; "
         "NAME (no ':', '/', '\\', '?') is the display name on leaderboards",
     )
     p.add_argument(

@@ -185,6 +185,76 @@ def test_layouts_give_teacher_features(ckpt_dir, nets, name):
         torch.testing.assert_close(enc(X), reference(nets["teacher"], X, ())["cls"])
 
 
+def _cls(spec: str) -> torch.Tensor:
+    with torch.no_grad():
+        return load_encoder(spec)(X)
+
+
+def test_network_under_a_key_prefix_or_nested_wrapper(tmp_path, nets):
+    """Weights under one more prefix (``encoder.``, Lightning's ``model.encoder.``) are found
+    by their patch embedding, keys outside are ignored; teacher/student inside a wrapper."""
+    t, s = nets["teacher"].state_dict(), nets["student"].state_dict()
+    want = {n: reference(nets[n], X, ())["cls"] for n in ("teacher", "student")}
+    torch.save({f"encoder.{k}": v for k, v in t.items()}, tmp_path / "enc.pth")
+    lightning = {f"model.encoder.{k}": v for k, v in t.items()}
+    torch.save(
+        {"state_dict": lightning | {"model.head.weight": torch.zeros(3, DIM)}}, tmp_path / "pl.pth"
+    )
+    nested = {"teacher": {f"backbone.{k}": v for k, v in t.items()}, "student": dict(s)}
+    torch.save({"state_dict": nested}, tmp_path / "nested.pth")
+    torch.testing.assert_close(_cls(f"ibot:{tmp_path / 'enc.pth'}"), want["teacher"])
+    enc = load_encoder(f"dino:{tmp_path / 'pl.pth'}")
+    assert enc.info.extra["network"] == "state_dict/model.encoder"
+    assert enc.info.extra["ignored_keys"] == ["model.head.weight"]
+    torch.testing.assert_close(_cls(f"ibot:{tmp_path / 'nested.pth'}"), want["teacher"])
+    torch.testing.assert_close(_cls(f"ibot:{tmp_path / 'nested.pth'}:student"), want["student"])
+
+
+def test_several_networks_are_named_and_any_can_be_asked_for(tmp_path, nets):
+    """MoCo v3 keeps two encoders under two prefixes: refused with the names, read by name;
+    an EMA copy beside a plain one is read when asked for."""
+    t, s = nets["teacher"].state_dict(), nets["student"].state_dict()
+    moco = {f"module.base_encoder.{k}": v for k, v in s.items()}
+    moco |= {f"module.momentum_encoder.{k}": v for k, v in t.items()}
+    path = tmp_path / "moco:v3.pth"  # a ':' in the file name stays part of the path
+    torch.save({"state_dict": moco}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"2 networks.*'base_encoder', 'momentum_encoder'.*ibot:{path}:base_encoder",
+    ):
+        load_encoder(f"ibot:{path}")
+    torch.testing.assert_close(
+        _cls(f"ibot:{path}:base_encoder"), reference(nets["student"], X, ())["cls"]
+    )
+    torch.testing.assert_close(
+        _cls(f"ibot:{path}:momentum_encoder"), reference(nets["teacher"], X, ())["cls"]
+    )
+    with pytest.raises(CheckpointError, match="no network 'predictor'.*base_encoder \\(30\\)"):
+        load_encoder(f"ibot:{path}:predictor")
+    torch.save({"model": dict(s), "model_ema": dict(t)}, tmp_path / "deit.pth")
+    torch.testing.assert_close(
+        _cls(f"ibot:{tmp_path / 'deit.pth'}"), reference(nets["student"], X, ())["cls"]
+    )
+    ema = f"ibot:{tmp_path / 'deit.pth'}:model_ema"
+    torch.testing.assert_close(_cls(ema), reference(nets["teacher"], X, ())["cls"])
+    assert (
+        load_encoder(ema).info.fingerprint
+        != load_encoder(f"ibot:{tmp_path / 'deit.pth'}").info.fingerprint
+    )
+
+
+def test_timm_weights_under_a_key_prefix(tmp_path):
+    """timm: the prefix is found by the model's own first weight name; ``PATH:NET`` picks one."""
+    net = timm.create_model("test_vit", num_classes=0).eval()
+    path = tmp_path / "w.pth"
+    torch.save({f"encoder.{k}": v for k, v in net.state_dict().items()}, path)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        want = net(x)
+        torch.testing.assert_close(load_encoder(f"timm:test_vit:{path}")(x), want)
+        torch.testing.assert_close(load_encoder(f"timm:test_vit:{path}:encoder")(x), want)
+
+
 def test_random_is_deterministic_and_any_size():
     a, b = load_encoder("random:vit_tiny_patch8"), load_encoder("random:vit_tiny_patch8")
     assert a.info.arch == "vit_tiny_patch8" and a.info.source == ""

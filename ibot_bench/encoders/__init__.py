@@ -3,9 +3,10 @@
 Spec grammar (one registered :class:`EncoderScheme` per scheme, see :data:`ENCODERS`)::
 
     random:ARCH                    ARCH = vit_tiny|vit_small|vit_base|vit_large[_patchP]
-    ibot:PATH[:teacher|student]    iBOT checkpoint, any official layout (teacher default)
-    dino:PATH[:teacher|student]    DINO checkpoint, same layouts
-    timm:NAME[:PATH]               any timm model; weights from PATH or the local cache
+    ibot:PATH[:NET]                iBOT checkpoint, any official layout (teacher default;
+                                   NET: student, a sub-dict or a key prefix)
+    dino:PATH[:NET]                DINO checkpoint, same layouts
+    timm:NAME[:PATH[:NET]]         any timm model; weights from PATH or the local cache
 """
 
 from __future__ import annotations

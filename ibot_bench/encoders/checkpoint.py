@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import pickle
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ import torch
 from torch import nn
 
 from ibot_bench.errors import CheckpointError, first_line
+
+log = logging.getLogger(__name__)
 
 _NP_CORE = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
 
@@ -236,35 +240,39 @@ def select_state_dict(
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The tensor dict for one network of a checkpoint, and a label of where it was found.
 
-    Accepts full iBOT/DINO checkpoints (``student``/``teacher``; ``which`` picks one,
-    default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers (an EMA copy only
-    without a plain one, :data:`_WRAPPER_KEYS`) and flat dicts.
+    Accepts full iBOT/DINO checkpoints (``student``/``teacher``, also inside a wrapper;
+    ``which`` picks one, default teacher), ``{'state_dict'|'model'|'module': ...}`` wrappers
+    (an EMA copy only without a plain one, :data:`_WRAPPER_KEYS`), flat dicts, and any other
+    sub-dict named by ``which`` (e.g. ``model_ema``). A ``which`` that names no sub-dict is
+    left to :func:`select_network` as a key prefix.
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds {_describe(obj)}, not a state dict. Save `model.state_dict()` "
             "(a dict of name -> tensor) instead."
         )
-    where = []
-    if "teacher" in obj or "student" in obj:
-        pick = which or "teacher"
-        if pick not in obj:
-            other = "student" if pick == "teacher" else "teacher"
-            raise CheckpointError(
-                f"{path} has no '{pick}' weights (top-level keys: {list(obj)[:8]}); "
-                f"ask for ':{other}' at the end of the encoder spec."
-            )
-        obj, where = obj[pick], [pick]
-    elif which == "student":
+    where: list[str] = []
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        if which is not None and which not in where and isinstance(obj.get(which), Mapping):
+            key = which
+        elif "teacher" in obj or "student" in obj:
+            key = which if which in ("teacher", "student") else "teacher"
+            if key not in obj:
+                other = "student" if key == "teacher" else "teacher"
+                raise CheckpointError(
+                    f"{path} has no '{key}' weights (keys: {list(obj)[:8]}); "
+                    f"ask for ':{other}' at the end of the encoder spec."
+                )
+        else:
+            key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if key is None:
+                break
+        obj, where = obj[key], [*where, key]
+    if which == "student" and "student" not in where:
         raise CheckpointError(
             f"{path} holds a single network ({_describe(obj)}), not a full training checkpoint "
             "with student and teacher; drop ':student' from the spec."
         )
-    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
-            break
-        obj, where = obj[key], [*where, key]
     tensors = (
         {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if isinstance(obj, Mapping)
@@ -277,6 +285,53 @@ def select_state_dict(
             "of tensors."
         )
     return {str(k): v for k, v in tensors.items()}, "/".join(where) or "flat"
+
+
+def _key_roots(state: Mapping[str, torch.Tensor]) -> str:
+    """The first key components and their counts, e.g. ``base_encoder (150), head (2)``."""
+    roots = Counter(k.split(".")[0] for k in state)
+    return ", ".join(f"{root} ({n})" for root, n in roots.most_common(8))
+
+
+def select_network(
+    obj: Any, which: str | None, marker: str, *, path: str | Path, spec: str
+) -> tuple[dict[str, torch.Tensor], str, list[str]]:
+    """One network's prefix-free weights from checkpoint ``obj``: ``(state, where, ignored)``.
+
+    :func:`select_state_dict`, then :func:`strip_prefixes`, then, when the weights of the
+    network sit under a further key prefix (``encoder.``, ``model.encoder.``, MoCo's
+    ``base_encoder.``), that prefix is removed and keys outside it are ``ignored``. The prefix
+    is ``which`` when it names no sub-dict, else found from ``marker``, a key every such
+    network has (e.g. ``patch_embed.proj.weight``); several candidates are an error that asks
+    for one, as ``SPEC:NAME``.
+    """
+    state, where = select_state_dict(obj, which, path=path)
+    state = strip_prefixes(state)
+    if which not in (None, "teacher", "student") and which not in where.split("/"):
+        prefix = which.rstrip(".") + "."
+        if not any(k.startswith(prefix) for k in state):
+            raise CheckpointError(
+                f"{path} has no network {which!r}: no sub-dict and no keys {prefix}*; its "
+                f"keys start with {_key_roots(state)}."
+            )
+    else:
+        found = sorted(
+            {k[: -len(marker)] for k in state if k == marker or k.endswith("." + marker)}
+        )
+        if not found or "" in found:
+            return state, where, []
+        if len(found) > 1:
+            names = ", ".join(repr(p.rstrip(".")) for p in found)
+            raise CheckpointError(
+                f"{path} holds {len(found)} networks, under {names}. Name the one to load at "
+                f"the end of the spec, e.g. {spec}:{found[0].rstrip('.')}"
+            )
+        prefix = found[0]
+        log.info("%s: reading the network under key prefix %r", path, prefix)
+    inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    ignored = [k for k in state if not k.startswith(prefix)]
+    label = prefix.rstrip(".") if where == "flat" else f"{where}/{prefix.rstrip('.')}"
+    return inside, label, ignored
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

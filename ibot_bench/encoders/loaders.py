@@ -29,9 +29,9 @@ from ibot_bench.encoders.checkpoint import (
     load_checked,
     not_a_file,
     read_checkpoint,
+    select_network,
     select_state_dict,
     split_head,
-    strip_prefixes,
 )
 from ibot_bench.encoders.timm_encoder import (
     check_model_name,
@@ -90,17 +90,28 @@ class RandomScheme(EncoderScheme):
         return ViTEncoder(model, EncoderInfo(spec, cfg.name, fingerprint(spec), ""))
 
 
+def split_network(body: str) -> tuple[str, str | None]:
+    """``PATH[:NET]`` -> (path, network or None). ``NET`` is ``teacher``/``student``, or any
+    other name when ``PATH`` exists and the whole of ``body`` does not (paths may hold ``:``)."""
+    path, sep, last = body.rpartition(":")
+    if sep and path and last and "/" not in last:
+        if last in ("teacher", "student"):
+            return path, last
+        if not Path(body).expanduser().exists() and Path(path).expanduser().exists():
+            return path, last
+    return body, None
+
+
 class SSLCheckpointScheme(EncoderScheme):
-    """``SCHEME:PATH[:teacher|student]``: an iBOT/DINO ViT whose shape is read off the weights."""
+    """``SCHEME:PATH[:NET]``: an iBOT/DINO ViT whose shape is read off the weights; ``NET`` is
+    ``teacher`` (default), ``student``, a sub-dict (``model_ema``) or a key prefix."""
 
     def parse(self, body: str) -> tuple[Path, str | None]:
-        """(checkpoint path, ``teacher``/``student`` or None for the default network)."""
-        path, sep, last = body.rpartition(":")
-        if not (sep and last in ("teacher", "student")):
-            path, last = body, None
+        """(checkpoint path, the network asked for or None for the default one)."""
+        path, which = split_network(body)
         if not path:
-            raise UserError(f"the spec needs a path: {self.name}:PATH[:teacher|student]")
-        return Path(path).expanduser(), last
+            raise UserError(f"the spec needs a path: {self.name}:PATH[:NET]")
+        return Path(path).expanduser(), which
 
     def weights_path(self, body: str) -> Path:
         return self.parse(body)[0]
@@ -108,8 +119,10 @@ class SSLCheckpointScheme(EncoderScheme):
     def load(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
         path, which = self.parse(body)
         obj = read_checkpoint(path)
-        state, where = select_state_dict(obj, which, path=path)
-        backbone, head_state, ignored = split_head(strip_prefixes(state))
+        state, where, outside = select_network(
+            obj, which, "patch_embed.proj.weight", path=path, spec=f"{self.name}:{path}"
+        )
+        backbone, head_state, ignored = split_head(state)
         backbone, dropped = drop_classifier(backbone, ("head",))
         cfg = infer_vit_config(backbone, checkpoint_args(obj, path), source=str(path))
         model = build_vit(cfg)
@@ -123,7 +136,7 @@ class SSLCheckpointScheme(EncoderScheme):
         extra = {
             "network": where,
             "img_size": cfg.img_size,
-            "ignored_keys": ignored + dropped,
+            "ignored_keys": outside + ignored + dropped,
             "has_head": head_state is not None,
             **report.partial_info(),
         }
@@ -133,16 +146,22 @@ class SSLCheckpointScheme(EncoderScheme):
 
 @register_scheme
 class IbotScheme(SSLCheckpointScheme):
-    """``ibot:PATH[:teacher|student]`` (teacher by default)."""
+    """``ibot:PATH[:NET]`` (the teacher by default)."""
 
-    name, usage = "ibot", "ibot:PATH[:teacher|student]  iBOT checkpoint (any official layout)"
+    name, usage = (
+        "ibot",
+        "ibot:PATH[:NET]  iBOT checkpoint (any layout; NET: teacher, student, ...)",
+    )
 
 
 @register_scheme
 class DinoScheme(SSLCheckpointScheme):
-    """``dino:PATH[:teacher|student]`` (teacher by default)."""
+    """``dino:PATH[:NET]`` (the teacher by default)."""
 
-    name, usage = "dino", "dino:PATH[:teacher|student]  DINO checkpoint (any official layout)"
+    name, usage = (
+        "dino",
+        "dino:PATH[:NET]  DINO checkpoint (any layout; NET: teacher, student, ...)",
+    )
 
 
 def _classifier_names(model: nn.Module) -> tuple[str, ...]:
@@ -231,30 +250,34 @@ def _load_timm_pretrained_offline(name: str) -> tuple[nn.Module, Path]:
 
 @register_scheme
 class TimmScheme(EncoderScheme):
-    """``timm:NAME[:PATH]``: weights from PATH, else from the local cache (never the network)."""
+    """``timm:NAME[:PATH[:NET]]``: weights from PATH, else from the local cache (never the network)."""
 
-    name, usage = "timm", "timm:NAME[:PATH]  any timm model, weights from PATH or cache"
+    name, usage = "timm", "timm:NAME[:PATH[:NET]]  any timm model, weights from PATH or cache"
 
-    def parse(self, body: str) -> tuple[str, Path | None]:
-        """(timm model name, weights file or None for the locally cached pretrained weights)."""
+    def parse(self, body: str) -> tuple[str, Path | None, str | None]:
+        """(timm model name, weights file or None for the locally cached pretrained weights,
+        the network of the file asked for as ``PATH:NET`` or None)."""
         if body.startswith("hf-hub:"):
             raise UserError(_hf_hub_advice(body))
         name, _, path_str = body.partition(":")
-        return name, Path(path_str).expanduser() if path_str else None
+        if not path_str:
+            return name, None, None
+        path_str, which = split_network(path_str)
+        return name, Path(path_str).expanduser(), which
 
     def weights_path(self, body: str) -> Path | None:
-        name, path = self.parse(body)
+        name, path, _ = self.parse(body)
         return path if path is not None else find_cached_weights(name)
 
     def load(self, body: str, *, spec: str, allow_partial: bool = False) -> Encoder:
-        name, path = self.parse(body)
+        name, path, which = self.parse(body)
         check_model_name(name)
         if path is None:
             model, path = _load_timm_pretrained_offline(name)
             extra = {"pretrained": True}
             info = EncoderInfo(spec, name, fingerprint(spec, path), str(path), extra)
             return wrap_timm_model(model, info)
-        return _load_timm_checkpoint(name, path, spec, allow_partial)
+        return _load_timm_checkpoint(name, path, which, spec, allow_partial)
 
 
 def _hf_hub_advice(body: str) -> str:
@@ -271,11 +294,21 @@ def _hf_hub_advice(body: str) -> str:
     )
 
 
-def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool) -> Encoder:
+def _first_key(name: str) -> str:
+    """The first weight name of timm model ``name`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return next(iter(create_timm_model(name).state_dict()))
+
+
+def _load_timm_checkpoint(
+    name: str, path: Path, which: str | None, spec: str, allow_partial: bool
+) -> Encoder:
     """timm model ``name`` with the backbone weights of checkpoint ``path`` (checked)."""
     obj = read_checkpoint(path)
-    state, where = select_state_dict(obj, path=path)
-    backbone, head_state, ignored = split_head(strip_prefixes(state))
+    state, where, outside = select_network(
+        obj, which, _first_key(name), path=path, spec=f"timm:{name}:{path}"
+    )
+    backbone, head_state, ignored = split_head(state)
     model_kwargs = _swin_window(name, backbone)
     model = create_timm_model(name, **model_kwargs)
     backbone, converter = _timm_layout(model, backbone)
@@ -292,7 +325,7 @@ def _load_timm_checkpoint(name: str, path: Path, spec: str, allow_partial: bool)
         "network": where,
         **({"converted_by": converter} if converter else {}),
         **model_kwargs,
-        "ignored_keys": ignored + dropped,
+        "ignored_keys": outside + ignored + dropped,
         "pos_embed_resized": resized,
         **report.partial_info(),
     }
