@@ -224,6 +224,26 @@ def test_bad_ade20k_mask_is_named(ade, split, edit, message):
         read_all(pipeline_datasets("segmentation", ade))
 
 
+def test_ade20k_runs_read_exactly_the_checked_pairs(ade):
+    """mmseg listed the folder again by the case-sensitive '.jpg' and walked subfolders: an
+    image named '.JPG' was left out of training and of val mIoU, a stray subfolder added."""
+    from ibot_bench.data import load_split
+
+    for split in ("training", "validation"):
+        image = sorted((ade / "images" / split).iterdir())[0]
+        image.rename(image.with_suffix(".JPG"))
+        stray = ade / "images" / split / "extra"
+        stray.mkdir()
+        shutil.copy(sorted((ade / "images" / split).glob("*.jpg"))[0], stray / "x.jpg")
+    datasets = pipeline_datasets("segmentation", ade)
+    for name, split in (("train", "train"), ("test", "val")):
+        want = [(str(i), str(m)) for i, m in load_split(f"ade20k:{ade}", split).pairs]
+        infos = [datasets[name].get_data_info(i) for i in range(len(datasets[name]))]
+        got = [(d["img_path"], d["seg_map_path"]) for d in infos]
+        assert got == want and any(i.endswith(".JPG") for i, _ in got)
+    read_all(datasets)
+
+
 def test_ade20k_class_list_shorter_than_the_masks(ade):
     (ade / "classes.txt").write_text("circle\nsquare\n")
     with pytest.raises(DatasetError, match="above the 2 classes .*classes.txt"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from ibot_bench.dense.runner import (
     runtime_config,
     stoppable_loader,
 )
+from ibot_bench.io import atomic_write_text
 
 
 def mmseg_base_model(name: str) -> dict[str, Any]:
@@ -111,13 +113,16 @@ def pipelines(cfg, num_classes: int) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-def _dataset(ds: ADE20KDataset, classes: list[str], pipeline: list[dict]) -> dict[str, Any]:
+def _dataset(
+    ds: ADE20KDataset, classes: list[str], pipeline: list[dict], work_dir: Path
+) -> dict[str, Any]:
+    """mmseg's view of ``ds``: the very pairs it checked (:mod:`ibot_bench.dense.seg_dataset`)."""
+    pairs = [[str(image), str(mask)] for image, mask in ds.pairs]
+    pairs_file = atomic_write_text(work_dir / f"ade20k_{ds.split}_pairs.json", json.dumps(pairs))
     return {
-        "type": "BaseSegDataset",
+        "type": "PairedSegDataset",
+        "pairs_file": str(pairs_file),
         "data_root": str(ds.root),
-        "data_prefix": {"img_path": str(ds.image_dir), "seg_map_path": str(ds.mask_dir)},
-        "img_suffix": ".jpg",
-        "seg_map_suffix": ".png",
         "reduce_zero_label": True,
         "metainfo": {"classes": tuple(classes)},
         "pipeline": pipeline,
@@ -172,13 +177,13 @@ def build_segmentation_config(
             **loader,
             "batch_size": per_process_batch(cfg.batch_size),
             "sampler": {"type": "InfiniteSampler", "shuffle": True},
-            "dataset": _dataset(train, classes, train_pipe),
+            "dataset": _dataset(train, classes, train_pipe, work_dir),
         },
         test_dataloader={
             **loader,
             "batch_size": 1,
             "sampler": {"type": "DefaultSampler", "shuffle": False},
-            "dataset": _dataset(val, classes, test_pipe),
+            "dataset": _dataset(val, classes, test_pipe, work_dir),
         },
         test_evaluator={"type": "IoUMetric", "iou_metrics": ["mIoU"]},
         test_cfg={"type": "TestLoop"},

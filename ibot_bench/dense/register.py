@@ -1,7 +1,7 @@
 """Register ibot-bench's pieces in the OpenMMLab registries: importing this is enough.
 
 ``IbotBenchViT`` (:class:`~ibot_bench.dense.backbone.EncoderBackbone`) goes into mmdet's and
-mmseg's MODELS, ``LayerDecayOptimWrapperConstructor``, the loader workers' init
+mmseg's MODELS, ``PairedSegDataset`` into mmseg's DATASETS, ``LayerDecayOptimWrapperConstructor``, the loader workers' init
 (``IbotBenchWorkerInit``) and the file-checking pipeline steps of
 :mod:`ibot_bench.dense.transforms` into mmengine's (parent of both), so a config can say
 ``backbone=dict(type="IbotBenchViT", encoder="ibot:ckpt.pth")`` with no ``custom_imports``.
@@ -33,3 +33,7 @@ for _package in ("mmdet", "mmseg"):
     except ImportError:  # the other one may be absent; require_mm names what a task needs
         continue
     _registry.MODELS.register_module(name=BACKBONE_NAME, module=EncoderBackbone, force=True)
+    if _package == "mmseg":
+        from ibot_bench.dense.seg_dataset import PairedSegDataset
+
+        _registry.DATASETS.register_module(module=PairedSegDataset, force=True)
