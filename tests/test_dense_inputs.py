@@ -116,6 +116,14 @@ def test_val_polygon_of_two_points_is_refused_before_training(coco):
         _check(coco)
 
 
+def test_val_image_of_another_size_than_listed_is_refused(coco):
+    """pycocotools scores masks of two sizes as IoU -1: mask AP silently lower."""
+    edit_coco(coco, "val", lambda d: d["images"][0].update(width=d["images"][0]["width"] + 3))
+    CocoDataset(coco, "train")  # train is not checked: its masks are drawn at the image's size
+    with pytest.raises(DatasetError, match=r"COCO val: 1 image\(s\) differ .* listed as"):
+        CocoDataset(coco, "val")
+
+
 def test_train_file_without_categories_says_so(coco):
     edit_coco(coco, "train", lambda d: d.update(categories=[], annotations=[]))
     with pytest.raises(DatasetError, match="instances_train2017.json lists no categories"):

@@ -140,7 +140,35 @@ class CocoDataset:
                 f"COCO: {len(missing)} image(s) listed in {self.ann_file} are missing from "
                 f"{self.image_dir} (e.g. {', '.join(missing[:3])}); re-download or regenerate."
             )
+        if split == "val":
+            self._check_sizes()
         self._fingerprint: str | None = None
+
+    def _check_sizes(self) -> None:
+        """Val images must have the ``width``/``height`` the file gives them: COCO evaluation
+        decodes the ground-truth masks at that size and the predictions at the image's, and
+        pycocotools scores masks of two sizes as IoU -1 (no match): mask AP silently lower.
+        Reads only the headers."""
+        wrong = []
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            try:
+                with Image.open(self.image_dir / info["file_name"]) as im:
+                    size = im.size
+            except (OSError, ValueError):
+                continue  # unreadable: named by the pipeline's image loader
+            if size != (info["width"], info["height"]):
+                wrong.append(
+                    f"{info['file_name']} is {size[0]}x{size[1]}, listed as "
+                    f"{info['width']}x{info['height']}"
+                )
+        if wrong:
+            raise DatasetError(
+                f"COCO val: {len(wrong)} image(s) differ from the width/height in "
+                f"{self.ann_file} ({preview_ids(wrong)}); their masks would match nothing in mask "
+                "AP. Fix the "
+                "sizes in the file or replace the images."
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
