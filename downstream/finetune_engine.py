@@ -493,7 +493,7 @@ def build_run(
         eval_tf=EvalTransform(img_size, int(img_size / cfg.crop_pct), cfg.eval_interpolation),
         path=Path(ctx.work_dir) / CHECKPOINT,
         meta={"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": epochs},
-        state={"epoch": 0, "step": 0, "global_step": 0, "history": []},
+        state={"epoch": 0, "step": 0, "global_step": 0, "history": [], "world_sizes": [world_size]},
         log=ctx.log if is_main() else (lambda _msg: None),
     )
 
@@ -513,6 +513,16 @@ def resume(run: FitRun) -> int | None:
         return None
     run.state = load_checkpoint(run.path, run.model, run.optimizer, run.ema, run.scaler, run.meta)
     run.log(f"finetune: resuming {run.path} at epoch {run.state['epoch']} step {run.state['step']}")
+    sizes = run.state.setdefault("world_sizes", [])  # absent in checkpoints of older versions
+    if sizes and sizes[-1] != run.world_size:
+        run.log(
+            f"finetune: the checkpoint was trained by {sizes[-1]} process(es), this run has "
+            f"{run.world_size}: the same global batch and schedule, but from here on the images "
+            "of each rank and the drop-path / mixup draws differ from a run never stopped "
+            "(recorded as world_sizes)"
+        )
+    if not sizes or sizes[-1] != run.world_size:
+        sizes.append(run.world_size)
     return run.state["global_step"]
 
 
@@ -713,6 +723,7 @@ def _extra(
         "peak_lr": run.peak_lr,
         "micro_batch": run.micro,
         "world_size": run.world_size,
+        "world_sizes": run.state.get("world_sizes", [run.world_size]),
         "img_size": run.img_size,
         "device": str(run.device),
         "precision": run.precision,

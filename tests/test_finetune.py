@@ -178,6 +178,34 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tiny, tmp_path, mo
     assert finetune_eval(ctx(tiny, tmp_path / "a"), cfg)[0] == ref_metrics
 
 
+def test_resume_under_another_process_count_says_so_and_records_it(tiny, tmp_path, monkeypatch):
+    """Same global batch and schedule, other per-rank draws: resumed with a notice, and the
+    record lists every process count that trained the run."""
+    cfg = FinetuneConfig(**TINY, checkpoint_every=1)
+    calls, real_seed_all = [], engine.seed_all
+
+    def interrupt_at_step_3(seed: int) -> None:
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_seed_all(seed)
+
+    monkeypatch.setattr(engine, "seed_all", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_eval(ctx(tiny, tmp_path), cfg)
+    monkeypatch.setattr(engine, "seed_all", real_seed_all)
+    path = tmp_path / engine.CHECKPOINT
+    saved = torch.load(path, weights_only=True)
+    assert saved["state"]["world_sizes"] == [1]
+    saved["state"]["world_sizes"] = [2]  # as written by a 2-process torchrun
+    torch.save(saved, path)
+    lines = []
+    task = TaskContext(f"ibot:{tiny['ckpt']}", tiny["data"], tmp_path, log=lines.append)
+    _, extra = finetune_eval(task, cfg)
+    assert any("trained by 2 process(es), this run has 1" in line for line in lines)
+    assert extra["world_sizes"] == [2, 1] and extra["world_size"] == 1
+
+
 def test_a_stop_signal_saves_the_step_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     """SIGTERM mid-epoch with no periodic checkpoints: the step finishes, is saved, the error
     names where, and the rerun ends as a run never stopped."""
