@@ -4,11 +4,12 @@ killed extraction continues where it stopped instead of starting over.
 A frozen-feature extraction can take hours (ImageNet's 1.28M training images on a CPU). Every
 few minutes (:data:`ibot_bench.resume_file.SAVE_EVERY_S`), and at once on Ctrl-C / SIGTERM,
 each rank writes the rows it extracted since its last save as one chunk file in
-``<cache entry>.partial/`` (named by rank, world size and row range). The entry's name is the
-hash of the cache key, so the chunks belong to exactly these weights, data and settings. A rerun reads its rank's chunks, checks that
-they are readable, finite and contiguous from the shard's first row (anything else is
-discarded and extracted again), and extracts the rest. The folder is removed once the cache
-entry is written.
+``<cache entry>.partial/`` (named by rank, world size and dataset row range). The entry's name
+is the hash of the cache key, so the chunks belong to exactly these weights, data and
+settings. A rerun, under any number of ranks, reads the chunks (of any rank) that cover its
+shard contiguously from the shard's first row, checks that they are readable and finite
+(else they are discarded and extracted again), and extracts the rest. The folder is removed
+once the cache entry is written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ibot_bench import resume_file
 from ibot_bench.io import atomic_write
 
 OK = "ok"  # the chunk array of per-row "image was readable" flags
+_CHUNK = re.compile(r"rank\d+of\d+-(\d+)-(\d+)\.npz")  # dataset rows [start, stop)
 
 
 class ExtractionProgress:
@@ -39,10 +41,21 @@ class ExtractionProgress:
         self.saved = 0  # rows of the shard (from its first) already on disk
         self.last_save = time.monotonic()
 
-    def _chunks(self) -> list[tuple[int, int, Path]]:
-        pattern = re.compile(rf"{self.prefix}-(\d+)-(\d+)\.npz")
-        found = (pattern.fullmatch(p.name) for p in self.folder.glob(f"{self.prefix}-*.npz"))
-        return sorted((int(m[1]), int(m[2]), self.folder / m[0]) for m in found if m)
+    def _chunks(self) -> list[tuple[int, int, int, int, Path]]:
+        """``(first, stop, chunk start, chunk stop, path)``: the saved chunks (of any rank and
+        world size) that continue each other from the shard's first row, and the rows of each
+        that fall in the shard; a longer chunk is preferred where several start the same."""
+        found = (_CHUNK.fullmatch(p.name) for p in self.folder.glob("rank*.npz"))
+        saved = [(int(m[1]), int(m[2]), self.folder / m[0]) for m in found if m]
+        plan, expected = [], self.rows.start
+        while expected < self.rows.stop:
+            covering = [c for c in saved if c[0] <= expected < c[1]]
+            if not covering:
+                break
+            start, stop, path = max(covering, key=lambda c: c[1])
+            plan.append((expected, min(stop, self.rows.stop), start, stop, path))
+            expected = plan[-1][1]
+        return plan
 
     def resume(
         self, names: tuple[str, ...], log: Callable[[str], None]
@@ -63,19 +76,15 @@ class ExtractionProgress:
         log(f"features: resuming after {self.saved} of {len(self.rows)} images ({self.folder})")
         return arrays
 
-    def _read(self, chunks: list[tuple[int, int, Path]], names: tuple[str, ...]) -> dict:
+    def _read(self, chunks: list[tuple[int, int, int, int, Path]], names: tuple[str, ...]) -> dict:
         parts: dict[str, list[np.ndarray]] = {name: [] for name in (*names, OK)}
-        expected = self.rows.start
-        for start, stop, path in chunks:
-            if start != expected or stop > self.rows.stop:
-                raise ValueError(f"{path.name} does not continue the rows before it")
+        for first, stop, start, end, path in chunks:
             with np.load(path, allow_pickle=False) as chunk:
                 for name, part in parts.items():
                     value = chunk[name]
-                    if len(value) != stop - start or not np.isfinite(value).all():
+                    if len(value) != end - start or not np.isfinite(value).all():
                         raise ValueError(f"{path.name}: {name} is truncated or not finite")
-                    part.append(value)
-            expected = stop
+                    part.append(value[first - start : stop - start])
         arrays = {name: np.concatenate(part) for name, part in parts.items()}
         arrays[OK] = arrays[OK].astype(bool)
         return arrays

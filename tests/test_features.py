@@ -166,6 +166,41 @@ def test_stopped_extraction_resumes_where_it_stopped(tiny_imagefolder, tmp_path,
     assert not partial.exists()
 
 
+def test_saved_rows_serve_a_rerun_under_another_rank_count(tiny_imagefolder, tmp_path, capsys):
+    """Rows saved by the ranks of a 2-process run resume a 1-process run, and a 1-process
+    run's rows resume rank 1 of 2 from the middle of its chunk."""
+    import signal
+
+    from ibot_bench.feature_progress import ExtractionProgress
+    from ibot_bench.interrupt import TrainingInterrupted
+
+    spec = f"imagefolder:{tiny_imagefolder}"
+    whole = extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path / "a", progress=False)
+    enc = _stopping_encoder(2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingInterrupted):
+        extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=enc, progress=False)
+    (partial,) = tmp_path.glob("*.partial")
+    saved = dict(np.load(partial / "rank0of1-0-10.npz"))
+    names = tuple(k for k in saved if k != "ok")
+    rank1 = ExtractionProgress(partial.with_suffix(""), range(6, 12), 1, 2).resume(names, print)
+    assert rank1 is not None and len(rank1["ok"]) == 4
+    np.testing.assert_array_equal(rank1["cls"], saved["cls"][6:10])
+
+    (partial / "rank0of1-0-10.npz").unlink()  # as if rank 0 of 2 had done its 6, rank 1 four
+    for name, (lo, hi) in {"rank0of2-0-6.npz": (0, 6), "rank1of2-6-10.npz": (6, 10)}.items():
+        np.savez(partial / name, **{k: v[lo:hi] for k, v in saved.items()})
+    calls = []
+    rest = _stopping_encoder(0, lambda: None)
+    forward = rest.forward_features
+    rest.forward_features = lambda x, **kw: calls.append(len(x)) or forward(x, **kw)
+    resumed = extract_features(
+        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=rest, progress=False
+    )
+    assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
+    for name in ("cls", "patch_mean", "cls_last_n", "labels"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name))
+
+
 def test_killed_extraction_keeps_saved_rows_and_drops_damaged_ones(
     tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
