@@ -268,3 +268,17 @@ def test_symlink_loop_class_folder_is_an_error(tiny_imagefolder):
     loop.symlink_to(loop.name)
     with pytest.raises(DatasetError, match="class_9 is a symbolic link that cannot be followed"):
         load_split(f"imagefolder:{tiny_imagefolder}", "train")
+
+
+def test_synthetic_copies_on_two_nodes_share_their_fingerprint(tmp_path, monkeypatch):
+    """Each node of a job without a shared cache generates its own copy (other mtimes): the
+    copies must give the same cache and resume keys, so synthetic sets hash by content."""
+    spec = "synthetic:shapes?classes=3&train=4&val=2&size=32"
+    prints = []
+    for node in ("node0", "node1"):
+        monkeypatch.setenv("IBOT_BENCH_CACHE", str(tmp_path / node))
+        data = load_split(spec, "train")
+        assert data.verify == "content"
+        prints.append(data.fingerprint())
+    assert prints[0] == prints[1]
+    assert load_split(f"{spec}&verify=stat", "train").fingerprint() != prints[1]

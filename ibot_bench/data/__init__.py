@@ -13,7 +13,8 @@ to the train split: ``?fraction=0.01&subset_seed=0`` (per class) or ``?split_fil
 
 Every spec takes ``?verify=content``: the dataset fingerprint (feature-cache and resume key)
 hashes every file's bytes instead of recording its size and mtime (the default,
-``verify=stat``); see :func:`ibot_bench.data.classification.file_signature`.
+``verify=stat``; ``content`` for the generated ``synthetic:`` sets, whose copies on two nodes
+differ in mtime only); see :func:`ibot_bench.data.classification.file_signature`.
 
 An ImageFolder val split takes the train split's class list (matched by folder name): its
 labels index train's classes, a class train lacks is an error, a class val lacks a warning.
@@ -95,8 +96,8 @@ def _known_options(options: dict, allowed: set[str], spec: str) -> None:
         )
 
 
-def _verify_mode(options: dict, spec: str) -> str:
-    verify = options.get("verify", "stat")
+def _verify_mode(options: dict, spec: str, default: str = "stat") -> str:
+    verify = options.get("verify", default)
     if verify not in VERIFY_MODES:
         raise UserError(
             f"dataset option verify={verify!r} in {spec!r} must be 'content' (the fingerprint "
@@ -268,7 +269,8 @@ def load_split(spec: str, split: str = "train") -> ClassificationSplit | DenseSp
 
     Label-subset options in the spec apply to the train split only (the semi-supervised
     protocols evaluate on the full val split). ``?verify=content`` makes the split's
-    fingerprint hash file contents (default ``stat``: size and mtime of each file).
+    fingerprint hash file contents (default ``stat``: size and mtime of each file; for the
+    generated ``synthetic:`` sets ``content``).
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -279,7 +281,9 @@ def load_split(spec: str, split: str = "train") -> ClassificationSplit | DenseSp
         loader = DATASETS.get(scheme)
     except KeyError as exc:
         raise UserError(f"{exc} (in dataset spec {spec!r})") from None
-    verify = _verify_mode(options, spec)
+    # a generated set is hashed by content: each node of a job without a shared cache folder
+    # writes its own copy, with its own mtimes, and the copies must share cache and resume keys
+    verify = _verify_mode(options, spec, "content" if scheme == "synthetic" else "stat")
     data = loader(body, options, split, spec)
     data.verify = verify  # what fingerprint() reads (computed lazily, never before this)
     if len(data) == 0:
