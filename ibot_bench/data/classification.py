@@ -288,23 +288,51 @@ def _is_dir(entry: os.DirEntry) -> bool:
     return False
 
 
-def _image_entries(folder: Path) -> tuple[list[str], list[str]]:
-    """(image paths in torchvision's order, the unreadable ones among them) of one class
-    folder, its sub-folders included as torchvision's ImageFolder includes them (a link
-    back up the tree is entered once).
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it (both real paths)."""
+    return os.path.commonpath([path, folder]) == folder
 
+
+def _check_link(link: str, real: str, class_real: str, split_real: str) -> None:
+    """A :class:`DatasetError` when the sub-folder link ``link`` (real path ``real``) of a
+    class folder leads to the split folder, above it, or into another class's folder: its
+    images would be labelled with this class (silently wrong labels)."""
+    if _inside(real, class_real) or not (_inside(split_real, real) or _inside(real, split_real)):
+        return  # inside its own class folder, or data kept elsewhere (a link farm)
+    where = "the split folder or above" if _inside(split_real, real) else "another class's folder"
+    raise DatasetError(
+        f"{link} is a symbolic link to {real}, {where}: its images would be labelled with "
+        f"the class of {os.path.dirname(link)} as well as their own. Remove the link."
+    )
+
+
+def _image_entries(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(image paths in torchvision's order, the unreadable ones among them, the other files
+    ignored) of one class folder, its sub-folders included as torchvision's ImageFolder
+    includes them (a link back up the tree is entered once).
+
+    Hidden entries (names starting with ``.``: macOS ``._x.jpg`` AppleDouble files,
+    ``.ipynb_checkpoints/``) are skipped, as hidden class folders are. A sub-folder link to
+    the split folder, above it or into another class's folder is a :class:`DatasetError`.
     An image-named symlink that can't be followed (a loop, a dangling link) is kept, as a
     corrupt image is: reading it raises :class:`DatasetError` naming it
     (``features.skip_corrupt=true`` skips it), and the fingerprint records it as unreadable.
     """
-    files, broken = [], []
+    files, broken, ignored = [], [], []
+    class_real = os.path.realpath(folder)
+    split_real = os.path.realpath(folder.parent)
     pending, seen = [str(folder)], set()
     while pending:
         directory = pending.pop()
-        if os.path.realpath(directory) in seen:
+        real = os.path.realpath(directory)
+        if real in seen:
             continue
-        seen.add(os.path.realpath(directory))
+        if directory != str(folder):
+            _check_link(directory, real, class_real, split_real)
+        seen.add(real)
         for e in os.scandir(directory):
+            if e.name.startswith("."):
+                continue
             try:
                 if e.is_dir():
                     pending.append(e.path)
@@ -312,6 +340,7 @@ def _image_entries(folder: Path) -> tuple[list[str], list[str]]:
             except OSError:  # e.g. ELOOP: handled below when it is named like an image
                 pass
             if not e.name.lower().endswith(IMG_EXTENSIONS):
+                ignored.append(e.path)
                 continue
             try:
                 if e.is_file():
@@ -324,7 +353,24 @@ def _image_entries(folder: Path) -> tuple[list[str], list[str]]:
                 broken.append(e.path)
     # torchvision's order: folders by path (a folder's own images before its sub-folders'),
     # images by name within each
-    return sorted(files, key=os.path.split), sorted(broken, key=os.path.split)
+    return sorted(files, key=os.path.split), sorted(broken, key=os.path.split), ignored
+
+
+def _warn_ignored(root: Path, ignored: list[str]) -> None:
+    """Log the files of class folders that are not read (not named like an image), by
+    extension, so a folder of e.g. ``.gif`` or ``.heic`` images is not lost silently."""
+    if not ignored:
+        return
+    kinds: dict[str, int] = {}
+    for path in ignored:
+        ext = os.path.splitext(path)[1].lower() or "(no extension)"
+        kinds[ext] = kinds.get(ext, 0) + 1
+    counts = ", ".join(f"{n} {ext}" for ext, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    _log.warning(
+        "%s: %d file(s) in class folders are not read, their names not ending in an image "
+        "extension (%s): %s, e.g. %s. Convert images to one of these formats to use them.",
+        root, len(ignored), ", ".join(IMG_EXTENSIONS), counts, _preview(sorted(ignored), 3),
+    )  # fmt: skip
 
 
 def list_classes(root: Path) -> list[str]:
@@ -360,6 +406,16 @@ def scan_image_folder(
             f"ROOT/{{train,val}}/<class>/<image>.jpg (spec {spec!r})."
         )
     found = list_classes(root)
+    loose = sorted(
+        e.path
+        for e in os.scandir(root)
+        if not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS)
+    )
+    if loose:
+        _log.warning(
+            "%s: %d image(s) lie directly in the split folder, not in a class folder, and are "
+            "not read: %s. Move them into %s/<class>/.", root, len(loose), _preview(loose, 3), root
+        )  # fmt: skip
     if not found:
         raise DatasetError(
             f"dataset folder {root} has no class sub-folders; expected {root}/<class>/<image>.jpg"
@@ -386,9 +442,10 @@ def scan_image_folder(
                 class_source,
             )  # fmt: skip
     index = {name: i for i, name in enumerate(classes)}
-    paths, labels, unreadable = [], [], []
+    paths, labels, unreadable, ignored = [], [], [], []
     for name in found:
-        files, broken = _image_entries(root / name)
+        files, broken, other = _image_entries(root / name)
+        ignored += other
         if not files:
             raise DatasetError(
                 f"class folder {root / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
@@ -397,6 +454,7 @@ def scan_image_folder(
         paths += files
         labels += [index[name]] * len(files)
         unreadable += broken
+    _warn_ignored(root, ignored)
     if unreadable:
         _log.warning(
             "%s: %d image(s) are symbolic links that cannot be followed (a loop or a missing "

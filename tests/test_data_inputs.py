@@ -1,0 +1,61 @@
+"""Hostile and broken ImageFolder layouts and spec options: each is read correctly or is an
+error naming the file or option and the fix (never a deep traceback, never wrong labels)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ibot_bench.data import load_split
+from ibot_bench.errors import DatasetError
+
+
+def test_hidden_files_and_folders_in_class_folders_are_skipped(tiny_imagefolder):
+    cls = tiny_imagefolder / "train" / "class_0"
+    (cls / "._train_0_0.jpg").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")
+    (cls / ".DS_Store").write_bytes(b"\x00\x00")
+    checkpoints = cls / ".ipynb_checkpoints"  # Jupyter's copies: would count images twice
+    checkpoints.mkdir()
+    (checkpoints / "train_0_0.jpg").write_bytes((cls / "train_0_0.jpg").read_bytes())
+    train = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    assert len(train) == 12
+    assert not [n for n in train.sample_names if "/." in n]
+    for i in range(len(train)):
+        train.read(i)
+
+
+def test_files_not_named_like_images_are_logged(tiny_imagefolder, caplog):
+    cls = tiny_imagefolder / "train" / "class_1"
+    (cls / "photo.gif").write_bytes((cls / "train_1_0.jpg").read_bytes())
+    (cls / "notes.txt").write_text("not an image")
+    (tiny_imagefolder / "train" / "loose.jpg").write_bytes((cls / "train_1_0.jpg").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="ibot_bench"):
+        train = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    assert len(train) == 12
+    assert "2 file(s) in class folders are not read" in caplog.text
+    assert "1 .gif" in caplog.text and "1 .txt" in caplog.text
+    assert "loose.jpg" in caplog.text and "not in a class folder" in caplog.text
+
+
+@pytest.mark.parametrize("target", ["sibling", "split", "root"])
+def test_sub_folder_link_out_of_its_class_is_an_error(tiny_imagefolder, target):
+    """A link inside class_0 to class_1 (or up the tree) would label class_1's images as
+    class_0 too: an error naming the link, not silently wrong labels."""
+    train = tiny_imagefolder / "train"
+    to = {"sibling": train / "class_1", "split": train, "root": tiny_imagefolder}[target]
+    (train / "class_0" / "more").symlink_to(to, target_is_directory=True)
+    with pytest.raises(DatasetError, match="class_0/more is a symbolic link to .*Remove the link"):
+        load_split(f"imagefolder:{tiny_imagefolder}", "train")
+
+
+def test_sub_folder_links_inside_the_class_or_elsewhere_are_read(tiny_imagefolder, tmp_path):
+    elsewhere = tmp_path / "extra"
+    elsewhere.mkdir()
+    cls = tiny_imagefolder / "train" / "class_0"
+    (elsewhere / "x.jpg").write_bytes((cls / "train_0_0.jpg").read_bytes())
+    (cls / "more").symlink_to(elsewhere, target_is_directory=True)
+    (cls / "self").symlink_to(cls, target_is_directory=True)  # entered once
+    train = load_split(f"imagefolder:{tiny_imagefolder}", "train")
+    assert len(train) == 13
+    assert train.labels[train.sample_names.index("class_0/more/x.jpg")] == 0
