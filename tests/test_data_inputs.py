@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from ibot_bench.data import load_split
-from ibot_bench.errors import DatasetError
+from ibot_bench.errors import DatasetError, UserError
 
 
 def test_hidden_files_and_folders_in_class_folders_are_skipped(tiny_imagefolder):
@@ -59,3 +59,34 @@ def test_sub_folder_links_inside_the_class_or_elsewhere_are_read(tiny_imagefolde
     train = load_split(f"imagefolder:{tiny_imagefolder}", "train")
     assert len(train) == 13
     assert train.labels[train.sample_names.index("class_0/more/x.jpg")] == 0
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("size=0", "size='0' must be >= 1"),
+        ("size=-5", "size='-5' must be >= 1"),
+        ("fraction=0.5&subset_seed=-1", "subset_seed='-1' must be >= 0"),
+        ("subset_seed=3", "subset_seed='3' needs fraction="),
+    ],
+)
+def test_spec_option_values_are_checked(tiny_imagefolder, option, message):
+    with pytest.raises(UserError, match=message):
+        load_split(f"imagefolder:{tiny_imagefolder}?{option}", "train")
+
+
+def test_digits_size_is_checked():
+    with pytest.raises(UserError, match="size='0' must be >= 1"):
+        load_split("digits?size=0", "train")
+
+
+def test_a_split_folder_given_as_root_names_the_dataset_folder(tiny_imagefolder):
+    with pytest.raises(UserError, match=f"names the train folder.*imagefolder:{tiny_imagefolder}$"):
+        load_split(f"imagefolder:{tiny_imagefolder}/train", "train")
+
+
+def test_a_folder_named_with_a_question_mark_is_explained(tiny_imagefolder, tmp_path):
+    odd = tmp_path / "what?x=1"
+    tiny_imagefolder.rename(odd)
+    with pytest.raises(UserError, match="unknown option.*'x'.*is a folder, but a '\\?' in a spec"):
+        load_split(f"imagefolder:{odd}", "train")

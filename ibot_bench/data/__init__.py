@@ -72,16 +72,20 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     return scheme, body, dict(parse_qsl(query, keep_blank_values=True))
 
 
-def _number(options: dict, key: str, kind: type = int, default: object = None):
-    """Spec option ``key`` as an int or float; a non-number is an error naming the option."""
+def _number(options: dict, key: str, kind: type = int, default: object = None, minimum=None):
+    """Spec option ``key`` as an int or float; a non-number, or one below ``minimum``, is an
+    error naming the option."""
     if key not in options:
         return default
     try:
-        return kind(options[key])
+        value = kind(options[key])
     except ValueError:
         raise UserError(
             f"dataset option {key}={options[key]!r} must be {'an integer' if kind is int else 'a number'}"
         ) from None
+    if minimum is not None and not value >= minimum:
+        raise UserError(f"dataset option {key}={options[key]!r} must be >= {minimum}")
+    return value
 
 
 COMMON_OPTIONS = {"fraction", "subset_seed", "split_file", "verify"}
@@ -90,9 +94,17 @@ COMMON_OPTIONS = {"fraction", "subset_seed", "split_file", "verify"}
 def _known_options(options: dict, allowed: set[str], spec: str) -> None:
     unknown = set(options) - allowed - COMMON_OPTIONS
     if unknown:
+        # a folder whose name holds "?" cannot be named: the "?" starts the options
+        head = spec.partition(":")[2]
+        hint = (
+            f". {head!r} is a folder, but a '?' in a spec starts its options: rename the "
+            "folder, or link to it under a name without '?'"
+            if "?" in head and os.path.exists(os.path.expanduser(head))
+            else ""
+        )
         raise UserError(
             f"unknown option(s) {sorted(unknown)} in dataset spec {spec!r}; "
-            f"allowed: {sorted(allowed | COMMON_OPTIONS)}"
+            f"allowed: {sorted(allowed | COMMON_OPTIONS)}{hint}"
         )
 
 
@@ -128,8 +140,14 @@ def _imagefolder(body: str, options: dict, split: str, spec: str) -> Classificat
     _known_options(options, {"size"}, spec)
     if not body:
         raise UserError("imagefolder needs a folder: imagefolder:ROOT")
-    size = _number(options, "size", int, 224)
-    return _scan_split(_root(body), spec, split, size)
+    size = _number(options, "size", int, 224, minimum=1)
+    root = _root(body)
+    if root.name in SPLITS and not (root / split).is_dir() and (root.parent / split).is_dir():
+        raise UserError(
+            f"{spec!r} names the {root.name} folder; give the folder holding train/ and val/: "
+            f"imagefolder:{root.parent}"
+        )
+    return _scan_split(root, spec, split, size)
 
 
 @DATASETS.register(
@@ -228,7 +246,7 @@ def _digits(body: str, options: dict, split: str, spec: str) -> ClassificationSp
         class_names=[str(d) for d in range(10)],
         labels=labels[rows],
         arrays=images[rows],
-        default_img_size=_number(options, "size", int, 32),
+        default_img_size=_number(options, "size", int, 32, minimum=1),
     )
 
 
@@ -250,13 +268,19 @@ def _ade20k(body: str, options: dict, split: str, spec: str) -> ADE20KDataset:
 
 def _apply_subset(data: ClassificationSplit, options: dict) -> ClassificationSplit:
     if not {"split_file", "fraction"} & set(options):
+        if "subset_seed" in options:
+            raise UserError(
+                f"dataset option subset_seed={options['subset_seed']!r} needs fraction= (e.g. "
+                f"?fraction=0.01&subset_seed={options['subset_seed']}); without it no label "
+                "subset is drawn"
+            )
         return data
     rows, tag = label_subset(
         data.labels,
         data.sample_names,
         fraction=_number(options, "fraction", float),
         split_file=options.get("split_file"),
-        seed=_number(options, "subset_seed", int, 0),
+        seed=_number(options, "subset_seed", int, 0, minimum=0),
         class_names=data.class_names,
         root=data.dataset_root,
     )
