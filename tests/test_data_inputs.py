@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import make_imagefolder
 
 from ibot_bench.data import load_split
 from ibot_bench.errors import DatasetError, UserError
@@ -90,3 +91,25 @@ def test_a_folder_named_with_a_question_mark_is_explained(tiny_imagefolder, tmp_
     tiny_imagefolder.rename(odd)
     with pytest.raises(UserError, match="unknown option.*'x'.*is a folder, but a '\\?' in a spec"):
         load_split(f"imagefolder:{odd}", "train")
+
+
+def test_split_file_lines_may_be_paths_relative_to_the_train_folder(tmp_path):
+    """File names repeating across classes (0001.jpg in every class folder) can be chosen by
+    their relative path; bare repeated names stay an error that says so."""
+    root = make_imagefolder(tmp_path / "ds", classes=2, per_class=2)
+    for c in range(2):  # the same file names in both classes
+        for i, jpg in enumerate(sorted((root / "train" / f"class_{c}").iterdir())):
+            jpg.rename(jpg.with_name(f"{i:04d}.jpg"))
+    (root / "by_path.txt").write_text("# chosen\r\n  ./class_0/0000.jpg\r\nclass_1/0001.jpg\r\n")
+    train = load_split(f"imagefolder:{root}?split_file=by_path.txt", "train")
+    assert train.sample_names == ["class_0/0000.jpg", "class_1/0001.jpg"]
+    assert train.labels.tolist() == [0, 1]
+    (root / "by_name.txt").write_text("0000.jpg\n")
+    with pytest.raises(UserError, match="match several samples: 0000.jpg; write such lines as"):
+        load_split(f"imagefolder:{root}?split_file=by_name.txt", "train")
+
+
+def test_split_file_lines_in_another_format_are_explained(tiny_imagefolder):
+    (tiny_imagefolder / "labels.txt").write_text("train_0_0.jpg 0\n   # an indented comment\n")
+    with pytest.raises(UserError, match="1 of 1 names .*e.g. train_0_0.jpg 0. Each line is one"):
+        load_split(f"imagefolder:{tiny_imagefolder}?split_file=labels.txt", "train")

@@ -113,11 +113,13 @@ def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray
     """Rows of ``sample_names`` listed in a SimCLR-format split file.
 
     The file has one image file name per line (``n01440764_10026.JPEG``), as in SimCLRv2's
-    ``1percent.txt`` / ``10percent.txt`` (docs/protocols.md#semi-supervised). Names are
-    matched against the file-name part of ``sample_names`` (which may be relative paths).
-    Blank lines and ``#`` comments are skipped; repeated lines count once. Unknown names, or
-    names that match several samples, raise :class:`UserError` listing a few, as does a file
-    that is not UTF-8 text (e.g. an image or an archive given by mistake).
+    ``1percent.txt`` / ``10percent.txt`` (docs/protocols.md#semi-supervised), matched
+    against the file-name part of ``sample_names`` (which may be relative paths); a line
+    holding a ``/`` is a path relative to the train folder (``n01440764/n01440764_10026.JPEG``),
+    matched against the whole sample name (for datasets whose file names repeat across
+    classes). Blank lines and ``#`` comments are skipped; repeated lines count once. Unknown
+    names, or names that match several samples, raise :class:`UserError` listing a few, as
+    does a file that is not UTF-8 text (e.g. an image or an archive given by mistake).
     """
     path = Path(path)
     try:
@@ -136,32 +138,40 @@ def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray
             "(n01440764_10026.JPEG); check the split_file= path (it may name an image or "
             "an archive)."
         ) from None
-    lines = text.splitlines()
-    wanted = list(dict.fromkeys(s.strip() for s in lines if s.strip() and not s.startswith("#")))
+    lines = (s.strip() for s in text.splitlines())
+    wanted = list(dict.fromkeys(s for s in lines if s and not s.startswith("#")))
     if not wanted:
         raise UserError(f"split file {str(path)!r} lists no image")
 
     index: dict[str, int] = {}
     repeated: set[str] = set()
+    full = {PurePath(str(name)).as_posix(): row for row, name in enumerate(sample_names)}
     for row, name in enumerate(sample_names):
         base = PurePath(str(name)).name
         if base in index:
             repeated.add(base)
         index[base] = row
 
-    unknown = [w for w in wanted if w not in index]
+    def lookup(name: str) -> int | None:
+        return full.get(name.removeprefix("./")) if "/" in name else index.get(name)
+
+    unknown = [w for w in wanted if lookup(w) is None]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise UserError(
             f"split file {str(path)!r}: {len(unknown)} of {len(wanted)} names are not in the "
-            f"dataset ({len(sample_names)} samples), e.g. {shown}"
+            f"dataset ({len(sample_names)} samples), e.g. {shown}. Each line is one image's "
+            f"file name ({PurePath(str(sample_names[0])).name}) or its path relative to the "
+            f"train folder ({PurePath(str(sample_names[0])).as_posix()}), nothing else on "
+            "the line"
         )
-    ambiguous = [w for w in wanted if w in repeated]
+    ambiguous = [w for w in wanted if "/" not in w and w in repeated]
     if ambiguous:
         raise UserError(
-            f"split file {str(path)!r}: names match several samples: {', '.join(ambiguous[:5])}"
+            f"split file {str(path)!r}: names match several samples: {', '.join(ambiguous[:5])}; "
+            "write such lines as paths relative to the train folder (class/name.jpg)"
         )
-    return np.sort(np.array([index[w] for w in wanted], dtype=np.int64))
+    return np.sort(np.array([lookup(w) for w in wanted], dtype=np.int64))
 
 
 def stratified_split(
