@@ -308,6 +308,8 @@ def execute(
     if "train" in feature_sets:
         train = feature_sets["train"]
         details["features"] = {"key": train.meta["key"], "skipped": train.meta["skipped"]}
+        if "val" in feature_sets:  # test images skipped: the metrics cover the others only
+            details["features"]["skipped_val"] = feature_sets["val"].meta.get("skipped", [])
     ctx = contexts[0]
     dataset = {
         "spec": plan.data_spec,

@@ -37,7 +37,7 @@ from ibot_bench.distributed import (
     world,
 )
 from ibot_bench.encoders import Encoder, encoder_fingerprint, load_encoder
-from ibot_bench.errors import ConfigError, DatasetError, UserError
+from ibot_bench.errors import ConfigError, DatasetError, UnreadableImageError, UserError
 from ibot_bench.feature_progress import OK, ExtractionProgress
 from ibot_bench.interrupt import StopRequests, TrainingInterrupted, ignore_interrupts
 from ibot_bench.io import remove_stale_temps, temp_prefix
@@ -208,6 +208,23 @@ class _Images(torch.utils.data.Dataset):
             return row, torch.zeros(3, size, size, dtype=torch.uint8), False
 
 
+def _log_skipped(skipped: list[str], log: Callable[[str], None]) -> None:
+    if skipped:
+        log(
+            f"features: skipped {len(skipped)} unreadable image(s) (features.skip_corrupt), "
+            f"e.g. {skipped[:3]}; the record lists them all"
+        )
+
+
+def _read_error(data: ClassificationSplit, row: int) -> str:
+    """Why image ``row`` of ``data`` cannot be read (its error message)."""
+    try:
+        data.read(row)
+    except UnreadableImageError as exc:
+        return f"{exc.path}: {exc.reason}"
+    return f"{data.sample_names[row]} (readable now: was it replaced meanwhile?)"
+
+
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -234,6 +251,7 @@ def _load_cached(path: Path, key_parts: dict) -> FeatureSet | None:
         n = len(arrays["labels"])
         ok = (
             meta.get("key") == json.loads(json.dumps(key_parts, default=str))
+            and n > 0  # never written: an old entry of a split whose every image was skipped
             and len(meta["sample_names"]) == n
             and all(a.dtype.kind in "fiu" and len(a) == n for a in arrays.values())
             and all(arrays[name].ndim == 2 for name in FEATURE_ARRAYS)
@@ -409,6 +427,7 @@ def extract_features(
     cached = None if refresh else _load_cached(path, key_parts)
     if all_ranks(cached is not None):
         log(f"features: cache hit {path}")
+        _log_skipped(cached.meta.get("skipped") or [], log)
         return cached
     if cached is None and not refresh and path.exists() and rank == 0:
         log(
@@ -494,8 +513,13 @@ def extract_features(
     }
     keep = ok.numpy()
     skipped = [data.sample_names[i] for i in np.flatnonzero(~keep)]
-    if skipped:
-        log(f"features: skipped {len(skipped)} unreadable image(s), e.g. {skipped[:3]}")
+    if skipped and not keep.any():  # nothing to evaluate: say why, not fail in a task
+        raise DatasetError(
+            f"every one of the {len(keep)} images of {data_spec} [{split}] is unreadable "
+            f"(features.skip_corrupt=true skipped them all), e.g. {_read_error(data, 0)}. "
+            "Check that the folder holds the images (not e.g. download placeholders)."
+        )
+    _log_skipped(skipped, log)
     arrays = {name: a[keep] for name, a in arrays.items()}
     kept_names = [s for s, k in zip(data.sample_names, keep) if k]
     bad = sorted({int(i) for a in arrays.values() for i in np.flatnonzero(~np.isfinite(a).all(1))})

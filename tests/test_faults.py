@@ -4,6 +4,7 @@ half-written."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from conftest import write_ibot_checkpoint
 
 import ibot_bench.features as features_mod
 from ibot_bench.cli import main
-from ibot_bench.errors import ConfigError, UserError
+from ibot_bench.errors import ConfigError, DatasetError, UserError
 from ibot_bench.evaluate import run_eval
 from ibot_bench.features import FeatureConfig, extract_features
 from ibot_bench.io import atomic_write_text
@@ -101,7 +102,7 @@ def _poke(entry: Path, name: str, value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage", ["truncate", "pickle", "meta", "foreign", "directory", "nan", "inf"]
+    "damage", ["truncate", "pickle", "meta", "foreign", "directory", "nan", "inf", "empty"]
 )
 def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, tmp_path):
     spec = f"imagefolder:{tiny_imagefolder}"
@@ -115,6 +116,11 @@ def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, t
         (entry / "cls.npy").write_bytes((entry / "cls.npy").read_bytes()[:100])
     elif damage == "pickle":  # an object array: loading it would unpickle
         np.save(entry / "labels.npy", np.array([object()] * len(first), dtype=object))
+    elif damage == "empty":  # no rows (an old entry of a split whose images were all skipped)
+        for name in ("cls", "patch_mean", "cls_last_n", "labels"):
+            np.save(entry / f"{name}.npy", np.load(entry / f"{name}.npy")[:0])
+        meta = json.loads((entry / "meta.json").read_text())
+        (entry / "meta.json").write_text(json.dumps({**meta, "sample_names": []}))
     elif damage == "meta":
         (entry / "meta.json").write_text("{not json")
     elif damage == "foreign":  # a valid entry of another key planted under this one's name
@@ -211,3 +217,35 @@ def test_planted_fine_tuning_checkpoint_is_refused_before_training(planted, tmp_
     with pytest.raises(UserError, match="checkpoint"):
         finetune_eval(ctx, cfg)
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pth"]  # nothing trained
+
+
+def test_skipped_images_of_both_splits_are_recorded(tiny_imagefolder, tmp_path):
+    """features.skip_corrupt: the record names the skipped test images too (its metrics
+    cover the others only), and a cache hit says images were skipped."""
+    (tiny_imagefolder / "train" / "class_0" / "bad.jpg").write_bytes(b"not an image")
+    (tiny_imagefolder / "val" / "class_2" / "bad.jpg").write_bytes(b"")
+    logs: list[str] = []
+    kwargs = {"output_dir": tmp_path / "out", "cache_dir": tmp_path / "c", "log": logs.append}
+    overrides = [*FAST, "features.skip_corrupt=true"]
+    record = run_eval("knn", "random:vit_tiny_patch8", f"imagefolder:{tiny_imagefolder}",
+                      overrides=overrides, **kwargs)  # fmt: skip
+    assert record.details["features"]["skipped"] == ["class_0/bad.jpg"]
+    assert record.details["features"]["skipped_val"] == ["class_2/bad.jpg"]
+    assert record.dataset["num_test"] == 12
+    logs.clear()
+    cfg = FeatureConfig(**{**CFG.__dict__, "skip_corrupt": True})
+    spec = f"imagefolder:{tiny_imagefolder}"
+    extract_features("random:vit_tiny_patch8", spec, "val", cfg, cache_dir=tmp_path / "c",
+                     progress=False, log=logs.append)  # fmt: skip
+    assert any("cache hit" in line for line in logs)
+    assert any("skipped 1 unreadable image(s)" in line for line in logs), logs
+
+
+def test_every_image_unreadable_is_an_error_naming_one(tiny_imagefolder, tmp_path):
+    for jpg in (tiny_imagefolder / "val").rglob("*.jpg"):
+        jpg.write_bytes(b"garbage")
+    cfg = FeatureConfig(**{**CFG.__dict__, "skip_corrupt": True})
+    with pytest.raises(DatasetError, match=r"every one of the 12 images .*\[val\] is unreadable"):
+        extract_features("random:vit_tiny_patch8", f"imagefolder:{tiny_imagefolder}", "val",
+                         cfg, cache_dir=tmp_path / "c", progress=False)  # fmt: skip
+    assert not [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
