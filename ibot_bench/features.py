@@ -284,6 +284,15 @@ def _make_temp_dir(path: Path) -> Path:
         ) from exc
 
 
+def _remove(path: Path) -> None:
+    """Remove ``path``: a folder with its contents, or a file or link (a damaged entry)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write the cache folder atomically: build it under a temp name, then rename."""
     tmp = _make_temp_dir(path)
@@ -291,11 +300,11 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        if path.exists():  # a damaged entry, or --refresh: move it aside, then swap
+        if os.path.lexists(path):  # a damaged entry, or --refresh: move it aside, then swap
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):  # another writer moved it already
                 os.replace(path, old)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         try:
             os.replace(tmp, path)
         except OSError:  # another process wrote the same entry meanwhile: keep theirs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +103,8 @@ def _poke(entry: Path, name: str, value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage", ["truncate", "pickle", "meta", "foreign", "directory", "nan", "inf", "empty"]
+    "damage",
+    ["truncate", "pickle", "meta", "foreign", "directory", "nan", "inf", "empty", "file", "link"],
 )
 def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, tmp_path):
     spec = f"imagefolder:{tiny_imagefolder}"
@@ -121,6 +123,9 @@ def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, t
             np.save(entry / f"{name}.npy", np.load(entry / f"{name}.npy")[:0])
         meta = json.loads((entry / "meta.json").read_text())
         (entry / "meta.json").write_text(json.dumps({**meta, "sample_names": []}))
+    elif damage in ("file", "link"):  # the entry replaced by a file, or a dangling link
+        shutil.rmtree(entry)
+        entry.write_text("garbage") if damage == "file" else entry.symlink_to(tmp_path / "gone")
     elif damage == "meta":
         (entry / "meta.json").write_text("{not json")
     elif damage == "foreign":  # a valid entry of another key planted under this one's name
@@ -131,7 +136,8 @@ def test_damaged_or_planted_cache_entries_are_misses(damage, tiny_imagefolder, t
     logs: list[str] = []
     again = extract(spec, tmp_path, logs.append)
     assert not again.meta["cache_hit"]  # recomputed, not trusted
-    assert any(f"cache entry {entry} is damaged" in line for line in logs), logs
+    if damage != "link":  # a dangling link is no entry at all
+        assert any(f"cache entry {entry} is damaged" in line for line in logs), logs
     np.testing.assert_array_equal(again.cls, first.cls)
     assert extract(spec, tmp_path).meta["cache_hit"]  # and rewritten
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
