@@ -76,6 +76,7 @@ def subset_rows(train: FeatureSet, cfg: SemiConfig, root: str = "") -> tuple[np.
         seed=cfg.seed,
         class_names=train.class_names,
         root=root,
+        skipped=train.meta.get("skipped", ()),
     )
 
 

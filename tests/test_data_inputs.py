@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 from conftest import make_imagefolder
 
 from ibot_bench.data import load_split
+from ibot_bench.data.subsets import label_subset
 from ibot_bench.errors import DatasetError, UserError
 
 
@@ -113,3 +115,20 @@ def test_split_file_lines_in_another_format_are_explained(tiny_imagefolder):
     (tiny_imagefolder / "labels.txt").write_text("train_0_0.jpg 0\n   # an indented comment\n")
     with pytest.raises(UserError, match="1 of 1 names .*e.g. train_0_0.jpg 0. Each line is one"):
         load_split(f"imagefolder:{tiny_imagefolder}?split_file=labels.txt", "train")
+
+
+def test_split_file_naming_skipped_images_leaves_them_out(tmp_path, caplog):
+    """semi with features.skip_corrupt: an unreadable image the split file lists is left out
+    with a warning, not called 'not in the dataset'."""
+    (tmp_path / "split.txt").write_text("a/0.jpg\nb.jpg\nc.jpg\n")
+    names, labels = ["a/0.jpg", "x/c.jpg"], np.array([0, 1])
+    with caplog.at_level(logging.WARNING, logger="ibot_bench"):
+        rows, _ = label_subset(labels, names, split_file=tmp_path / "split.txt",
+                               skipped=["y/b.jpg"])  # fmt: skip
+    assert rows.tolist() == [0, 1]
+    assert "1 of its images were skipped as unreadable" in caplog.text and "b.jpg" in caplog.text
+    with pytest.raises(UserError, match="not in the dataset .* e.g. b.jpg"):
+        label_subset(labels, names, split_file=tmp_path / "split.txt")
+    (tmp_path / "gone.txt").write_text("b.jpg\n")
+    with pytest.raises(UserError, match="every image it lists is unreadable"):
+        label_subset(labels, names, split_file=tmp_path / "gone.txt", skipped=["y/b.jpg"])

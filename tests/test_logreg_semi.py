@@ -187,3 +187,15 @@ def test_logreg_sweep_resumes_after_the_last_saved_c(tmp_path, monkeypatch):
     (tmp_path / "logreg_sweep.pth").write_bytes(b"damaged")
     assert logreg(ctx, cfg).metrics == whole.metrics
     assert list(tmp_path.glob("logreg_sweep.pth.unusable-*"))
+
+
+def test_semi_split_file_leaves_out_images_skipped_as_unreadable(tmp_path):
+    """features.skip_corrupt dropped one listed image from the features: the subset is the
+    file's other images, not a 'not in the dataset' error."""
+    split = tmp_path / "10percent.txt"
+    split.write_text("\n".join(Path(n).name for n in TRAIN.sample_names[::10]))
+    gone = TRAIN.sample_names[0]
+    kept = TRAIN.subset(np.arange(1, len(TRAIN)))
+    kept.meta["skipped"] = [gone]
+    cfg = small_semi(fraction=0.1, split_file=str(split), methods=["knn"])
+    assert semi(feature_context(kept, TEST), cfg).extra["subset_size"] == 59

@@ -109,7 +109,9 @@ def find_split_file(split_file: str | Path, root: str | Path | None = None) -> P
     return found
 
 
-def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray:
+def read_split_file(
+    path: str | Path, sample_names: Sequence[str], skipped: Sequence[str] = ()
+) -> np.ndarray:
     """Rows of ``sample_names`` listed in a SimCLR-format split file.
 
     The file has one image file name per line (``n01440764_10026.JPEG``), as in SimCLRv2's
@@ -117,7 +119,9 @@ def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray
     against the file-name part of ``sample_names`` (which may be relative paths); a line
     holding a ``/`` is a path relative to the train folder (``n01440764/n01440764_10026.JPEG``),
     matched against the whole sample name (for datasets whose file names repeat across
-    classes). Blank lines and ``#`` comments are skipped; repeated lines count once. Unknown
+    classes). Blank lines and ``#`` comments are skipped; repeated lines count once. Names
+    of ``skipped`` images (unreadable, left out by ``features.skip_corrupt``) are left out
+    with a logged warning. Unknown
     names, or names that match several samples, raise :class:`UserError` listing a few, as
     does a file that is not UTF-8 text (e.g. an image or an archive given by mistake).
     """
@@ -155,6 +159,21 @@ def read_split_file(path: str | Path, sample_names: Sequence[str]) -> np.ndarray
     def lookup(name: str) -> int | None:
         return full.get(name.removeprefix("./")) if "/" in name else index.get(name)
 
+    gone = {PurePath(str(n)).as_posix() for n in skipped}
+    gone |= {PurePath(n).name for n in gone}
+    dropped = [w for w in wanted if lookup(w) is None and w.removeprefix("./") in gone]
+    if dropped:
+        _log.warning(
+            "split file %s: %d of its images were skipped as unreadable "
+            "(features.skip_corrupt) and are left out of the subset: %s",
+            path, len(dropped), ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+        )  # fmt: skip
+        wanted = [w for w in wanted if w not in dropped]
+        if not wanted:
+            raise UserError(
+                f"split file {str(path)!r}: every image it lists is unreadable (skipped by "
+                "features.skip_corrupt): replace them, or use another split file"
+            )
     unknown = [w for w in wanted if lookup(w) is None]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -219,6 +238,7 @@ def label_subset(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
     root: str | Path | None = None,
+    skipped: Sequence[str] = (),
 ) -> tuple[np.ndarray, str]:
     """Rows of the labelled subset of a training set, and a tag naming it.
 
@@ -227,14 +247,16 @@ def label_subset(
     ``fraction`` given as well must match the share the file selects within
     :data:`SPLIT_FILE_TOLERANCE` (the fraction names the protocol, e.g. ``semi-1pct``).
     Without one, ``fraction`` of every class is drawn with ``seed``
-    (:func:`per_class_fraction`). The tag (``split_file=NAME:DIGEST`` or
-    ``fraction=F:seed=S``) identifies the subset in fingerprints and records.
+    (:func:`per_class_fraction`). ``skipped``: names of unreadable images left out of
+    ``sample_names`` (a split file naming them is not an error). The tag
+    (``split_file=NAME:DIGEST`` or ``fraction=F:seed=S``) identifies the subset in
+    fingerprints and records.
     """
     if fraction is not None:
         _check_fraction("fraction", fraction, allow_one=True)
     if split_file:
         path = find_split_file(split_file, root)
-        rows = read_split_file(path, sample_names)
+        rows = read_split_file(path, sample_names, skipped)
         realised = len(rows) / max(1, len(sample_names))
         if fraction is not None and not (
             fraction / SPLIT_FILE_TOLERANCE <= realised <= fraction * SPLIT_FILE_TOLERANCE
