@@ -269,6 +269,8 @@ def test_random_is_deterministic_and_any_size():
     assert [m.shape for m in fa["maps"]] == [(2, 192, 3, 5)] * 2
     with pytest.raises(UserError, match="divisible.*e.g. 32 or 40"):  # patch 8
         a.forward_features(torch.randn(1, 3, 30, 34))
+    with pytest.raises(UserError, match=r"e\.g\. 8 \("):  # one size only, not "8 or 8"
+        a.forward_features(torch.randn(1, 3, 4, 4))
     with pytest.raises(UserError, match="unknown architecture"):
         load_encoder("random:vit_huge")
 

@@ -283,10 +283,10 @@ class ViTEncoder(Encoder):
         if h % self.patch_size or w % self.patch_size:
             p = self.patch_size
             side = max(h, w)
-            lower, upper = max(p, side // p * p), -(-side // p) * p
+            sizes = sorted({max(p, side // p * p), -(-side // p) * p})
             raise UserError(
                 f"input size {h}x{w} is not divisible by the patch size {p} of this encoder; "
-                f"use a multiple of {p}, e.g. {lower} or {upper} (features.img_size for "
+                f"use a multiple of {p}, e.g. {' or '.join(map(str, sizes))} (features.img_size for "
                 "the frozen tasks, img_size for finetune)"
             )
         dense = check_blocks(n_last_blocks, dense_blocks, self.num_blocks)
