@@ -616,15 +616,14 @@ def _record_for_torchrun(exc: Exception) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come before or after options (argparse stops at the first)
-    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
-    if args.command not in ("eval", "pretrain", "features", "config") or len(overrides) != len(
-        extra
-    ):
+    # key=value overrides may come before or after options (argparse stops at the first); a
+    # word that is not an option goes to them too, whose check says what is wrong with it
+    options = [e for e in extra if e.startswith("-")]
+    if args.command not in ("eval", "pretrain", "features", "config") or options:
         if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
     else:
-        args.overrides = args.overrides + overrides
+        args.overrides = args.overrides + extra
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ibot_bench").setLevel(logging.INFO)  # our progress notes, not libraries'
     try:

@@ -15,6 +15,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
@@ -103,18 +104,41 @@ def _bad_value_message(cfg: DictConfig, layer: DictConfig, schema: type, where: 
     return f"{key} expects {expected}, got {value!r} (in {where})"
 
 
+def yaml_problem(exc: BaseException, with_place: bool = True) -> str:
+    """A YAML error in one line: its problem and (``with_place``) the line and column."""
+    problem = getattr(exc, "problem", None)
+    if not problem:
+        return first_line(exc)
+    mark = getattr(exc, "problem_mark", None)
+    if with_place and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return problem
+
+
+# the usual cause of a broken override: the shell split a value with spaces into two words
+_QUOTE_HINT = "a value holding spaces must be quoted as one word, e.g. 'ks=[10, 20]'"
+
+
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     """``["a.b=1", "c=[1,2]"]`` -> DictConfig; a malformed item is a ConfigError."""
     items = list(overrides)
     for item in items:
         if "=" not in item or item.startswith("="):
             raise ConfigError(
-                f"override {item!r} is not of the form key=value (e.g. batch_size=64)"
+                f"override {item!r} is not of the form key=value (e.g. batch_size=64); "
+                f"{_QUOTE_HINT}"
             )
-    try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {first_line(exc)}") from None
+    for item in items:  # one by one, so that an error names the override at fault
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:  # the value is parsed as YAML: ks=[1,
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({yaml_problem(exc, False)}); "
+                f"{_QUOTE_HINT}"
+            ) from None
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse override {item!r}: {first_line(exc)}") from None
+    return OmegaConf.from_dotlist(items)
 
 
 def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
@@ -123,8 +147,8 @@ def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
     path = resolve_config(path, kind)
     try:
         cfg = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError and friends
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return cfg
