@@ -138,3 +138,42 @@ def test_bad_suite_inputs(tmp_path, capsys):
     assert code == 1 and f"expected a imagefolder folder at {tmp_path / 'none'}/imagenet" in out
     shutil.rmtree(tmp_path / "f")
     json.dumps({})  # keep json import used for readability of failures
+
+
+SUITE = """\
+name: mine
+encoders: [random:vit_tiny_patch8]
+datasets:
+  d: {spec: DATA}
+entries: ENTRIES
+"""
+
+
+@pytest.mark.parametrize(
+    "data, entries, expected",
+    [
+        ("digits", "[]", "suite mine.yaml has no entries"),
+        ("digits", "[{task: knnn, dataset: d}]", "entry 1 (knnn): unknown task 'knnn'. Did you "
+         "mean 'knn'?"),
+        ("digitz", "[{task: knn, dataset: d}]", "dataset 'd' (digitz): unknown dataset 'digitz'. "
+         "Did you mean 'digits'?"),
+        ("digits", "[{task: knn, dataset: e}]", "entry 1 (knn) names dataset 'e', not one of"),
+    ],
+)  # fmt: skip
+def test_suite_mistakes_are_refused_before_any_work(tmp_path, capsys, data, entries, expected):
+    """An unknown task or dataset scheme used to fail its entries at run time after the
+    others ran (exit 1); an empty suite 'succeeded' with nothing run (exit 0)."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(SUITE.replace("DATA", data).replace("ENTRIES", entries))
+    out = tmp_path / "out"
+    assert main(["run", "--suite", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing ran, nothing written
+
+
+def test_suite_file_that_does_not_exist_is_named(tmp_path, capsys):
+    for path in (tmp_path / "nope.yaml", tmp_path):
+        assert main(["run", "--suite", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"config file {path} " in err and "unknown suite" not in err
