@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ibot_bench.display_names import disambiguate
+from ibot_bench.display_names import BIDI_CONTROLS, disambiguate
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
 from ibot_bench.records import ResultRecord, parse_timestamp, read_records
@@ -51,10 +51,11 @@ def load_records(dirs: Iterable[str | Path]) -> tuple[list[ResultRecord], list[t
 
 def printable(name: object) -> str:
     """``name`` as text with ``\\r\\n`` as ``\\n`` and other control characters (but newline
-    and tab) made visible as ``\\xNN``: a name can't move the cursor or recolour a terminal."""
+    and tab) and the bidi controls made visible as ``\\xNN`` / ``\\uNNNN``: a name can't move
+    the cursor, recolour a terminal or reverse the text shown after it."""
 
     def visible(c: str) -> str:
-        if unicodedata.category(c) != "Cc" or c in "\n\t":
+        if (unicodedata.category(c) != "Cc" or c in "\n\t") and c not in BIDI_CONTROLS:
             return c
         return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
 

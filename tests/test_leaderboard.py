@@ -84,8 +84,17 @@ def test_display_names_rule():
     assert split_named("my run 2=random:vit_small") == ("my run 2", "random:vit_small")
     for spec in ("ibot:ckpt.pth?key=val", "synthetic:shapes?x=1", "a/b=c", "ibot:x", "x?y=z"):
         assert split_named(spec) == (None, spec)  # '=' after ':', '/' or '?': a spec
-    with pytest.raises(UserError, match="non-empty name and spec"):
-        split_named(" =ibot:x")
+    for arg in (" =ibot:x", "=ibot:x", "a="):
+        with pytest.raises(UserError, match="non-empty name and spec"):
+            split_named(arg)
+    # a name holding ':', '/', '\\' or '?' before a real spec was silently taken as a spec
+    # (every entry then failed with "unknown encoder scheme"): it is named instead
+    for arg, held in (("<b>x</b>=random:vit_tiny", "/"), ("v1: ours=ibot:x.pth", ":"),
+                      ("$\\alpha$=timm:vit_small_patch16_224", "\\")):  # fmt: skip
+        with pytest.raises(UserError, match=f"the name .* holds {re.escape(held)}, which"):
+            split_named(arg)
+    with pytest.raises(UserError, match="text-direction"):
+        split_named("a\u202eb=random:vit_tiny")
     assert derive_name(QUICK) == "quick" and derive_name(INIT) == "quick-init"
     assert derive_name("timm:vit_small_patch16_224") == "vit_small_patch16_224"
     assert derive_name("random:vit_tiny_patch8") == "random-vit_tiny_patch8"
