@@ -257,3 +257,32 @@ def test_report_on_a_folder_without_records_names_the_right_one(tmp_path, capsys
         err = capsys.readouterr().err
         assert f"{folder} is not a results folder (it has no records/" in err and hint in err
         assert not list(folder.glob("leaderboard*")) and not (folder / "records.csv").exists()
+
+
+def test_heatmap_of_many_encoders_draws_the_baseline_and_the_best(tmp_path, monkeypatch):
+    """3,000 encoders made a 126,000 px tall PNG (2 minutes, a 'decompression bomb' to
+    PIL); a panel now draws at most MAX_ROWS rows: the baseline, then the best."""
+    from ibot_bench import leaderboard_png
+
+    monkeypatch.setattr(leaderboard_png, "MAX_ROWS", 4)
+    records = [
+        _record(f"random:vit_tiny?{i}", "g", task, task, {metric: float(i + bump)}, f"e{i}")
+        for i in range(10)
+        for task, metric, bump in (("knn", "top1", 0), ("cluster", "nmi", 10 * (i == 2)))
+    ]
+    boards = headline_boards(long_frame(records), baseline="e3")
+    assert leaderboard_png.shown_rows(boards[0]) == ["e3", "e9", "e8", "e7"]
+    leaderboard_png.write_heatmap(boards, tmp_path / "board.png")
+    with Image.open(tmp_path / "board.png") as image:
+        assert image.height < 1.4 * 100 + 0.42 * 100 * 5
+
+
+def test_heatmap_names_without_a_glyph_give_one_line(tmp_path, caplog, recwarn):
+    """A name the font cannot draw gave matplotlib's UserWarning per character, with the
+    source line; now one note that says where the names are complete."""
+    from ibot_bench.leaderboard_png import write_heatmap
+
+    record = _record(INIT, "g", "knn", "knn", {"top1": 1.0}, "init \U000f0000\U000f0001")
+    write_heatmap(headline_boards(long_frame([record])), tmp_path / "board.png")
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert "no glyph in matplotlib's font" in caplog.text and "leaderboard.md" in caplog.text
