@@ -353,12 +353,18 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 def _check_output(output: str) -> None:
     """``--output`` must be a folder or a path one can be made at: a file there (or above it)
-    is refused before any work, not when the record is written."""
+    or a folder this user cannot write is refused before any work, not when the record is
+    written."""
     path = Path(output).expanduser()
     taken = next((p for p in (path, *path.parents) if p.exists()), None)
     if taken is not None and not taken.is_dir():
         raise UserError(
             f"--output {output}: {taken} is a file, not a folder; give a new or existing folder"
+        )
+    if taken is not None and not os.access(taken, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output {output}: cannot write in {taken} (permission denied); give a folder "
+            "you can write"
         )
 
 
@@ -452,7 +458,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
     names = name_encoders(encoders)  # suite encoder lists: duplicates fail before any work
     _check_baseline(args.baseline, names, output)
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     outcomes = run_suite(
         suite,
         list(names),
@@ -505,6 +511,10 @@ def _check_results_folder(folder: str) -> None:
     """``folder`` must be a results folder (one with ``records/``), else an error saying
     which folder to pass: its parent for a records/ folder, results folders found inside."""
     path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{folder} is a file, not a results folder; pass the folder holding records/"
+        )
     if not path.is_dir():
         raise UserError(f"results folder {folder} does not exist")
     if (path / "records").is_dir():
@@ -532,6 +542,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     for d in args.dirs:
         _check_results_folder(d)
     output = args.output or args.dirs[0]
+    _check_output(output)
     boards, detail, errors, stale = write_reports(
         args.dirs, output, reference=args.reference, baseline=args.baseline
     )
