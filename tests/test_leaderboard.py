@@ -286,3 +286,20 @@ def test_heatmap_names_without_a_glyph_give_one_line(tmp_path, caplog, recwarn):
     write_heatmap(headline_boards(long_frame([record])), tmp_path / "board.png")
     assert not [w for w in recwarn if "Glyph" in str(w.message)]
     assert "no glyph in matplotlib's font" in caplog.text and "leaderboard.md" in caplog.text
+
+
+def test_report_with_no_valid_records_leaves_no_stale_board(tmp_path, capsys):
+    """Records gone (or all corrupt): leaderboard.png kept the last run's numbers while the
+    tables said "No records yet", and the CSV formats printed a bare ``""``."""
+    records = _write_suite(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "leaderboard.png").is_file()
+    for record in records:
+        (tmp_path / "records" / f"{record.key()}.json").write_text("{")  # all corrupt now
+    capsys.readouterr()
+    for args in ([], ["--detail"]):
+        assert main(["report", str(tmp_path), "--format", "csv", *args]) == 0
+        assert capsys.readouterr().out.strip() == "encoder"
+        assert main(["report", str(tmp_path), "--format", "html", *args]) == 0
+        assert "No records yet." in capsys.readouterr().out
+    assert not (tmp_path / "leaderboard.png").exists()
+    assert (tmp_path / "leaderboard.csv").read_text().splitlines()[1] == "encoder"
