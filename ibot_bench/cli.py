@@ -437,28 +437,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ibot_bench.display_names import name_encoders
     from ibot_bench.distributed import is_main
     from ibot_bench.leaderboard import write_reports
-    from ibot_bench.suites import load_profile, load_suite, pretrain_encoders, run_suite
+    from ibot_bench.suites import (
+        check_tasks,
+        load_profile,
+        load_suite,
+        pretrain_encoders,
+        pretrain_specs,
+        run_suite,
+    )
 
     overrides = [f"data_root={args.data_root}"] if args.data_root else []
     suite = load_suite(args.suite, overrides)
     profile = load_profile(args.profile)
     output = args.output or f"results/{suite.name}"
     _check_output(output)
-    name_encoders(args.encoder)  # two encoders given one name: refused before anything starts
-    if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
-        return launched
-    pretrain_name = args.pretrain or suite.pretrain
+    if args.pretrain and args.encoder:
+        raise UserError(
+            "--pretrain evaluates the network it pretrains and its initialisation in place of "
+            "--encoder; give one of them (or run the suite twice)"
+        )
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    check_tasks(suite, tasks)
+    # every check before any work: pretraining takes minutes, a cluster job hours
+    pretrain_name = None if args.encoder else args.pretrain or suite.pretrain
     if args.encoder:
         encoders = args.encoder
     elif pretrain_name:
-        encoders = pretrain_encoders(pretrain_name, output)
+        encoders = pretrain_specs(pretrain_name, output)
     else:
         encoders = list(suite.encoders)
     if not encoders:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
-    names = name_encoders(encoders)  # suite encoder lists: duplicates fail before any work
+    names = name_encoders(encoders)  # two encoders given one name: refused here
     _check_baseline(args.baseline, names, output)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
+        return launched
+    if pretrain_name:
+        pretrain_encoders(pretrain_name, output)
     outcomes = run_suite(
         suite,
         list(names),

@@ -136,6 +136,13 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
     return cfg
 
 
+def pretrain_specs(name: str, output_dir: str | Path) -> list[str]:
+    """The encoder specs :func:`pretrain_encoders` returns, known before it trains (so names
+    and ``--baseline`` are checked before minutes of pretraining)."""
+    out = Path(output_dir) / "pretrain" / resolve_config(name, "pretrain").stem
+    return [f"ibot:{out}/checkpoint.pth", f"ibot:{out}/checkpoint_init.pth"]
+
+
 def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], None] = print):
     """Pretrain iBOT with config ``name`` into ``output_dir/pretrain/<name>`` (resuming a
     partial run, returning at once for a finished one); returns the encoder specs of the
@@ -152,7 +159,7 @@ def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], No
     if summary["stopped_early"]:
         log(f"pretraining stopped at its time limit after epoch {summary['epochs_done']}; "
             "run again to continue it")  # fmt: skip
-    return [f"ibot:{out}/checkpoint.pth", f"ibot:{out}/checkpoint_init.pth"]
+    return pretrain_specs(name, output_dir)
 
 
 def config_path(entry: SuiteEntry) -> Path | None:
@@ -178,6 +185,14 @@ class Outcome:
     seconds: float = 0.0
 
 
+def check_tasks(cfg: SuiteConfig, tasks: Sequence[str] | None) -> None:
+    """``tasks`` (``--tasks``) must be tasks of the suite's entries."""
+    known = sorted({e.task for e in cfg.entries})
+    unknown = sorted(set(tasks or ()) - set(known))
+    if unknown:
+        raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
+
+
 def plan_suite(
     cfg: SuiteConfig,
     encoders: Sequence[str],
@@ -186,10 +201,7 @@ def plan_suite(
 ) -> list[tuple[EvalPlan | None, SuiteEntry, str, str]]:
     """(plan or None if invalid, entry, encoder, error) for every encoder x entry."""
     profile = profile or ProfileConfig()
-    known = sorted({e.task for e in cfg.entries})
-    unknown = sorted(set(tasks or ()) - set(known))
-    if unknown:
-        raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
+    check_tasks(cfg, tasks)
     plans = []
     splits: dict[str, dict] = {}  # one scan of each dataset for the whole suite
     for encoder in encoders:

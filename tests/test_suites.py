@@ -177,3 +177,26 @@ def test_suite_file_that_does_not_exist_is_named(tmp_path, capsys):
         assert main(["run", "--suite", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"config file {path} " in err and "unknown suite" not in err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--baseline", "typo"], "--baseline 'typo' is not one of the encoders' display names: "
+         "'quick', 'quick-init'"),
+        (["--tasks", "knm"], "suite 'quick' has no task ['knm']"),
+        (["--pretrain", "demo", "--encoder", "random:vit_tiny_patch8"], "give one of them"),
+    ],
+)  # fmt: skip
+def test_run_mistakes_are_refused_before_pretraining(tmp_path, capsys, monkeypatch, args, expected):
+    """A wrong --baseline or --tasks with the quick suite was found after its 8 minutes of
+    pretraining; --pretrain next to --encoder was silently ignored."""
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr("ibot_bench.pretrain.train.pretrain", no_pretraining)
+    out = tmp_path / "out"
+    assert main(["run", "--suite", "quick", "--output", str(out), *args]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
