@@ -663,6 +663,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except KeyboardInterrupt as exc:
         detail = str(exc) or "finished results and caches are kept"
+        if args.command == "run" and not str(exc):  # what was recorded is skipped next time
+            where = args.output or "results/SUITE"
+            detail += (
+                "; run the same command again to continue (finished evaluations are skipped; "
+                f"`ibot-bench report {where}` shows them now)"
+            )
         print(f"ibot-bench: interrupted; {detail}", file=sys.stderr)
         return 130
 

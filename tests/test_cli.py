@@ -209,3 +209,13 @@ def test_report_of_a_file_or_into_a_file_says_so(capsys, tmp_path):
     (tmp_path / "res" / "records").mkdir(parents=True)
     code, _, err = run(capsys, "report", str(tmp_path / "res"), "--output", str(taken))
     assert code == 2 and f"{taken} is a file, not a folder" in err
+
+
+def test_interrupted_run_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ibot_bench.suites.run_suite", interrupted)
+    code, _, err = run(capsys, "run", "--suite", "smoke", "--output", str(tmp_path / "o"))
+    assert code == 130 and len(err.splitlines()) == 1
+    assert "interrupted; finished results and caches are kept; run the same command" in err
