@@ -41,8 +41,10 @@ _DETAIL = re.compile(
 
 
 def load_records(dirs: Iterable[str | Path]) -> tuple[list[ResultRecord], list[tuple[Path, str]]]:
+    """The records of every folder, each folder read once however it is spelled
+    (``res``, ``res/``, ``./res``): records.csv would list its records twice."""
     records, errors = [], []
-    for d in dirs:
+    for d in {Path(d).resolve(): d for d in dirs}.values():
         r, e = read_records(d)
         records += r
         errors += e

@@ -303,3 +303,12 @@ def test_report_with_no_valid_records_leaves_no_stale_board(tmp_path, capsys):
         assert "No records yet." in capsys.readouterr().out
     assert not (tmp_path / "leaderboard.png").exists()
     assert (tmp_path / "leaderboard.csv").read_text().splitlines()[1] == "encoder"
+
+
+def test_report_reads_a_folder_given_twice_once(tmp_path, capsys, monkeypatch):
+    """``report res res/`` (or a shell glob overlapping a name) doubled records.csv."""
+    records = _write_suite(tmp_path / "res")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "res", "res/", "./res", "--output", "out"]) == 0
+    rows = (tmp_path / "out" / "records.csv").read_text().splitlines()
+    assert len(rows) == 1 + sum(len(r.metrics) for r in records)
