@@ -43,11 +43,18 @@ def _valid_keys(schema: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(exc: OmegaConfBaseException, schema: type, where: str) -> str:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or str(exc)
+    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or str(exc))
     valid = _valid_keys(schema)
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    group, _, leaf = key.rpartition(".")
+    if group:  # in a group that exists: one of its own keys, never the group itself
+        own = [k.removeprefix(group + ".") for k in valid if k.startswith(group + ".")]
+        close = difflib.get_close_matches(leaf, [k for k in own if "." not in k], 1, 0.6)
+        close = [f"{group}.{c}" for c in close]
+    else:  # a top-level key: any key, in any group (ks -> knn.ks)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}"
+    listed = [k for k in valid if k.startswith(group + ".")] if group else valid
+    return f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(listed)}"
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

@@ -161,3 +161,26 @@ def test_yaml_error_in_a_config_file_is_one_line_with_its_place(capsys, tmp_path
     assert main(["config", "show", "knn", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{path} is not valid YAML: {expected}" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, hint, listed",
+    [
+        ("features.foo=1", "' in command-line overrides. Valid keys: features.img_size, ", None),
+        (
+            "features.foo.bar=1",
+            "'features.foo' in command-line overrides. Valid keys: features.",
+            None,
+        ),
+        ("knn.k=3", "Did you mean 'knn.ks'?", "knn.ks, knn.temperature"),
+        ("ks=[1]", "Did you mean 'knn.ks'?", "fraction, split_file"),
+    ],
+)
+def test_unknown_key_in_a_group_suggests_only_that_groups_keys(override, hint, listed):
+    """'features.foo' was answered with "Did you mean 'features'?", the group it is in."""
+    with pytest.raises(ConfigError) as info:
+        load_config(eval_schema(discover_tasks().get("semi")), overrides=[override])
+    message = str(info.value)
+    assert hint in message and "Did you mean 'features'" not in message
+    if listed:
+        assert f"Valid keys: {listed}" in message
