@@ -48,6 +48,8 @@ def split_named(arg: str) -> tuple[str | None, str]:
     name = head.strip()
     if not name or not spec:
         raise UserError(f"--encoder {arg!r}: write NAME=SPEC with a non-empty name and spec")
+    if not _scheme(spec) and _scheme(spec.partition("=")[2]):  # a=b=ibot:x.pth
+        raise UserError(f"--encoder {arg!r}: a name may not hold '='; use another name")
     if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in name):
         raise UserError(
             f"--encoder {arg!r}: the name holds control or text-direction characters; "

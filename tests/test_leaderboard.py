@@ -93,6 +93,9 @@ def test_display_names_rule():
                       ("$\\alpha$=timm:vit_small_patch16_224", "\\")):  # fmt: skip
         with pytest.raises(UserError, match=f"the name .* holds {re.escape(held)}, which"):
             split_named(arg)
+    with pytest.raises(UserError, match="a name may not hold '='"):
+        split_named("a=b=random:vit_tiny")
+    assert split_named("a=ibot:x.pth?key=val") == ("a", "ibot:x.pth?key=val")
     with pytest.raises(UserError, match="text-direction"):
         split_named("a\u202eb=random:vit_tiny")
     assert derive_name(QUICK) == "quick" and derive_name(INIT) == "quick-init"
