@@ -353,12 +353,18 @@ def _cmd_features(args: argparse.Namespace) -> None:
 
 def _check_output(output: str) -> None:
     """``--output`` must be a folder or a path one can be made at: a file there (or above it)
-    is refused before any work, not when the record is written."""
+    or a folder this user cannot write is refused before any work, not when the record is
+    written."""
     path = Path(output).expanduser()
     taken = next((p for p in (path, *path.parents) if p.exists()), None)
     if taken is not None and not taken.is_dir():
         raise UserError(
             f"--output {output}: {taken} is a file, not a folder; give a new or existing folder"
+        )
+    if taken is not None and not os.access(taken, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output {output}: cannot write in {taken} (permission denied); give a folder "
+            "you can write"
         )
 
 
@@ -431,28 +437,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ibot_bench.display_names import name_encoders
     from ibot_bench.distributed import is_main
     from ibot_bench.leaderboard import write_reports
-    from ibot_bench.suites import load_profile, load_suite, pretrain_encoders, run_suite
+    from ibot_bench.suites import (
+        check_tasks,
+        load_profile,
+        load_suite,
+        pretrain_encoders,
+        pretrain_specs,
+        run_suite,
+    )
 
     overrides = [f"data_root={args.data_root}"] if args.data_root else []
     suite = load_suite(args.suite, overrides)
     profile = load_profile(args.profile)
     output = args.output or f"results/{suite.name}"
     _check_output(output)
-    name_encoders(args.encoder)  # two encoders given one name: refused before anything starts
-    if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
-        return launched
-    pretrain_name = args.pretrain or suite.pretrain
+    if args.pretrain and args.encoder:
+        raise UserError(
+            "--pretrain evaluates the network it pretrains and its initialisation in place of "
+            "--encoder; give one of them (or run the suite twice)"
+        )
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    check_tasks(suite, tasks)
+    # every check before any work: pretraining takes minutes, a cluster job hours
+    pretrain_name = None if args.encoder else args.pretrain or suite.pretrain
     if args.encoder:
         encoders = args.encoder
     elif pretrain_name:
-        encoders = pretrain_encoders(pretrain_name, output)
+        encoders = pretrain_specs(pretrain_name, output)
     else:
         encoders = list(suite.encoders)
     if not encoders:
         raise UserError(f"suite {suite.name!r} names no encoder; pass --encoder SPEC (repeatable)")
-    names = name_encoders(encoders)  # suite encoder lists: duplicates fail before any work
+    names = name_encoders(encoders)  # two encoders given one name: refused here
     _check_baseline(args.baseline, names, output)
-    tasks = args.tasks.split(",") if args.tasks else None
+    if (launched := maybe_submit(args, output)) is not None:  # --launcher slurm|local
+        return launched
+    if pretrain_name:
+        pretrain_encoders(pretrain_name, output)
     outcomes = run_suite(
         suite,
         list(names),
@@ -505,6 +526,10 @@ def _check_results_folder(folder: str) -> None:
     """``folder`` must be a results folder (one with ``records/``), else an error saying
     which folder to pass: its parent for a records/ folder, results folders found inside."""
     path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{folder} is a file, not a results folder; pass the folder holding records/"
+        )
     if not path.is_dir():
         raise UserError(f"results folder {folder} does not exist")
     if (path / "records").is_dir():
@@ -532,6 +557,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     for d in args.dirs:
         _check_results_folder(d)
     output = args.output or args.dirs[0]
+    _check_output(output)
     boards, detail, errors, stale = write_reports(
         args.dirs, output, reference=args.reference, baseline=args.baseline
     )
@@ -616,15 +642,14 @@ def _record_for_torchrun(exc: Exception) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come before or after options (argparse stops at the first)
-    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
-    if args.command not in ("eval", "pretrain", "features", "config") or len(overrides) != len(
-        extra
-    ):
+    # key=value overrides may come before or after options (argparse stops at the first); a
+    # word that is not an option goes to them too, whose check says what is wrong with it
+    options = [e for e in extra if e.startswith("-")]
+    if args.command not in ("eval", "pretrain", "features", "config") or options:
         if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
     else:
-        args.overrides = args.overrides + overrides
+        args.overrides = args.overrides + extra
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ibot_bench").setLevel(logging.INFO)  # our progress notes, not libraries'
     try:
@@ -638,6 +663,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except KeyboardInterrupt as exc:
         detail = str(exc) or "finished results and caches are kept"
+        if args.command == "run" and not str(exc):  # what was recorded is skipped next time
+            where = args.output or "results/SUITE"
+            detail += (
+                "; run the same command again to continue (finished evaluations are skipped; "
+                f"`ibot-bench report {where}` shows them now)"
+            )
         print(f"ibot-bench: interrupted; {detail}", file=sys.stderr)
         return 130
 

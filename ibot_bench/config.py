@@ -15,6 +15,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
@@ -42,11 +43,18 @@ def _valid_keys(schema: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(exc: OmegaConfBaseException, schema: type, where: str) -> str:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or str(exc)
+    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or str(exc))
     valid = _valid_keys(schema)
-    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    group, _, leaf = key.rpartition(".")
+    if group:  # in a group that exists: one of its own keys, never the group itself
+        own = [k.removeprefix(group + ".") for k in valid if k.startswith(group + ".")]
+        close = difflib.get_close_matches(leaf, [k for k in own if "." not in k], 1, 0.6)
+        close = [f"{group}.{c}" for c in close]
+    else:  # a top-level key: any key, in any group (ks -> knn.ks)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}"
+    listed = [k for k in valid if k.startswith(group + ".")] if group else valid
+    return f"unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(listed)}"
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -103,18 +111,41 @@ def _bad_value_message(cfg: DictConfig, layer: DictConfig, schema: type, where: 
     return f"{key} expects {expected}, got {value!r} (in {where})"
 
 
+def yaml_problem(exc: BaseException, with_place: bool = True) -> str:
+    """A YAML error in one line: its problem and (``with_place``) the line and column."""
+    problem = getattr(exc, "problem", None)
+    if not problem:
+        return first_line(exc)
+    mark = getattr(exc, "problem_mark", None)
+    if with_place and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return problem
+
+
+# the usual cause of a broken override: the shell split a value with spaces into two words
+_QUOTE_HINT = "a value holding spaces must be quoted as one word, e.g. 'ks=[10, 20]'"
+
+
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     """``["a.b=1", "c=[1,2]"]`` -> DictConfig; a malformed item is a ConfigError."""
     items = list(overrides)
     for item in items:
         if "=" not in item or item.startswith("="):
             raise ConfigError(
-                f"override {item!r} is not of the form key=value (e.g. batch_size=64)"
+                f"override {item!r} is not of the form key=value (e.g. batch_size=64); "
+                f"{_QUOTE_HINT}"
             )
-    try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {first_line(exc)}") from None
+    for item in items:  # one by one, so that an error names the override at fault
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:  # the value is parsed as YAML: ks=[1,
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({yaml_problem(exc, False)}); "
+                f"{_QUOTE_HINT}"
+            ) from None
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse override {item!r}: {first_line(exc)}") from None
+    return OmegaConf.from_dotlist(items)
 
 
 def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
@@ -123,8 +154,8 @@ def load_yaml(path: str | Path, kind: str | None = None) -> DictConfig:
     path = resolve_config(path, kind)
     try:
         cfg = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError and friends
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return cfg

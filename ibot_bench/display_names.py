@@ -23,20 +23,47 @@ from ibot_bench.errors import UserError
 
 _PLAIN = re.compile(r"[^:/\\?]+")
 _VIEWS = ("teacher", "student")
+# characters that reorder the text around them (Unicode bidi controls): a name holding one
+# could show as another, so they are refused in names and shown escaped (leaderboard.printable)
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 
 def split_named(arg: str) -> tuple[str | None, str]:
     """``NAME=SPEC`` -> ``(NAME, SPEC)`` when the part before the first ``=`` is a plain name
     (no ``:``, ``/``, ``\\``, ``?``); anything else is a bare spec: ``(None, arg)``."""
     head, sep, spec = arg.partition("=")
-    if not sep or not _PLAIN.fullmatch(head):
+    if not sep:
+        return None, arg
+    if head and not _PLAIN.fullmatch(head):
+        if _scheme(spec) and not _scheme(arg):  # NAME=SPEC whose NAME holds a ':', '/', ...
+            held = " ".join(dict.fromkeys(c for c in head if c in ":/\\?"))
+            raise UserError(
+                f"--encoder {arg!r}: the name {head!r} holds {held}, which a name may not "
+                "(the text before '=' would be read as part of a spec); use a name without "
+                "':', '/', '\\' and '?'"
+            )
         return None, arg
     name = head.strip()
     if not name or not spec:
         raise UserError(f"--encoder {arg!r}: write NAME=SPEC with a non-empty name and spec")
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise UserError(f"--encoder {arg!r}: the name holds control characters; use plain text")
+    if not _scheme(spec) and _scheme(spec.partition("=")[2]):  # a=b=ibot:x.pth
+        raise UserError(f"--encoder {arg!r}: a name may not hold '='; use another name")
+    if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in name):
+        raise UserError(
+            f"--encoder {arg!r}: the name holds control or text-direction characters; "
+            "use plain text"
+        )
     return name, spec
+
+
+def _scheme(text: str) -> str | None:
+    """The registered encoder scheme ``text`` starts with (``ibot`` of ``ibot:x.pth``)."""
+    from ibot_bench.encoders import ENCODERS  # imports torch: only when a name is checked
+
+    scheme, sep, _ = text.partition(":")
+    return scheme if sep and scheme in ENCODERS else None
 
 
 def derive_name(spec: str) -> str:

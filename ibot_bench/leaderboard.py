@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ibot_bench.display_names import disambiguate
+from ibot_bench.display_names import BIDI_CONTROLS, disambiguate
 from ibot_bench.errors import UserError
 from ibot_bench.io import atomic_write_text
 from ibot_bench.records import ResultRecord, parse_timestamp, read_records
@@ -41,8 +41,10 @@ _DETAIL = re.compile(
 
 
 def load_records(dirs: Iterable[str | Path]) -> tuple[list[ResultRecord], list[tuple[Path, str]]]:
+    """The records of every folder, each folder read once however it is spelled
+    (``res``, ``res/``, ``./res``): records.csv would list its records twice."""
     records, errors = [], []
-    for d in dirs:
+    for d in {Path(d).resolve(): d for d in dirs}.values():
         r, e = read_records(d)
         records += r
         errors += e
@@ -51,10 +53,11 @@ def load_records(dirs: Iterable[str | Path]) -> tuple[list[ResultRecord], list[t
 
 def printable(name: object) -> str:
     """``name`` as text with ``\\r\\n`` as ``\\n`` and other control characters (but newline
-    and tab) made visible as ``\\xNN``: a name can't move the cursor or recolour a terminal."""
+    and tab) and the bidi controls made visible as ``\\xNN`` / ``\\uNNNN``: a name can't move
+    the cursor, recolour a terminal or reverse the text shown after it."""
 
     def visible(c: str) -> str:
-        if unicodedata.category(c) != "Cc" or c in "\n\t":
+        if (unicodedata.category(c) != "Cc" or c in "\n\t") and c not in BIDI_CONTROLS:
             return c
         return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
 
@@ -266,12 +269,17 @@ def _row_order(cells: pd.DataFrame) -> list[str]:
     return list(order.sort_values("source", kind="stable")["encoder"])
 
 
+def no_rows() -> pd.DataFrame:
+    """An empty board: its CSV is the header ``encoder``, not pandas' ``""`` of no columns."""
+    return pd.DataFrame(index=pd.Index([], name="encoder"))
+
+
 def board(long: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """The detail board: encoder spec x (group, "protocol metric"), every metric but the
     per-k/per-seed/bookkeeping ones; the newest value of each measured cell."""
     main = long[~long["metric"].str.contains(_DETAIL)]
     if main.empty:
-        return pd.DataFrame()
+        return no_rows()
     main = _with_reference(_newest(main), reference)
     main = main.assign(column=main["protocol"] + " " + main["metric"])
     table = main.pivot_table(
@@ -447,7 +455,7 @@ def headline_boards(
 def headline_csv_table(boards: Sequence[GroupBoard]) -> pd.DataFrame:
     """Every board side by side: display name x (group, headline column)."""
     if not boards:
-        return pd.DataFrame()
+        return no_rows()
     table = pd.concat({b.group: b.table for b in boards}, axis=1, sort=False)
     table.columns.names = ["group", "column"]
     table.index.name = "encoder"
@@ -513,7 +521,7 @@ def to_markdown(boards: Sequence[GroupBoard]) -> str:
 
 def to_html(boards: Sequence[GroupBoard]) -> str:
     """The at-a-glance leaderboard as HTML (best per column in ``<b>``), names escaped."""
-    parts = [f"<p>{html_text(NOTE)}</p>"]
+    parts = [f"<p>{html_text(NOTE)}</p>" if boards else "<p>No records yet.</p>"]
     for b in boards:
         cells = _cells(b, html_text, lambda t: f"<b>{t}</b>")
         legend = "".join(f"<li>{line}</li>" for line in legend_lines(b, html_text))
@@ -543,6 +551,8 @@ def detail_markdown(table: pd.DataFrame) -> str:
 
 def detail_html(table: pd.DataFrame) -> str:
     """The detail leaderboard as an HTML table, names escaped (:func:`html_text`)."""
+    if table.empty:
+        return "<p>No records yet.</p>"
     return _relabel(table, html_text).to_html(
         escape=False, float_format="{:.2f}".format, na_rep="-"
     )
@@ -573,5 +583,7 @@ def write_reports(
     atomic_write_text(out / "leaderboard.md", to_markdown(boards))
     if boards:
         write_heatmap(boards, out / "leaderboard.png")
-    detail = board(long, ref) if len(long) else pd.DataFrame()
+    else:  # an earlier run's image would show numbers the tables no longer have
+        (out / "leaderboard.png").unlink(missing_ok=True)
+    detail = board(long, ref) if len(long) else no_rows()
     return boards, detail, errors, stale_warnings(long, names)

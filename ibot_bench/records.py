@@ -94,8 +94,10 @@ class ResultRecord:
     @property
     def display_name(self) -> str:
         """The encoder's short name for leaderboards; records written before names existed
-        get one derived from the spec (:func:`ibot_bench.display_names.derive_name`)."""
-        return self.encoder.get("name") or derive_name(self.encoder.get("spec", ""))
+        (or with a blank one) get one derived from the spec
+        (:func:`ibot_bench.display_names.derive_name`)."""
+        name = self.encoder.get("name", "")
+        return name if name.strip() else derive_name(self.encoder.get("spec", ""))
 
     @property
     def instant(self) -> datetime:
@@ -277,16 +279,20 @@ def _text(where: str, value: Any) -> None:
     _check_str(where, value)
 
 
+def _nonempty(where: str, value: Any) -> None:
+    _check_str(where, value, nonempty=True)
+
+
 _ENCODER = {
-    "spec": (_text, True),
+    "spec": (_nonempty, True),
     "fingerprint": (_text, False),
     "arch": (_text, False),
-    "name": (lambda w, v: _check_str(w, v, nonempty=True), False),
+    "name": (_nonempty, False),
     "partial": (lambda w, v: _need(isinstance(v, bool), w, "true or false", v), False),
     "partial_keys": (_check_object, False),  # missing / unexpected / mismatched lists
 }
 _DATASET = {
-    "spec": (_text, True),
+    "spec": (_nonempty, True),
     "fingerprint": (_text, False),
     "test_fingerprint": (_text, False),
     "group": (_text, False),

@@ -41,6 +41,8 @@ def resolve_config(name_or_path: str | Path, kind: str | None = None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir() and len(path.parts) > 1:
+        raise ConfigError(f"config file {name_or_path} is a folder; give a YAML file in it")
     rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
     candidates = [rel, rel.with_name(rel.name + ".yaml")]
     if kind is not None:

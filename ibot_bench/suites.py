@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ibot_bench.config import load_config, save_config
+from ibot_bench.data import DATASETS, parse_spec
 from ibot_bench.distributed import (
     barrier,
     gather_objects,
@@ -98,18 +99,48 @@ def load_profile(name: str | None) -> ProfileConfig:
 
 
 def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
-    """A registered suite name or a YAML path -> validated, interpolated config."""
+    """A registered suite name or a YAML path -> validated, interpolated config.
+
+    Refused before any work: a suite without entries, an entry naming a task that is not
+    registered or a dataset the suite does not define, a dataset spec of an unknown scheme.
+    """
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+    if name_or_path in SUITES:
         path = SUITES.get(name_or_path)
+    elif path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # a file: say if it is not
+        path = resolve_config(path, "suites")
+    else:
+        path = SUITES.get(name_or_path)  # unknown: the error suggests the closest name
     cfg = load_config(SuiteConfig, path, overrides)
-    for entry in cfg.entries:
+    if not cfg.entries:
+        raise ConfigError(
+            f"suite {path.name} has no entries; list them under entries: "
+            "(- {task: knn, dataset: NAME}), as in the shipped suites (ibot-bench list)"
+        )
+    tasks = discover_tasks()
+    for i, entry in enumerate(cfg.entries, 1):
+        where = f"suite {path.name}, entry {i} ({entry.task})"
+        try:
+            tasks.get(entry.task)
+        except UserError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if entry.dataset not in cfg.datasets:
             raise ConfigError(
-                f"suite {path.name}: entry {entry.task!r} names dataset {entry.dataset!r}, "
-                f"not one of {sorted(cfg.datasets)}"
+                f"{where} names dataset {entry.dataset!r}, not one of {sorted(cfg.datasets)}"
             )
+    for name, ds in cfg.datasets.items():
+        try:
+            DATASETS.get(parse_spec(ds.spec)[0])
+        except UserError as exc:
+            raise ConfigError(f"suite {path.name}, dataset {name!r} ({ds.spec}): {exc}") from None
     return cfg
+
+
+def pretrain_specs(name: str, output_dir: str | Path) -> list[str]:
+    """The encoder specs :func:`pretrain_encoders` returns, known before it trains (so names
+    and ``--baseline`` are checked before minutes of pretraining)."""
+    out = Path(output_dir) / "pretrain" / resolve_config(name, "pretrain").stem
+    return [f"ibot:{out}/checkpoint.pth", f"ibot:{out}/checkpoint_init.pth"]
 
 
 def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], None] = print):
@@ -128,7 +159,7 @@ def pretrain_encoders(name: str, output_dir: str | Path, log: Callable[[str], No
     if summary["stopped_early"]:
         log(f"pretraining stopped at its time limit after epoch {summary['epochs_done']}; "
             "run again to continue it")  # fmt: skip
-    return [f"ibot:{out}/checkpoint.pth", f"ibot:{out}/checkpoint_init.pth"]
+    return pretrain_specs(name, output_dir)
 
 
 def config_path(entry: SuiteEntry) -> Path | None:
@@ -154,6 +185,14 @@ class Outcome:
     seconds: float = 0.0
 
 
+def check_tasks(cfg: SuiteConfig, tasks: Sequence[str] | None) -> None:
+    """``tasks`` (``--tasks``) must be tasks of the suite's entries."""
+    known = sorted({e.task for e in cfg.entries})
+    unknown = sorted(set(tasks or ()) - set(known))
+    if unknown:
+        raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
+
+
 def plan_suite(
     cfg: SuiteConfig,
     encoders: Sequence[str],
@@ -162,10 +201,7 @@ def plan_suite(
 ) -> list[tuple[EvalPlan | None, SuiteEntry, str, str]]:
     """(plan or None if invalid, entry, encoder, error) for every encoder x entry."""
     profile = profile or ProfileConfig()
-    known = sorted({e.task for e in cfg.entries})
-    unknown = sorted(set(tasks or ()) - set(known))
-    if unknown:
-        raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
+    check_tasks(cfg, tasks)
     plans = []
     splits: dict[str, dict] = {}  # one scan of each dataset for the whole suite
     for encoder in encoders:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fractions
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +173,49 @@ def test_output_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, monk
         code, _, err = run(capsys, command, *args, "--encoder", "random:vit_tiny_patch8",
                            "--output", str(output))  # fmt: skip
         assert code == 2 and f"{taken} is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("command", ["eval", "run", "report"])
+def test_output_that_cannot_be_written_is_refused_before_any_work(
+    capsys, tmp_path, monkeypatch, command
+):
+    """An --output folder this user may not write failed only when the first record was
+    written (for eval: after the whole evaluation)."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    for target in ("evaluate.run_eval", "suites.run_suite", "leaderboard.write_reports"):
+        monkeypatch.setattr(f"ibot_bench.{target}", no_work)
+    locked = tmp_path / "locked"
+    (locked / "records").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    args = {
+        "eval": ["knn", "--data", "digits", "--encoder", "random:vit_tiny_patch8"],
+        "run": ["--suite", "smoke", "--encoder", "random:vit_tiny_patch8"],
+        "report": [str(locked)],
+    }[command]
+    for output in (locked, locked / "new"):
+        code, _, err = run(capsys, command, *args, "--output", str(output))
+        assert code == 2 and f"cannot write in {locked} (permission denied)" in err
+
+
+def test_report_of_a_file_or_into_a_file_says_so(capsys, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("")
+    code, _, err = run(capsys, "report", str(taken))
+    assert code == 2 and f"{taken} is a file, not a results folder" in err
+    (tmp_path / "res" / "records").mkdir(parents=True)
+    code, _, err = run(capsys, "report", str(tmp_path / "res"), "--output", str(taken))
+    assert code == 2 and f"{taken} is a file, not a folder" in err
+
+
+def test_interrupted_run_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ibot_bench.suites.run_suite", interrupted)
+    code, _, err = run(capsys, "run", "--suite", "smoke", "--output", str(tmp_path / "o"))
+    assert code == 130 and len(err.splitlines()) == 1
+    assert "interrupted; finished results and caches are kept; run the same command" in err

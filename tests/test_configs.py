@@ -130,3 +130,57 @@ def test_shipped_config_of_another_task_names_its_task(capsys, args, config, own
     task = "knn" if args[0] == "eval" else "semi"
     assert f"is for task {owner}, not {task}" in err and "unknown config key" not in err
     assert f"ibot-bench eval {owner} --config" in err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["ks=[1,"], "override 'ks=[1,': its value is not valid YAML (did not find expected"),
+        (["ks=[10,", "20]"], "override '20]' is not of the form key=value"),  # shell-split list
+        (["ks"], "override 'ks' is not of the form key=value"),
+    ],
+)
+def test_malformed_override_is_one_line_naming_it(capsys, argv, expected):
+    """Broken YAML in an override was a yaml traceback; a bare word was 'unrecognized'."""
+    for command in (["config", "show", "knn"], ["eval", "knn", "--encoder", "x", "--data", "y"]):
+        assert main([*command, *argv]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "quoted as one word" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("ks: [1, 5\n", "did not find expected ',' or ']' (line 2, column 1)"),
+        ("ks: [1]\nks: [2]\n", "found duplicate key ks (line 2, column 1)"),
+    ],
+)
+def test_yaml_error_in_a_config_file_is_one_line_with_its_place(capsys, tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["config", "show", "knn", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not valid YAML: {expected}" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, hint, listed",
+    [
+        ("features.foo=1", "' in command-line overrides. Valid keys: features.img_size, ", None),
+        (
+            "features.foo.bar=1",
+            "'features.foo' in command-line overrides. Valid keys: features.",
+            None,
+        ),
+        ("knn.k=3", "Did you mean 'knn.ks'?", "knn.ks, knn.temperature"),
+        ("ks=[1]", "Did you mean 'knn.ks'?", "fraction, split_file"),
+    ],
+)
+def test_unknown_key_in_a_group_suggests_only_that_groups_keys(override, hint, listed):
+    """'features.foo' was answered with "Did you mean 'features'?", the group it is in."""
+    with pytest.raises(ConfigError) as info:
+        load_config(eval_schema(discover_tasks().get("semi")), overrides=[override])
+    message = str(info.value)
+    assert hint in message and "Did you mean 'features'" not in message
+    if listed:
+        assert f"Valid keys: {listed}" in message

@@ -84,8 +84,20 @@ def test_display_names_rule():
     assert split_named("my run 2=random:vit_small") == ("my run 2", "random:vit_small")
     for spec in ("ibot:ckpt.pth?key=val", "synthetic:shapes?x=1", "a/b=c", "ibot:x", "x?y=z"):
         assert split_named(spec) == (None, spec)  # '=' after ':', '/' or '?': a spec
-    with pytest.raises(UserError, match="non-empty name and spec"):
-        split_named(" =ibot:x")
+    for arg in (" =ibot:x", "=ibot:x", "a="):
+        with pytest.raises(UserError, match="non-empty name and spec"):
+            split_named(arg)
+    # a name holding ':', '/', '\\' or '?' before a real spec was silently taken as a spec
+    # (every entry then failed with "unknown encoder scheme"): it is named instead
+    for arg, held in (("<b>x</b>=random:vit_tiny", "/"), ("v1: ours=ibot:x.pth", ":"),
+                      ("$\\alpha$=timm:vit_small_patch16_224", "\\")):  # fmt: skip
+        with pytest.raises(UserError, match=f"the name .* holds {re.escape(held)}, which"):
+            split_named(arg)
+    with pytest.raises(UserError, match="a name may not hold '='"):
+        split_named("a=b=random:vit_tiny")
+    assert split_named("a=ibot:x.pth?key=val") == ("a", "ibot:x.pth?key=val")
+    with pytest.raises(UserError, match="text-direction"):
+        split_named("a\u202eb=random:vit_tiny")
     assert derive_name(QUICK) == "quick" and derive_name(INIT) == "quick-init"
     assert derive_name("timm:vit_small_patch16_224") == "vit_small_patch16_224"
     assert derive_name("random:vit_tiny_patch8") == "random-vit_tiny_patch8"
@@ -248,3 +260,58 @@ def test_report_on_a_folder_without_records_names_the_right_one(tmp_path, capsys
         err = capsys.readouterr().err
         assert f"{folder} is not a results folder (it has no records/" in err and hint in err
         assert not list(folder.glob("leaderboard*")) and not (folder / "records.csv").exists()
+
+
+def test_heatmap_of_many_encoders_draws_the_baseline_and_the_best(tmp_path, monkeypatch):
+    """3,000 encoders made a 126,000 px tall PNG (2 minutes, a 'decompression bomb' to
+    PIL); a panel now draws at most MAX_ROWS rows: the baseline, then the best."""
+    from ibot_bench import leaderboard_png
+
+    monkeypatch.setattr(leaderboard_png, "MAX_ROWS", 4)
+    records = [
+        _record(f"random:vit_tiny?{i}", "g", task, task, {metric: float(i + bump)}, f"e{i}")
+        for i in range(10)
+        for task, metric, bump in (("knn", "top1", 0), ("cluster", "nmi", 10 * (i == 2)))
+    ]
+    boards = headline_boards(long_frame(records), baseline="e3")
+    assert leaderboard_png.shown_rows(boards[0]) == ["e3", "e9", "e8", "e7"]
+    leaderboard_png.write_heatmap(boards, tmp_path / "board.png")
+    with Image.open(tmp_path / "board.png") as image:
+        assert image.height < 1.4 * 100 + 0.42 * 100 * 5
+
+
+def test_heatmap_names_without_a_glyph_give_one_line(tmp_path, caplog, recwarn):
+    """A name the font cannot draw gave matplotlib's UserWarning per character, with the
+    source line; now one note that says where the names are complete."""
+    from ibot_bench.leaderboard_png import write_heatmap
+
+    record = _record(INIT, "g", "knn", "knn", {"top1": 1.0}, "init \U000f0000\U000f0001")
+    write_heatmap(headline_boards(long_frame([record])), tmp_path / "board.png")
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    assert "no glyph in matplotlib's font" in caplog.text and "leaderboard.md" in caplog.text
+
+
+def test_report_with_no_valid_records_leaves_no_stale_board(tmp_path, capsys):
+    """Records gone (or all corrupt): leaderboard.png kept the last run's numbers while the
+    tables said "No records yet", and the CSV formats printed a bare ``""``."""
+    records = _write_suite(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0 and (tmp_path / "leaderboard.png").is_file()
+    for record in records:
+        (tmp_path / "records" / f"{record.key()}.json").write_text("{")  # all corrupt now
+    capsys.readouterr()
+    for args in ([], ["--detail"]):
+        assert main(["report", str(tmp_path), "--format", "csv", *args]) == 0
+        assert capsys.readouterr().out.strip() == "encoder"
+        assert main(["report", str(tmp_path), "--format", "html", *args]) == 0
+        assert "No records yet." in capsys.readouterr().out
+    assert not (tmp_path / "leaderboard.png").exists()
+    assert (tmp_path / "leaderboard.csv").read_text().splitlines()[1] == "encoder"
+
+
+def test_report_reads_a_folder_given_twice_once(tmp_path, capsys, monkeypatch):
+    """``report res res/`` (or a shell glob overlapping a name) doubled records.csv."""
+    records = _write_suite(tmp_path / "res")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "res", "res/", "./res", "--output", "out"]) == 0
+    rows = (tmp_path / "out" / "records.csv").read_text().splitlines()
+    assert len(rows) == 1 + sum(len(r.metrics) for r in records)

@@ -67,7 +67,9 @@ CORRUPT = {
     "std_negative": (_with(metrics={"best_k_std": -1.0}), "outside [0, inf]"),
     "encoder_text": (_with(encoder="x"), "encoder must be an object, got a string 'x'"),
     "encoder_no_spec": (_with(encoder={"fingerprint": "f"}), "encoder lacks 'spec'"),
-    "encoder_spec_number": (_with(encoder={"spec": 3}), "encoder['spec'] must be a string"),
+    "encoder_spec_number": (_with(encoder={"spec": 3}), "encoder['spec'] must be a non-empty"),
+    "encoder_spec_empty": (_with(encoder={"spec": ""}), "encoder['spec'] must be a non-empty"),
+    "dataset_spec_empty": (_with(dataset={"spec": ""}), "dataset['spec'] must be a non-empty"),
     "encoder_name_number": (
         _with(encoder={"spec": "s", "name": 5}),
         "encoder['name'] must be a non-empty string",
@@ -423,3 +425,18 @@ def test_a_tasks_own_batch_size_is_part_of_its_protocol_hash():
     assert config_hash({**base, "batch_size": 20}) != config_hash(base)
     assert config_hash({**base, "eval_batch_size": 99}) == config_hash(base)
     assert config_hash({**base, "features": {"batch_size": 128}}) == config_hash(base)
+
+
+def test_blank_name_gets_the_derived_one_and_bidi_controls_show_escaped(tmp_path, capsys):
+    """A record named "  " was a blank row; a right-to-left override in a name reversed
+    the text shown after it in every format."""
+    data = _valid()
+    data["encoder"] = {"spec": "random:vit_small", "name": "  ", "fingerprint": "a"}
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "blank.json").write_text(json.dumps(data))
+    data["encoder"] = {"spec": "random:vit_base", "name": "x\u202eevil", "fingerprint": "b"}
+    (tmp_path / "records" / "bidi.json").write_text(json.dumps(data))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| random-vit\\_small " in out and "\u202e" not in out
+    assert "x\\\\u202eevil" in out  # escaped, then the backslash escaped for Markdown

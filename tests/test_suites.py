@@ -138,3 +138,65 @@ def test_bad_suite_inputs(tmp_path, capsys):
     assert code == 1 and f"expected a imagefolder folder at {tmp_path / 'none'}/imagenet" in out
     shutil.rmtree(tmp_path / "f")
     json.dumps({})  # keep json import used for readability of failures
+
+
+SUITE = """\
+name: mine
+encoders: [random:vit_tiny_patch8]
+datasets:
+  d: {spec: DATA}
+entries: ENTRIES
+"""
+
+
+@pytest.mark.parametrize(
+    "data, entries, expected",
+    [
+        ("digits", "[]", "suite mine.yaml has no entries"),
+        ("digits", "[{task: knnn, dataset: d}]", "entry 1 (knnn): unknown task 'knnn'. Did you "
+         "mean 'knn'?"),
+        ("digitz", "[{task: knn, dataset: d}]", "dataset 'd' (digitz): unknown dataset 'digitz'. "
+         "Did you mean 'digits'?"),
+        ("digits", "[{task: knn, dataset: e}]", "entry 1 (knn) names dataset 'e', not one of"),
+    ],
+)  # fmt: skip
+def test_suite_mistakes_are_refused_before_any_work(tmp_path, capsys, data, entries, expected):
+    """An unknown task or dataset scheme used to fail its entries at run time after the
+    others ran (exit 1); an empty suite 'succeeded' with nothing run (exit 0)."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(SUITE.replace("DATA", data).replace("ENTRIES", entries))
+    out = tmp_path / "out"
+    assert main(["run", "--suite", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing ran, nothing written
+
+
+def test_suite_file_that_does_not_exist_is_named(tmp_path, capsys):
+    for path in (tmp_path / "nope.yaml", tmp_path):
+        assert main(["run", "--suite", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"config file {path} " in err and "unknown suite" not in err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--baseline", "typo"], "--baseline 'typo' is not one of the encoders' display names: "
+         "'quick', 'quick-init'"),
+        (["--tasks", "knm"], "suite 'quick' has no task ['knm']"),
+        (["--pretrain", "demo", "--encoder", "random:vit_tiny_patch8"], "give one of them"),
+    ],
+)  # fmt: skip
+def test_run_mistakes_are_refused_before_pretraining(tmp_path, capsys, monkeypatch, args, expected):
+    """A wrong --baseline or --tasks with the quick suite was found after its 8 minutes of
+    pretraining; --pretrain next to --encoder was silently ignored."""
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretraining started")
+
+    monkeypatch.setattr("ibot_bench.pretrain.train.pretrain", no_pretraining)
+    out = tmp_path / "out"
+    assert main(["run", "--suite", "quick", "--output", str(out), *args]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
