@@ -60,7 +60,7 @@ def test_non_finite_settings_are_refused(tiny_imagefolder, tmp_path):
     ("override", "message"),
     [
         ("ks=${nope}", "config key 'ks': cannot resolve"),
-        ("ks=${oops", "cannot parse overrides"),
+        ("ks=${oops", "cannot parse override 'ks=${oops'"),
         ("features.batch_size=0", "features.batch_size must be >= 1"),
         ("features.img_size=-8", "features.img_size must be >= 1"),
         ("features.crop_pct=0", "features.crop_pct must be in"),
