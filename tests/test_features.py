@@ -139,6 +139,14 @@ def _stopping_encoder(after_calls: int, stop):
     return enc
 
 
+def _counting_encoder(calls: list[int]):
+    """The test encoder, appending each forward batch's size to ``calls``."""
+    enc = load_encoder(ENC)
+    forward = enc.forward_features
+    enc.forward_features = lambda x, **kw: calls.append(len(x)) or forward(x, **kw)
+    return enc
+
+
 def test_stopped_extraction_resumes_where_it_stopped(tiny_imagefolder, tmp_path, capsys):
     """Ctrl-C saves the rows done; the rerun extracts only the rest and equals a run that was
     never stopped; the saved rows are removed with the cache entry written."""
@@ -154,11 +162,8 @@ def test_stopped_extraction_resumes_where_it_stopped(tiny_imagefolder, tmp_path,
     (partial,) = tmp_path.glob("*.partial")
     assert [p.name for p in partial.iterdir()] == ["rank0of1-0-10.npz"]
     calls = []
-    rest = _stopping_encoder(0, lambda: None)
-    forward = rest.forward_features
-    rest.forward_features = lambda x, **kw: calls.append(len(x)) or forward(x, **kw)
     resumed = extract_features(
-        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=rest, progress=False
+        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=_counting_encoder(calls), progress=False
     )
     assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
     for name in ("cls", "patch_mean", "cls_last_n", "labels"):
@@ -190,11 +195,8 @@ def test_saved_rows_serve_a_rerun_under_another_rank_count(tiny_imagefolder, tmp
     for name, (lo, hi) in {"rank0of2-0-6.npz": (0, 6), "rank1of2-6-10.npz": (6, 10)}.items():
         np.savez(partial / name, **{k: v[lo:hi] for k, v in saved.items()})
     calls = []
-    rest = _stopping_encoder(0, lambda: None)
-    forward = rest.forward_features
-    rest.forward_features = lambda x, **kw: calls.append(len(x)) or forward(x, **kw)
     resumed = extract_features(
-        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=rest, progress=False
+        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=_counting_encoder(calls), progress=False
     )
     assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
     for name in ("cls", "patch_mean", "cls_last_n", "labels"):

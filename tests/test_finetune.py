@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_imagefolder
+from conftest import make_imagefolder, on_call
 
 import ibot_bench.downstream.finetune_engine as engine
 from ibot_bench.config import load_config
@@ -182,15 +182,12 @@ def test_resume_under_another_process_count_says_so_and_records_it(tiny, tmp_pat
     """Same global batch and schedule, other per-rank draws: resumed with a notice, and the
     record lists every process count that trained the run."""
     cfg = FinetuneConfig(**TINY, checkpoint_every=1)
-    calls, real_seed_all = [], engine.seed_all
+    real_seed_all = engine.seed_all  # called once at the start of every step
 
-    def interrupt_at_step_3(seed: int) -> None:
-        calls.append(seed)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        real_seed_all(seed)
+    def stop() -> None:
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "seed_all", interrupt_at_step_3)
+    monkeypatch.setattr(engine, "seed_all", on_call(3, stop, real_seed_all))
     with pytest.raises(KeyboardInterrupt):
         finetune_eval(ctx(tiny, tmp_path), cfg)
     monkeypatch.setattr(engine, "seed_all", real_seed_all)
