@@ -105,10 +105,8 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> SuiteConfig:
     registered or a dataset the suite does not define, a dataset spec of an unknown scheme.
     """
     path = Path(name_or_path)
-    if name_or_path in SUITES:
-        path = SUITES.get(name_or_path)
-    elif path.suffix in (".yaml", ".yml") or len(path.parts) > 1:  # a file: say if it is not
-        path = resolve_config(path, "suites")
+    if name_or_path not in SUITES and (path.suffix in (".yaml", ".yml") or len(path.parts) > 1):
+        path = resolve_config(path, "suites")  # a file: the error says if it is not one
     else:
         path = SUITES.get(name_or_path)  # unknown: the error suggests the closest name
     cfg = load_config(SuiteConfig, path, overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,6 +148,18 @@ def _counting_encoder(calls: list[int]):
     return enc
 
 
+def _assert_resumes_last_two(spec: str, cache: Path, whole, capsys) -> None:
+    """A rerun into ``cache`` extracts only the last 2 of the 12 val images and gives the
+    features of the run ``whole`` that was never stopped."""
+    calls = []
+    resumed = extract_features(
+        ENC, spec, "val", CFG, cache_dir=cache, encoder=_counting_encoder(calls), progress=False
+    )
+    assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
+    for name in ("cls", "patch_mean", "cls_last_n", "labels"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name))
+
+
 def test_stopped_extraction_resumes_where_it_stopped(tiny_imagefolder, tmp_path, capsys):
     """Ctrl-C saves the rows done; the rerun extracts only the rest and equals a run that was
     never stopped; the saved rows are removed with the cache entry written."""
@@ -161,13 +174,7 @@ def test_stopped_extraction_resumes_where_it_stopped(tiny_imagefolder, tmp_path,
         extract_features(ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=enc, progress=False)
     (partial,) = tmp_path.glob("*.partial")
     assert [p.name for p in partial.iterdir()] == ["rank0of1-0-10.npz"]
-    calls = []
-    resumed = extract_features(
-        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=_counting_encoder(calls), progress=False
-    )
-    assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
-    for name in ("cls", "patch_mean", "cls_last_n", "labels"):
-        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name))
+    _assert_resumes_last_two(spec, tmp_path, whole, capsys)
     assert not partial.exists()
 
 
@@ -194,13 +201,7 @@ def test_saved_rows_serve_a_rerun_under_another_rank_count(tiny_imagefolder, tmp
     (partial / "rank0of1-0-10.npz").unlink()  # as if rank 0 of 2 had done its 6, rank 1 four
     for name, (lo, hi) in {"rank0of2-0-6.npz": (0, 6), "rank1of2-6-10.npz": (6, 10)}.items():
         np.savez(partial / name, **{k: v[lo:hi] for k, v in saved.items()})
-    calls = []
-    resumed = extract_features(
-        ENC, spec, "val", CFG, cache_dir=tmp_path, encoder=_counting_encoder(calls), progress=False
-    )
-    assert calls == [2] and "resuming after 10 of 12 images" in capsys.readouterr().out
-    for name in ("cls", "patch_mean", "cls_last_n", "labels"):
-        np.testing.assert_array_equal(getattr(resumed, name), getattr(whole, name))
+    _assert_resumes_last_two(spec, tmp_path, whole, capsys)
 
 
 def test_killed_extraction_keeps_saved_rows_and_drops_damaged_ones(
