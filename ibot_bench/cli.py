@@ -549,6 +549,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
         detail_html,
         detail_markdown,
         headline_csv_table,
+        spreadsheet_safe,
         to_html,
         to_markdown,
         write_reports,
@@ -565,7 +566,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     if args.format == "md":
         print(detail_markdown(detail) if args.detail else to_markdown(boards))
     elif args.format == "csv":  # pandas quotes names holding commas, quotes or newlines
-        print((detail if args.detail else headline_csv_table(boards)).to_csv())
+        print(spreadsheet_safe(detail if args.detail else headline_csv_table(boards)).to_csv())
     else:
         html = detail_html(detail) if args.detail else to_html(boards)
         name = "leaderboard_detail.html" if args.detail else "leaderboard.html"

@@ -12,8 +12,9 @@ numbers.
 
 Names (encoder specs, groups, protocols, metric names) come from records and may hold any
 text: each output format escapes them in one place (:func:`markdown_text`,
-:func:`html_text`, :func:`plot_text`, :func:`printable` for the terminal; CSV relies on
-pandas' quoting), so they show literally and never break a table.
+:func:`html_text`, :func:`plot_text`, :func:`printable` for the terminal,
+:func:`spreadsheet_safe` for CSV beside pandas' quoting), so they show literally and never
+break a table or run as a spreadsheet formula.
 """
 
 from __future__ import annotations
@@ -452,6 +453,32 @@ def headline_boards(
     return boards
 
 
+# a spreadsheet runs a cell starting with these as a formula (CSV injection)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(value: object) -> object:
+    """``value`` with a leading ``'`` when it is text a spreadsheet would run as a formula
+    (starting with ``= + - @``, tab or carriage return); anything else unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` whose text cells, index and column labels pass through
+    :func:`spreadsheet_text`, for CSV files people open in Excel or LibreOffice."""
+    out = frame.map(spreadsheet_text)
+    for axis in ("index", "columns"):
+        labels = getattr(out, axis)
+        if isinstance(labels, pd.MultiIndex):
+            labels = labels.set_levels([lv.map(spreadsheet_text) for lv in labels.levels])
+        else:
+            labels = labels.map(spreadsheet_text)
+        setattr(out, axis, labels)
+    return out
+
+
 def headline_csv_table(boards: Sequence[GroupBoard]) -> pd.DataFrame:
     """Every board side by side: display name x (group, headline column)."""
     if not boards:
@@ -576,10 +603,9 @@ def write_reports(
     long = long_frame(records)
     ref = reference_frame() if reference else None
     boards = headline_boards(long, ref, baseline=baseline, names=names)
-    atomic_write_text(out / "records.csv", long.to_csv(index=False))
-    atomic_write_text(
-        out / "leaderboard.csv", f"# {GENERATED}\n" + headline_csv_table(boards).to_csv()
-    )
+    atomic_write_text(out / "records.csv", spreadsheet_safe(long).to_csv(index=False))
+    headline = spreadsheet_safe(headline_csv_table(boards))
+    atomic_write_text(out / "leaderboard.csv", f"# {GENERATED}\n" + headline.to_csv())
     atomic_write_text(out / "leaderboard.md", to_markdown(boards))
     if boards:
         write_heatmap(boards, out / "leaderboard.png")

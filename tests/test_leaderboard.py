@@ -315,3 +315,31 @@ def test_report_reads_a_folder_given_twice_once(tmp_path, capsys, monkeypatch):
     assert main(["report", "res", "res/", "./res", "--output", "out"]) == 0
     rows = (tmp_path / "out" / "records.csv").read_text().splitlines()
     assert len(rows) == 1 + sum(len(r.metrics) for r in records)
+
+
+def test_csv_cells_never_run_as_spreadsheet_formulas(tmp_path, capsys):
+    """A name or spec starting with ``= + - @`` is written with a leading ``'`` in every
+    CSV (records, leaderboard, ``report --format csv``), so Excel shows it as text."""
+    import pandas as pd
+
+    evil = '=HYPERLINK("http://x")'
+    names = {QUICK: "+ours", INIT: "@init", DINO: "-dino"}
+    records = _write_suite(tmp_path, names)
+    extra = _record(evil, "digits-32px", "knn", "knn", {"top1": 1.0}, "plain")
+    extra.dataset["spec"] = "-data"
+    extra.write(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    long = pd.read_csv(tmp_path / "records.csv")
+    text = {v for v in long.to_numpy().ravel() if isinstance(v, str)}
+    assert not any(v.startswith(("=", "+", "-", "@")) for v in text)
+    assert {"'+ours", "'@init", "'-dino", f"'{evil}", "'-data"} <= text
+    assert len(long) == sum(len(r.metrics) for r in [*records, extra])
+    board = pd.read_csv(tmp_path / "leaderboard.csv", comment="#", header=[0, 1], index_col=0)
+    assert {"'+ours", "'@init", "'-dino", "plain"} <= set(board.index)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--format", "csv", "--detail"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith(("=", "+", "-", "@")) for line in lines)
+    assert any(line.startswith("\"'=HYPERLINK") for line in lines)  # rows by spec, quoted
+    # the Markdown board keeps the names as given
+    assert "+ours" in (tmp_path / "leaderboard.md").read_text()
