@@ -255,6 +255,18 @@ def test_timm_weights_under_a_key_prefix(tmp_path):
         torch.testing.assert_close(load_encoder(f"timm:test_vit:{path}:encoder")(x), want)
 
 
+def test_random_init_follows_the_reference():
+    """cls_token and pos_embed truncated-normal with std 0.02 as the reference draws them
+    (timm's cls_token std is 1e-6); linear weights std 0.02, biases 0; the fingerprint
+    names the initialisation, so features cached under timm's init are not reused."""
+    model = load_encoder("random:vit_small").model
+    for name in ("cls_token", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.weight"):
+        std = model.get_parameter(name).std().item()
+        assert 0.017 < std < 0.023, (name, std)
+    assert model.blocks[0].mlp.fc1.bias.abs().max() == 0
+    assert load_encoder("random:vit_small").info.fingerprint != fingerprint("random:vit_small")
+
+
 def test_random_is_deterministic_and_any_size():
     a, b = load_encoder("random:vit_tiny_patch8"), load_encoder("random:vit_tiny_patch8")
     assert a.info.arch == "vit_tiny_patch8" and a.info.source == ""

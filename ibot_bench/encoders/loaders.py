@@ -76,6 +76,9 @@ def register_scheme(cls: type[EncoderScheme]) -> type[EncoderScheme]:
     return cls
 
 
+RANDOM_INIT = "init-2"  # 2: cls_token drawn with std 0.02 as in the reference (was 1e-6)
+
+
 @register_scheme
 class RandomScheme(EncoderScheme):
     """``random:vit_small[_patchP]``: an iBOT ViT with deterministic (seed 0) random weights."""
@@ -87,7 +90,11 @@ class RandomScheme(EncoderScheme):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = build_vit(cfg)
-        return ViTEncoder(model, EncoderInfo(spec, cfg.name, fingerprint(spec), ""))
+        return ViTEncoder(model, EncoderInfo(spec, cfg.name, self.fingerprint(body, spec), ""))
+
+    def fingerprint(self, body: str, spec: str) -> str:
+        # RANDOM_INIT names the initialisation: features cached under an older one differ
+        return fingerprint(f"{spec}#{RANDOM_INIT}")
 
 
 def split_network(body: str) -> tuple[str, str | None]:

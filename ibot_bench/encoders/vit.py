@@ -96,12 +96,16 @@ class IbotVisionTransformer(VisionTransformer):
     """timm's ViT with a choice of pos-embed interpolation.
 
     ``pos_embed_interp="dino_offset"`` (default) matches the iBOT/DINO reference;
-    ``"exact_size"`` uses timm's ``resample_abs_pos_embed`` to the exact grid.
+    ``"exact_size"`` uses timm's ``resample_abs_pos_embed`` to the exact grid. Initial
+    weights follow the reference (docs/protocols.md#backbone): timm's, but ``cls_token``
+    truncated-normal with std 0.02 like ``pos_embed``.
     """
 
     def __init__(self, *args: Any, pos_embed_interp: PosInterp = "dino_offset", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pos_embed_interp = pos_embed_interp
+        if self.cls_token is not None:  # timm draws it with std 1e-6; the reference with 0.02
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed_interp == "exact_size" or self.pos_embed is None or x.dim() != 4:
