@@ -67,11 +67,13 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _centred(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    """``fit`` and ``others`` minus the mean of ``fit`` (the same classifier at the optimum,
-    as the intercept is not penalised; better conditioned for lbfgs)."""
+def _centre(fit: np.ndarray, *others: np.ndarray) -> None:
+    """Subtract the mean of ``fit`` from ``fit`` and ``others``, in place (float64 copies of
+    ImageNet-size features are large): the same classifier at the optimum, as the intercept
+    is not penalised, and better conditioned for lbfgs."""
     mean = fit.mean(0)
-    return [a - mean for a in (fit, *others)]
+    for a in (fit, *others):
+        a -= mean
 
 
 def solver_threads(x: np.ndarray, num_classes: int) -> int | None:
@@ -126,7 +128,8 @@ def select_c(
     the same results (lbfgs from the same warm start).
     """
     fit_rows, val_rows = stratified_split(y, cfg.val_fraction, cfg.seed)
-    x_fit, x_val = _centred(x[fit_rows], x[val_rows])
+    x_fit, x_val = x[fit_rows], x[val_rows]  # copies
+    _centre(x_fit, x_val)
     y_fit, y_val = y[fit_rows], y[val_rows]
     clf = LogisticRegression(max_iter=cfg.max_iter, tol=cfg.tol, warm_start=True)
     saver = _sweep_file(state, x, y, cfg)
@@ -194,7 +197,7 @@ def logreg_eval(
     threads = solver_threads(x, len(np.unique(y)))
     best_c, scores, converged = select_c(x, y, cfg, state, threads)
     clf = LogisticRegression(C=best_c, max_iter=cfg.max_iter, tol=cfg.tol)
-    x, x_test = _centred(x, x_test)
+    _centre(x, x_test)
     converged &= _fit(clf, x, y, threads)
     if not converged:  # expected with tol 1e-12 for weakly regularised C, as in DINOv2
         log.info("logreg: lbfgs ran all max_iter=%d iterations for some C", cfg.max_iter)
