@@ -14,7 +14,7 @@ ascending C with warm starts (the optimum is unique, so only speed changes).
 
 Solved as DINOv2 does: float64 features, ``tol`` 1e-12 and at most 1,000 lbfgs iterations,
 so a weakly regularised C runs all 1,000 (scikit-learn's default ``tol`` 1e-4 stopped
-those fits far from their optimum: digits top-1 65.7 instead of 78.0). The normalised
+those fits far from their optimum: docs/protocols.md#logistic-regression). The normalised
 features are centred on the training mean before fitting: the intercept is not penalised,
 so the optimum is the same classifier, but lbfgs gets nearer to it in the same iterations
 (the common part of every image's CLS no longer dominates the curvature). Small problems
