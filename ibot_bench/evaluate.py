@@ -152,9 +152,24 @@ def plan_eval(
     check_feature_needs(task, cfg, features)
     if not cfg.seeds:
         raise ConfigError("seeds must list at least one seed, e.g. seeds=[0]")
+    check_seed(task, cfg)
     check_batch_split(task, cfg)
     splits = {} if splits is None else splits
     return EvalPlan(task, cfg, to_dict(cfg), encoder_spec, data_spec, splits)
+
+
+def check_seed(task: TaskDef, cfg: Any) -> None:
+    """Refuse a task ``seed`` that the runner would replace: each run's seed comes from
+    ``seeds`` (:func:`task_config`), so ``seed=1`` alone would silently run seed 0."""
+    defaults = {f.name: f.default for f in dataclasses.fields(task.config_cls)}
+    if "seed" not in defaults or cfg.get("seed") == defaults["seed"]:
+        return
+    if list(cfg.seeds) != [cfg.seed]:
+        raise ConfigError(
+            f"{task.name}: seed={cfg.seed} is not used: each run's seed comes from "
+            f"seeds={list(cfg.seeds)}; set seeds=[{cfg.seed}] instead (several, e.g. "
+            f"seeds=[0,1,2], report their mean and spread)"
+        )
 
 
 def check_batch_split(task: TaskDef, cfg: Any) -> None:

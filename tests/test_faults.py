@@ -19,7 +19,7 @@ from conftest import write_ibot_checkpoint
 import ibot_bench.features as features_mod
 from ibot_bench.cli import main
 from ibot_bench.errors import ConfigError, DatasetError, UserError
-from ibot_bench.evaluate import run_eval
+from ibot_bench.evaluate import plan_eval, run_eval, task_config
 from ibot_bench.features import FeatureConfig, extract_features
 from ibot_bench.io import atomic_write_text
 
@@ -255,3 +255,14 @@ def test_every_image_unreadable_is_an_error_naming_one(tiny_imagefolder, tmp_pat
         extract_features("random:vit_tiny_patch8", f"imagefolder:{tiny_imagefolder}", "val",
                          cfg, cache_dir=tmp_path / "c", progress=False)  # fmt: skip
     assert not [p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]
+
+
+def test_a_task_seed_outside_seeds_is_refused(tmp_path, capsys):
+    """The runner sets each run's seed from ``seeds``: ``seed=1`` alone once ran seed 0."""
+    args = ["eval", "cluster", "--encoder", "random:vit_tiny_patch8", "--data", "digits",
+            "--output", str(tmp_path), "seed=1"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "seed=1 is not used" in err and "seeds=[1]" in err and "Traceback" not in err
+    plan = plan_eval("cluster", "random:vit_tiny_patch8", "digits", overrides=["seed=1", "seeds=[1]"])
+    assert task_config(plan, 1).seed == 1
