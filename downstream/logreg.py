@@ -157,6 +157,18 @@ def select_c(
     return best, scores, converged
 
 
+def grid_edge(best: float, scores: dict[float, float]) -> str | None:
+    """``"largest"`` / ``"smallest"`` when ``best`` is that end of a grid of several C values
+    and scores above its neighbour (a plateau is not an edge: ties go to the smallest C)."""
+    grid = sorted(scores)
+    if len(grid) < 2 or best not in (grid[0], grid[-1]):
+        return None
+    inner = grid[-2] if best == grid[-1] else grid[1]
+    if scores[best] <= scores[inner]:
+        return None
+    return "largest" if best == grid[-1] else "smallest"
+
+
 def _sweep_file(
     path: Path | None, x: np.ndarray, y: np.ndarray, cfg: LogregConfig
 ) -> ResumeFile | None:
@@ -202,6 +214,15 @@ def logreg_eval(
     if not converged:  # expected with tol 1e-12 for weakly regularised C, as in DINOv2
         log.info("logreg: lbfgs ran all max_iter=%d iterations for some C", cfg.max_iter)
     log.info("logreg: best C %g (val top-1 %.2f)", best_c, scores[best_c])
+    edge = grid_edge(best_c, scores)
+    if edge:
+        log.warning(
+            "logreg: the best C (%g) is the %s of c_grid, so the optimum may lie beyond it; "
+            "a c_grid that also holds %g would show it",
+            best_c,
+            edge,
+            best_c * 100 if edge == "largest" else best_c / 100,
+        )
 
     proba = clf.predict_proba(x_test)
     metrics = {"top1": topk_accuracy(proba, clf.classes_, test.labels, 1)}
@@ -212,6 +233,7 @@ def logreg_eval(
         "best_C": best_c,
         "val_top1": {f"{c:g}": v for c, v in scores.items()},
         "converged": converged,
+        "best_C_at_grid_edge": edge or False,
         "threads": threads or "default",
         "feature": cls_feature(train),
     }

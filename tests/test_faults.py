@@ -264,5 +264,7 @@ def test_a_task_seed_outside_seeds_is_refused(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "seed=1 is not used" in err and "seeds=[1]" in err and "Traceback" not in err
-    plan = plan_eval("cluster", "random:vit_tiny_patch8", "digits", overrides=["seed=1", "seeds=[1]"])
+    plan = plan_eval(
+        "cluster", "random:vit_tiny_patch8", "digits", overrides=["seed=1", "seeds=[1]"]
+    )
     assert task_config(plan, 1).seed == 1

@@ -13,10 +13,11 @@ import pytest
 from conftest import feature_context, make_imagefolder
 from sklearn.linear_model import LogisticRegression
 
+import ibot_bench.downstream.logreg as logreg_mod
 from ibot_bench.data.subsets import per_class_fraction, read_split_file, stratified_split
 from ibot_bench.downstream.knn import KnnConfig
 from ibot_bench.downstream.linear import LinearConfig
-from ibot_bench.downstream.logreg import LogregConfig, logreg
+from ibot_bench.downstream.logreg import LogregConfig, grid_edge, logreg
 from ibot_bench.downstream.semi import SemiConfig, protocol_name, semi
 from ibot_bench.errors import ConfigError, UserError
 from ibot_bench.features import FeatureSet
@@ -220,3 +221,18 @@ def test_semi_split_file_leaves_out_images_skipped_as_unreadable(tmp_path):
     kept.meta["skipped"] = [gone]
     cfg = small_semi(fraction=0.1, split_file=str(split), methods=["knn"])
     assert semi(feature_context(kept, TEST), cfg).extra["subset_size"] == 59
+
+
+def test_logreg_flags_a_best_c_at_the_end_of_its_grid(caplog, monkeypatch):
+    """A best C at the end of the grid may be short of the optimum: the record says so."""
+    scores = {1e-2: 50.0, 1.0: 70.0}
+    monkeypatch.setattr(logreg_mod, "select_c", lambda *a, **k: (1.0, scores, True))
+    out = logreg(feature_context(TRAIN, TEST), LogregConfig(c_grid=list(scores)))
+    assert out.extra["best_C"] == 1.0 and out.extra["best_C_at_grid_edge"] == "largest"
+    assert "that also holds 100 " in caplog.text
+    monkeypatch.undo()
+    plateau = logreg(feature_context(TRAIN, TEST), LogregConfig(c_grid=[1e-2, 1.0, 100.0]))
+    assert plateau.extra["best_C_at_grid_edge"] is False  # equal scores: not an edge
+    assert grid_edge(1.0, {0.01: 50.0, 1.0: 90.0, 100.0: 80.0}) is None
+    assert grid_edge(0.01, {0.01: 90.0, 1.0: 80.0}) == "smallest"
+    assert grid_edge(5.0, {5.0: 90.0}) is None
