@@ -898,5 +898,13 @@ def pretrain(
     cfg: PretrainConfig, resume: str | None = None, force_resume: bool = False
 ) -> dict[str, Any]:
     """Build a :class:`Trainer` and run it. ``force_resume`` continues a checkpoint whose
-    settings differ from ``cfg`` (recorded in ``config_history.yaml``) instead of refusing."""
-    return Trainer(cfg, resume, force_resume).fit()
+    settings differ from ``cfg`` (recorded in ``config_history.yaml``) instead of refusing.
+
+    The run's ``threads`` apply to the run only: the caller's torch thread count is restored
+    afterwards (a suite evaluates in the same process; ``quick.yaml``'s 1 thread once ran
+    every evaluation after it on 1 of 2 cores)."""
+    threads = torch.get_num_threads()
+    try:
+        return Trainer(cfg, resume, force_resume).fit()
+    finally:
+        torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from ibot_bench.errors import CheckpointError, ConfigError, DatasetError
 from ibot_bench.interrupt import TrainingInterrupted
 from ibot_bench.pretrain.config import PretrainConfig, validate
 from ibot_bench.pretrain.loss import IbotLoss
-from ibot_bench.pretrain.train import Trainer, TrainingDiverged
+from ibot_bench.pretrain.train import Trainer, TrainingDiverged, pretrain
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "smoke.yaml"
 
@@ -240,3 +240,14 @@ def test_compile_wraps_the_blocks_the_networks_call(tmp_path):
     # each block (its own drop-path rate) and crop size is a graph: none may fall back to eager
     depth = len(trainer.student.backbone.blocks)
     assert torch._dynamo.config.recompile_limit >= 4 * depth + 8
+
+
+def test_the_runs_thread_count_ends_with_the_run(tmp_path):
+    """A suite evaluates in the pretraining's process: ``threads=1`` must not outlive it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pretrain(smoke(tmp_path / "run", "optim.epochs=1", "max_iters=2", "save_every_iters=0"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
