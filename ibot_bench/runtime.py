@@ -7,8 +7,10 @@ gets the same choices whatever command runs on it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -75,6 +77,16 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     """Autocast to ``precision`` (bf16 / fp16) on ``device``; a no-op for fp32."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@contextlib.contextmanager
+def threads_restored() -> Iterator[None]:
+    """Restore torch's intra-op thread count on exit, whatever the body set it to."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def set_threads(threads: int) -> None:

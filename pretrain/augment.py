@@ -20,18 +20,16 @@ from torch.utils.data import Dataset
 from ibot_bench.data.classification import ClassificationSplit, read_for_training
 from ibot_bench.pretrain.config import CropsConfig, per_crop
 from ibot_bench.pretrain.masking import MaskGenerator
+from ibot_bench.runtime import threads_restored
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run small per-image ops on one torch thread: on tiny images thread start-up costs
     ~10x the work (measured, 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads_restored():
+        torch.set_num_threads(1)
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def blur_kernel_size(sigma_max: float) -> int:

@@ -76,6 +76,7 @@ from ibot_bench.runtime import (
     loader_workers,
     resolve_device,
     set_threads,
+    threads_restored,
 )
 
 # profiler labels of the training step's phases (benchmarks/pretrain.py reports them);
@@ -903,8 +904,5 @@ def pretrain(
     The run's ``threads`` apply to the run only: the caller's torch thread count is restored
     afterwards (a suite evaluates in the same process; ``quick.yaml``'s 1 thread once ran
     every evaluation after it on 1 of 2 cores)."""
-    threads = torch.get_num_threads()
-    try:
+    with threads_restored():
         return Trainer(cfg, resume, force_resume).fit()
-    finally:
-        torch.set_num_threads(threads)
