@@ -53,7 +53,7 @@ def features_rows(small: bool) -> list[dict]:
             batch = 32
         for name, enc, data, size in cases:
             for case, precision, n, raw, engine, ratio in features.bench(
-                name, enc, data, size, ["fp32"], batch
+                name, enc, data, size, ["fp32"], batch, torch.device("cpu")
             ):
                 out.append(
                     {
