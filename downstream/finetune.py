@@ -39,6 +39,7 @@ model and parameter groups.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -145,13 +146,28 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
     if cfg.auto_augment:
         from timm.data import create_transform
 
+        policy = cfg.auto_augment
         try:  # timm's own parser of policy names (rand-..., augmix-..., v0, original, ...)
-            create_transform(32, is_training=True, auto_augment=cfg.auto_augment)
+            create_transform(32, is_training=True, auto_augment=policy)
+            _check_rand_sections(policy)
         except (AssertionError, KeyError, ValueError) as exc:
             raise ConfigError(
-                f"auto_augment={cfg.auto_augment!r} is not a timm augmentation policy "
-                f"({exc or 'unknown policy'}); e.g. 'rand-m9-mstd0.5-inc1', or null for none"
+                f"auto_augment={policy!r} is not a timm augmentation policy "
+                f"({str(exc) or 'unknown policy'}); e.g. 'rand-m9-mstd0.5-inc1', or null for none"
             ) from None
+
+
+# RandAugment sections timm reads: a number after m, n, p, mstd, mmax or inc; t + a transform set
+_RAND_SECTION = re.compile(r"(mstd|mmax|inc|m|n|p)(\d+(\.\d*)?|\.\d+|inf)|t\w+")
+
+
+def _check_rand_sections(policy: str) -> None:
+    """timm skips a RandAugment section it cannot parse (``rand-foo`` trains as ``rand``);
+    here every section must be one it reads."""
+    if policy.startswith("rand-"):
+        bad = [s for s in policy.split("-")[1:] if not _RAND_SECTION.fullmatch(s)]
+        if bad:
+            raise ValueError(f"unknown section(s) {bad}: m, n, p, mstd, mmax, inc take a number")
 
 
 def resolve_recipe(cfg: FinetuneConfig, encoder: Encoder) -> Recipe:

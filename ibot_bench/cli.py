@@ -245,6 +245,12 @@ def _only_one(args: argparse.Namespace) -> None:
                 f"--suite NAME --encoder A --encoder B (see ibot-bench list)"
             )
         setattr(args, flag, values[0])
+    from ibot_bench.display_names import split_named
+    from ibot_bench.encoders import check_spec
+
+    check_spec(
+        split_named(args.encoder)[1]
+    )  # before overrides: `--encoder ibot x.pth` blamed x.pth
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -438,6 +444,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ibot_bench.distributed import is_main
     from ibot_bench.leaderboard import write_reports
     from ibot_bench.suites import (
+        check_entry_configs,
         check_tasks,
         load_profile,
         load_suite,
@@ -458,6 +465,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     check_tasks(suite, tasks)
+    check_entry_configs(suite, tasks, profile)
     # every check before any work: pretraining takes minutes, a cluster job hours
     pretrain_name = None if args.encoder else args.pretrain or suite.pretrain
     if args.encoder:

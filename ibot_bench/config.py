@@ -167,10 +167,12 @@ def load_config(
     overrides: Iterable[str] = (),
     extra: dict[str, Any] | None = None,
     kind: str | None = None,
+    overrides_from: str = "command-line overrides",
 ) -> T:
     """Defaults of ``schema`` <- YAML ``path`` <- ``extra`` <- ``overrides``; validated.
 
-    ``path`` may name a shipped config of folder ``kind`` (see :func:`load_yaml`).
+    ``path`` may name a shipped config of folder ``kind`` (see :func:`load_yaml`);
+    ``overrides_from`` says where the overrides came from in error messages.
     Returns a typed, read-only DictConfig that behaves like an instance of ``schema``.
     """
     base = OmegaConf.structured(schema)
@@ -179,7 +181,7 @@ def load_config(
         layers.append((str(path), load_yaml(path, kind)))
     if extra:
         layers.append(("settings", OmegaConf.create(extra)))
-    layers.append(("command-line overrides", parse_overrides(overrides)))
+    layers.append((overrides_from, parse_overrides(overrides)))
     cfg = base
     for where, layer in layers:
         try:

@@ -46,6 +46,16 @@ def user_message(exc: BaseException) -> str:
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """A library error's first message line (without OmegaConf's / torch's detail lines)."""
+    """A library error's first message line (without OmegaConf's / torch's detail lines).
+
+    For torch's safe loader it is the unpickler's own reason: the preamble suggesting
+    ``weights_only=False`` (running the file's pickled code) is advice ibot-bench never takes.
+    """
     text = str(exc).strip()
+    if text.startswith("Weights only load failed") and (
+        reason := re.search(
+            r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the doc|$)", text, re.S
+        )
+    ):
+        text = "torch's safe loader refused it: " + " ".join(reason.group(1).split())
     return text.splitlines()[0][:limit] if text else type(exc).__name__

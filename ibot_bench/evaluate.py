@@ -86,10 +86,17 @@ def check_config_task(task: TaskDef, config_path: str | Path | None) -> None:
     )
 
 
-def load_task_config(task: TaskDef, config_path: str | Path | None, overrides: Iterable[str]):
+def load_task_config(
+    task: TaskDef,
+    config_path: str | Path | None,
+    overrides: Iterable[str],
+    overrides_from: str = "command-line overrides",
+):
     """The task's validated config (:func:`eval_schema`): defaults <- file <- overrides."""
     check_config_task(task, config_path)
-    return load_config(eval_schema(task), config_path, overrides, kind="tasks")
+    return load_config(
+        eval_schema(task), config_path, overrides, kind="tasks", overrides_from=overrides_from
+    )
 
 
 @dataclasses.dataclass
@@ -143,10 +150,12 @@ def plan_eval(
     config_path: str | Path | None = None,
     overrides: Iterable[str] = (),
     splits: dict[str, ClassificationSplit] | None = None,
+    overrides_from: str = "command-line overrides",
 ) -> EvalPlan:
-    """Resolve the task and its config (validated) without touching model or data."""
+    """Resolve the task and its config (validated) without touching model or data;
+    ``overrides_from`` names the overrides' origin in error messages."""
     task = discover_tasks().get(task_name)
-    cfg = load_task_config(task, config_path, overrides)
+    cfg = load_task_config(task, config_path, overrides, overrides_from)
     features = FeatureConfig(**to_dict(cfg.features))
     check_feature_config(features)
     check_feature_needs(task, cfg, features)

@@ -169,7 +169,7 @@ def missing_data(spec: str) -> str | None:
     scheme, _, body = spec.partition(":")
     body = body.partition("?")[0]
     if scheme in ("imagefolder", "coco", "ade20k") and not Path(body).is_dir():
-        return f"{spec}: expected a {scheme} folder at {body}"
+        return f"{spec}: expected {'an' if scheme[0] in 'aeiou' else 'a'} {scheme} folder at {body}"
     return None
 
 
@@ -189,6 +189,29 @@ def check_tasks(cfg: SuiteConfig, tasks: Sequence[str] | None) -> None:
     unknown = sorted(set(tasks or ()) - set(known))
     if unknown:
         raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
+
+
+def _overrides_origin(entry: SuiteEntry, profile: ProfileConfig) -> str:
+    own = f"the overrides of suite entry {entry.task} on {entry.dataset}"
+    return own + (" or of the profile" if profile.for_task(entry.task) else "")
+
+
+def check_entry_configs(
+    cfg: SuiteConfig, tasks: Sequence[str] | None, profile: ProfileConfig | None = None
+) -> None:
+    """Every entry's task config (its file, overrides and the profile's) must validate: a
+    mistake in the suite file is refused before pretraining or any evaluation, not after."""
+    profile = profile or ProfileConfig()
+    for entry in cfg.entries:
+        if not tasks or entry.task in tasks:
+            plan_eval(
+                entry.task,
+                "",
+                cfg.datasets[entry.dataset].spec,
+                config_path(entry),
+                [*entry.overrides, *profile.for_task(entry.task)],
+                overrides_from=_overrides_origin(entry, profile),
+            )
 
 
 def plan_suite(
@@ -215,6 +238,7 @@ def plan_suite(
                     config_path(entry),
                     [*entry.overrides, *profile.for_task(entry.task)],
                     splits.setdefault(spec, {}),
+                    _overrides_origin(entry, profile),
                 )
                 plans.append((plan, entry, encoder, ""))
             except UserError as exc:

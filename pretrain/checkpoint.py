@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from ibot_bench.encoders.checkpoint import _safe_globals
-from ibot_bench.errors import CheckpointError
+from ibot_bench.errors import CheckpointError, first_line
 from ibot_bench.io import atomic_write, remove_stale_temps
 
 CHECKPOINT = "checkpoint.pth"
@@ -148,8 +148,7 @@ def check_output_dir(out: Path) -> None:
 
 # ---------------------------------------------------------------- reading
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:

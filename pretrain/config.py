@@ -210,6 +210,7 @@ def _check_ranges(cfg: PretrainConfig) -> None:
         ("save_every_iters", cfg.save_every_iters, cfg.save_every_iters >= 0, ">= 0 (0: per epoch)"),
         ("saveckp_freq", cfg.saveckp_freq, cfg.saveckp_freq >= 0, ">= 0 (0: no snapshots)"),
         ("max_iters", cfg.max_iters, cfg.max_iters >= 0, ">= 0 (0: no limit)"),
+        ("monitor_knn", cfg.monitor_knn, cfg.monitor_knn >= 0, ">= 0 (0: no kNN monitor)"),
         ("crops.blur_sigma", c.blur_sigma, max(c.blur_sigma, default=0) <= 100,
          "<= 100 px (the paper's is [0.1, 2.0] at 224 px)"),
     ]  # fmt: skip

@@ -166,6 +166,8 @@ class Trainer:
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         check_precision(self.device, cfg.precision)  # fails before anything is built
+        # a broken checkpoint to resume from, too (read mapped: nothing is allocated yet)
+        self._resume_file = self._read_resume_file(resume)
         set_threads(cfg.threads)
 
         self.data = require_classification(load_split(cfg.data, "train"), cfg.data)
@@ -293,12 +295,19 @@ class Trainer:
         names = {id(p): n for n, p in self.student.named_parameters()}
         return [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
 
-    def _maybe_resume(self, resume: str | None, force: bool) -> Path | None:
-        self._rng_restored = False
+    def _read_resume_file(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+        """``--resume``'s checkpoint, else the output folder's, if any: (path, mapped dict)."""
         path = Path(resume) if resume else self.out / ckpt.CHECKPOINT
         if not resume and not check_shared(path):
             return None
-        obj = ckpt.load_training_checkpoint(path)
+        return path, ckpt.load_training_checkpoint(path)
+
+    def _maybe_resume(self, resume: str | None, force: bool) -> Path | None:
+        self._rng_restored = False
+        if self._resume_file is None:
+            return None
+        path, obj = self._resume_file
+        self._resume_file = None  # the mapped file is not kept past the resume
         # 1. settings (plain values only): refused before any tensor is looked at
         saved = ckpt.saved_signature(obj)
         diff = {} if saved is None else ckpt.signature_diff(saved, self.signature)

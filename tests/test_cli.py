@@ -123,6 +123,10 @@ def _errors(tmp_path, tiny_imagefolder):
             "Did you mean 'features.img_size'",
         ),  # fmt: skip
         (["eval", "knm", "--encoder", "random:vit_tiny", "--data", data], "Did you mean 'knn'"),
+        (  # a space instead of ':' once blamed the path as a malformed override
+            ["eval", "knn", "--encoder", "ibot", "/x.pth", "--data", data],
+            "encoder spec 'ibot' must look like SCHEME:...",
+        ),  # fmt: skip
         (
             ["eval", "knn", "--encoder", "random:a", "--encoder", "random:b", "--data", data],
             "--encoder given 2 times (random:a, random:b); eval takes one. To "

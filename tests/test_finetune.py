@@ -130,6 +130,8 @@ def test_layer_decay_outside_range_is_an_error():
         ({"smoothing": 1.5}, r"smoothing must be in \[0, 1\)"),  # was timm's bare assert
         ({"crop_pct": 0.0}, r"crop_pct must be in \(0, 1\]"),  # was a ZeroDivisionError
         ({"auto_augment": "foo"}, "not a timm augmentation policy"),  # was timm's assert
+        ({"auto_augment": "rand-foo"}, r"unknown section\(s\) \['foo'\]"),  # timm skipped it
+        ({"auto_augment": "randaug"}, r"policy \(unknown policy\)"),  # was an empty '()'
         ({"mixup": -1.0}, "mixup must be >= 0"),  # was silently off
         ({"ema_decay": 1.5}, r"ema_decay must be in \[0, 1\)"),  # was accepted
         ({"eval_every": 0}, "eval_every must be >= 1"),  # silently meant every epoch

@@ -135,7 +135,7 @@ def test_bad_suite_inputs(tmp_path, capsys):
     code = main(["run", "--suite", "full", "--tasks", "knn", "--data-root", str(tmp_path / "none"),
                  "--encoder", "random:vit_tiny", "--output", str(tmp_path / "f")])  # fmt: skip
     out = capsys.readouterr().out
-    assert code == 1 and f"expected a imagefolder folder at {tmp_path / 'none'}/imagenet" in out
+    assert code == 1 and f"expected an imagefolder folder at {tmp_path / 'none'}/imagenet" in out
     shutil.rmtree(tmp_path / "f")
     json.dumps({})  # keep json import used for readability of failures
 
@@ -158,6 +158,8 @@ entries: ENTRIES
         ("digitz", "[{task: knn, dataset: d}]", "dataset 'd' (digitz): unknown dataset 'digitz'. "
          "Did you mean 'digits'?"),
         ("digits", "[{task: knn, dataset: e}]", "entry 1 (knn) names dataset 'e', not one of"),
+        ("digits", "[{task: knn, dataset: d, overrides: ['k=[1,3]']}]", "unknown config key 'k' "
+         "in the overrides of suite entry knn on d. Did you mean 'ks'?"),
     ],
 )  # fmt: skip
 def test_suite_mistakes_are_refused_before_any_work(tmp_path, capsys, data, entries, expected):

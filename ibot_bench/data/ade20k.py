@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ibot_bench.data.classification import file_signatures, to_rgb
+from ibot_bench.data.classification import data_root_hint, file_signatures, to_rgb
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("training", "validation")
@@ -23,8 +23,7 @@ RELEASE_DIR = "ADEChallengeData2016"  # ROOT may also be the folder holding it
 ADE20K_NUM_CLASSES = 150
 _HINT = (
     "Point it at ADEChallengeData2016 (holding images/ and annotations/), or write a "
-    "synthetic one with ibot_bench.data.synthetic.write_synthetic(OUT) and use "
-    "OUT/ade20k/ADEChallengeData2016."
+    "synthetic one with `ibot-bench data synth OUT` and use ade20k:OUT/ade20k."
 )
 
 
@@ -69,7 +68,8 @@ class ADE20KDataset:
             raise DatasetError(f"ADE20K root {self.root} does not exist. {_HINT}")
         for folder in (self.image_dir, self.mask_dir):
             if not folder.is_dir():
-                raise DatasetError(f"ADE20K folder {folder} is missing. {_HINT}")
+                hint = data_root_hint(self.root, "ade20k", "ade20k") or f" {_HINT}"
+                raise DatasetError(f"ADE20K folder {folder} is missing.{hint}")
         images, masks = _stems(self.image_dir, ".jpg"), _stems(self.mask_dir, ".png")
         no_mask, no_image = sorted(images.keys() - masks), sorted(masks.keys() - images)
         if no_mask or no_image:

@@ -373,6 +373,14 @@ def _warn_ignored(root: Path, ignored: list[str]) -> None:
     )  # fmt: skip
 
 
+def data_root_hint(folder: Path, scheme: str, sub: str) -> str:
+    """`` Use SCHEME:FOLDER/SUB ...`` when ``folder`` holds ``sub`` (a data root of several
+    datasets, as ``ibot-bench data synth`` writes), else ``""``."""
+    if (folder / sub).is_dir():
+        return f" {folder} holds {sub}/: use {scheme}:{folder / sub}."
+    return ""
+
+
 def list_classes(root: Path) -> list[str]:
     """Class folder names of an ImageFolder split ``root/<class>/``, sorted as torchvision
     does (hidden folders skipped); only directory entries are read, no image."""
@@ -404,6 +412,7 @@ def scan_image_folder(
         raise DatasetError(
             f"dataset folder {root} does not exist. Expected the ImageNet layout "
             f"ROOT/{{train,val}}/<class>/<image>.jpg (spec {spec!r})."
+            + data_root_hint(root.parent, "imagefolder", "imagenet")
         )
     found = list_classes(root)
     loose = sorted(

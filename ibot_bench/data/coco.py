@@ -16,13 +16,18 @@ from typing import Any
 
 from PIL import Image
 
-from ibot_bench.data.classification import file_signature, file_signatures, to_rgb
+from ibot_bench.data.classification import (
+    data_root_hint,
+    file_signature,
+    file_signatures,
+    to_rgb,
+)
 from ibot_bench.errors import DatasetError
 
 SPLITS = ("train", "val")
 _HINT = (
     "Download COCO 2017 (images + annotations) there, or write a synthetic one with "
-    "ibot_bench.data.synthetic.write_synthetic(OUT) and use OUT/coco."
+    "`ibot-bench data synth OUT` and use coco:OUT/coco."
 )
 
 
@@ -125,7 +130,8 @@ class CocoDataset:
         if not self.root.is_dir():
             raise DatasetError(f"COCO root {self.root} does not exist. {_HINT}")
         if not self.ann_file.is_file():
-            raise DatasetError(f"COCO annotation file {self.ann_file} is missing. {_HINT}")
+            hint = data_root_hint(self.root, "coco", "coco") or f" {_HINT}"
+            raise DatasetError(f"COCO annotation file {self.ann_file} is missing.{hint}")
         if not self.image_dir.is_dir():
             raise DatasetError(f"COCO image folder {self.image_dir} is missing. {_HINT}")
         self.coco = _load_coco(self.ann_file)

@@ -24,6 +24,7 @@ __all__ = [
     "EncoderScheme",
     "ProjectionHead",
     "build_head",
+    "check_spec",
     "encoder_fingerprint",
     "load_encoder",
 ]
@@ -40,6 +41,11 @@ def _scheme(spec: str) -> tuple[EncoderScheme, str]:
         return ENCODERS.get(scheme), body
     except RegistryError as exc:
         raise UserError(f"{exc} (in encoder spec {spec!r})") from None
+
+
+def check_spec(spec: str) -> None:
+    """A :class:`UserError` when ``spec`` is not ``SCHEME:...`` with a registered scheme."""
+    _scheme(spec)
 
 
 def encoder_fingerprint(spec: str) -> str:
