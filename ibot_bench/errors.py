@@ -46,7 +46,8 @@ def user_message(exc: BaseException) -> str:
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """A library error's first message line (without OmegaConf's / torch's detail lines).
+    """A library error's first message line (without OmegaConf's / torch's detail lines),
+    cut to ``limit`` characters at a sentence end where it has one.
 
     For torch's safe loader it is the unpickler's own reason: the preamble suggesting
     ``weights_only=False`` (running the file's pickled code) is advice ibot-bench never takes.
@@ -58,4 +59,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
         )
     ):
         text = "torch's safe loader refused it: " + " ".join(reason.group(1).split())
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    end = line.rfind(". ", 0, limit)  # whole sentences where there are some, else cut visibly
+    return line[: end + 1] if end > 0 else line[: limit - 3].rstrip() + "..."

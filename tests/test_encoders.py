@@ -208,6 +208,9 @@ def test_network_under_a_key_prefix_or_nested_wrapper(tmp_path, nets):
     assert enc.info.extra["ignored_keys"] == ["model.head.weight"]
     torch.testing.assert_close(_cls(f"ibot:{tmp_path / 'nested.pth'}"), want["teacher"])
     torch.testing.assert_close(_cls(f"ibot:{tmp_path / 'nested.pth'}:student"), want["student"])
+    # a misspelt network names the ones the file holds (it once listed only the teacher's keys)
+    with pytest.raises(CheckpointError, match="it holds the network.s. :teacher, :student; the"):
+        load_encoder(f"ibot:{tmp_path / 'nested.pth'}:studnet")
 
 
 def test_several_networks_are_named_and_any_can_be_asked_for(tmp_path, nets):

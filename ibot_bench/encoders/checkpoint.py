@@ -205,7 +205,7 @@ def _new_pickle_protocol(path: Path) -> CheckpointError:
 
 
 def _corrupt(path: Path, exc: Exception) -> CheckpointError:
-    msg = first_line(exc)
+    msg = first_line(exc).rstrip(".")
     return CheckpointError(
         f"cannot read checkpoint {path}: {msg}. The file is probably truncated or corrupt "
         "(an interrupted copy or download?), or not a PyTorch/safetensors file. "
@@ -310,9 +310,18 @@ def select_network(
     if which not in (None, "teacher", "student") and which not in where.split("/"):
         prefix = which.rstrip(".") + "."
         if not any(k.startswith(prefix) for k in state):
+            held = f"its keys start with {_key_roots(state)}."
+            if where.split("/")[-1] in ("teacher", "student"):  # the default network was read
+                parent = obj
+                for key in where.split("/")[:-1]:
+                    parent = parent[key]
+                nets = [n for n in ("teacher", "student") if n in parent]
+                held = (
+                    f"it holds the network(s) {', '.join(f':{n}' for n in nets)}; the "
+                    f"{where.split('/')[-1]}'s keys start with {_key_roots(state)}."
+                )
             raise CheckpointError(
-                f"{path} has no network {which!r}: no sub-dict and no keys {prefix}*; its "
-                f"keys start with {_key_roots(state)}."
+                f"{path} has no network {which!r}: no sub-dict and no keys {prefix}*; {held}"
             )
     else:
         found = sorted(
