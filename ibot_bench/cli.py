@@ -248,9 +248,8 @@ def _only_one(args: argparse.Namespace) -> None:
     from ibot_bench.display_names import split_named
     from ibot_bench.encoders import check_spec
 
-    check_spec(
-        split_named(args.encoder)[1]
-    )  # before overrides: `--encoder ibot x.pth` blamed x.pth
+    # checked before the overrides: `--encoder ibot x.pth` once blamed x.pth as an override
+    check_spec(split_named(args.encoder)[1])
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
