@@ -142,7 +142,10 @@ def test_shipped_config_of_another_task_names_its_task(capsys, args, config, own
 )
 def test_malformed_override_is_one_line_naming_it(capsys, argv, expected):
     """Broken YAML in an override was a yaml traceback; a bare word was 'unrecognized'."""
-    for command in (["config", "show", "knn"], ["eval", "knn", "--encoder", "x", "--data", "y"]):
+    for command in (
+        ["config", "show", "knn"],
+        ["eval", "knn", "--encoder", "random:x", "--data", "y"],
+    ):
         assert main([*command, *argv]) == 2
         err = capsys.readouterr().err
         assert expected in err and "quoted as one word" in err and len(err.splitlines()) == 1

@@ -145,7 +145,7 @@ def test_missing_datasets_skip_only_their_entries(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 done" in out and "3 missing data" in out
     assert f"expected a coco folder at {root}/coco" in out
-    assert f"expected a ade20k folder at {root}/ade20k/ADEChallengeData2016" in out
+    assert f"expected an ade20k folder at {root}/ade20k/ADEChallengeData2016" in out
 
 
 def test_bad_run_inputs(tmp_path, capsys, monkeypatch):
