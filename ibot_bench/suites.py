@@ -191,9 +191,25 @@ def check_tasks(cfg: SuiteConfig, tasks: Sequence[str] | None) -> None:
         raise UserError(f"suite {cfg.name!r} has no task {unknown}; its tasks: {', '.join(known)}")
 
 
-def _overrides_origin(entry: SuiteEntry, profile: ProfileConfig) -> str:
-    own = f"the overrides of suite entry {entry.task} on {entry.dataset}"
-    return own + (" or of the profile" if profile.for_task(entry.task) else "")
+def _plan_entry(
+    cfg: SuiteConfig,
+    entry: SuiteEntry,
+    encoder: str,
+    profile: ProfileConfig,
+    splits: dict | None = None,
+) -> EvalPlan:
+    """The entry's plan: its task config from its file, its overrides and the profile's; a
+    config mistake names the entry."""
+    origin = f"the overrides of suite entry {entry.task} on {entry.dataset}"
+    return plan_eval(
+        entry.task,
+        encoder,
+        cfg.datasets[entry.dataset].spec,
+        config_path(entry),
+        [*entry.overrides, *profile.for_task(entry.task)],
+        splits,
+        origin + (" or of the profile" if profile.for_task(entry.task) else ""),
+    )
 
 
 def check_entry_configs(
@@ -201,17 +217,9 @@ def check_entry_configs(
 ) -> None:
     """Every entry's task config (its file, overrides and the profile's) must validate: a
     mistake in the suite file is refused before pretraining or any evaluation, not after."""
-    profile = profile or ProfileConfig()
     for entry in cfg.entries:
         if not tasks or entry.task in tasks:
-            plan_eval(
-                entry.task,
-                "",
-                cfg.datasets[entry.dataset].spec,
-                config_path(entry),
-                [*entry.overrides, *profile.for_task(entry.task)],
-                overrides_from=_overrides_origin(entry, profile),
-            )
+            _plan_entry(cfg, entry, "", profile or ProfileConfig())
 
 
 def plan_suite(
@@ -231,15 +239,7 @@ def plan_suite(
                 continue
             spec = cfg.datasets[entry.dataset].spec
             try:
-                plan = plan_eval(
-                    entry.task,
-                    encoder,
-                    spec,
-                    config_path(entry),
-                    [*entry.overrides, *profile.for_task(entry.task)],
-                    splits.setdefault(spec, {}),
-                    _overrides_origin(entry, profile),
-                )
+                plan = _plan_entry(cfg, entry, encoder, profile, splits.setdefault(spec, {}))
                 plans.append((plan, entry, encoder, ""))
             except UserError as exc:
                 plans.append((None, entry, encoder, str(exc)))
