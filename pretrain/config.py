@@ -118,7 +118,9 @@ class PretrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"
     num_workers: int = -1  # -1: auto (0 on small CPU machines)
-    threads: int = 0  # torch intra-op threads (0: torch's default)
+    # torch intra-op threads: 0 torch's default (one per core), -1 timed at the start of a
+    # single-process CPU run (ibot_bench.runtime.fastest_threads: 1 when other jobs hold the cores)
+    threads: int = -1
     # multi-crop: auto | per-image | batched (whole uint8 batches, on the GPU if there is one);
     # auto = batched on CUDA or <= 4 CPUs per process (docs/protocols.md#multi-crop)
     augment: str = "auto"
@@ -207,6 +209,7 @@ def _check_ranges(cfg: PretrainConfig) -> None:
          lc.warmup_teacher_temp_epochs >= 0, ">= 0"),
         ("mask.pred_start_epoch", m.pred_start_epoch, m.pred_start_epoch >= 0, ">= 0"),
         ("num_workers", cfg.num_workers, cfg.num_workers >= -1, ">= 0 (or -1: automatic)"),
+        ("threads", cfg.threads, cfg.threads >= -1, ">= 0 (0: torch's default; -1: automatic)"),
         ("save_every_iters", cfg.save_every_iters, cfg.save_every_iters >= 0, ">= 0 (0: per epoch)"),
         ("saveckp_freq", cfg.saveckp_freq, cfg.saveckp_freq >= 0, ">= 0 (0: no snapshots)"),
         ("max_iters", cfg.max_iters, cfg.max_iters >= 0, ">= 0 (0: no limit)"),

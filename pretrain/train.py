@@ -168,7 +168,11 @@ class Trainer:
         check_precision(self.device, cfg.precision)  # fails before anything is built
         # a broken checkpoint to resume from, too (read mapped: nothing is allocated yet)
         self._resume_file = self._read_resume_file(resume)
-        set_threads(cfg.threads)
+        # automatic threads are timed for one CPU process; DDP ranks and GPU runs keep
+        # torch's default (torchrun sets one thread per rank)
+        alone_on_cpu = self.device.type == "cpu" and self.world_size == 1
+        threads = cfg.threads if cfg.threads != -1 or alone_on_cpu else 0
+        self.threads = set_threads(threads, log=_stderr if is_main() else None)
 
         self.data = require_classification(load_split(cfg.data, "train"), cfg.data)
         fingerprint = self.data.fingerprint() if self.rank == 0 else None
@@ -778,8 +782,8 @@ class Trainer:
             print(
                 f"[pretrain] {self.vit.name} on {cfg.data} ({len(self.data)} images), "
                 f"{self.iters_per_epoch} it/epoch x {o.epochs} epochs, batch {o.batch_size} "
-                f"({self.world_size} rank(s)), device {self.device}, precision {self.precision}, "
-                f"augment {self.augment}",
+                f"({self.world_size} rank(s)), device {self.device}, {self.threads} thread(s), "
+                f"precision {self.precision}, augment {self.augment}",
                 file=sys.stderr,
             )
         if self.resumed_from is None and cfg.save_init:
