@@ -209,7 +209,7 @@ def _check_ranges(cfg: PretrainConfig) -> None:
          lc.warmup_teacher_temp_epochs >= 0, ">= 0"),
         ("mask.pred_start_epoch", m.pred_start_epoch, m.pred_start_epoch >= 0, ">= 0"),
         ("num_workers", cfg.num_workers, cfg.num_workers >= -1, ">= 0 (or -1: automatic)"),
-        ("threads", cfg.threads, cfg.threads >= -1, ">= 0 (0: torch's default; -1: automatic)"),
+        ("threads", cfg.threads, cfg.threads >= -1, ">= 0 (0: torch's default) or -1 (automatic)"),
         ("save_every_iters", cfg.save_every_iters, cfg.save_every_iters >= 0, ">= 0 (0: per epoch)"),
         ("saveckp_freq", cfg.saveckp_freq, cfg.saveckp_freq >= 0, ">= 0 (0: no snapshots)"),
         ("max_iters", cfg.max_iters, cfg.max_iters >= 0, ">= 0 (0: no limit)"),

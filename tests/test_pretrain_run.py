@@ -175,6 +175,7 @@ def test_bad_input_is_refused_before_training(tmp_path):
         ("crops.blur_sigma=[0.1,1e9]", "crops.blur_sigma must be <= 100"),
         ("save_every_iters=-1", "save_every_iters must be >= 0"),
         ("monitor_knn=-1", "monitor_knn must be >= 0"),  # was silently off
+        ("threads=-2", r"threads must be >= 0 \(0: torch's default\) or -1 \(automatic\)"),
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(smoke(tmp_path, override))
