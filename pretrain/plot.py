@@ -81,7 +81,9 @@ def plot_training(
         ax.plot(*_series(per_epoch, "epoch", key, "x"), ls=ls, marker="o", ms=3, label=label)
     ax.axhline(math.log(out_dim), color="grey", ls=":", label="uniform")
     ax.axhline(math.log(out_dim) - 0.1, color="red", ls=":", lw=0.8, label="collapse warning")
-    ax.set_title("CLS output entropy (nats; per image = batch mean: constant output)")
+    ax.set_title(
+        "CLS output entropy (nats)\nper image = batch mean: a constant output", fontsize=10
+    )
     ax = axes[1, 1]
     ax.plot(
         *_series(per_epoch, "epoch", "teacher_clusters", "x"), marker="o", ms=3, label="clusters"
