@@ -20,12 +20,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ibot_bench.config import load_config
+from ibot_bench.precision import cpu_bf16_support
 from ibot_bench.pretrain.config import PretrainConfig, crop_sizes
 from ibot_bench.pretrain.monitor import ClusterMonitor
 from ibot_bench.pretrain.train import PHASES, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EMULATED_BF16 = "bf16 is emulated on this CPU (no avx512_bf16 or AMX); runs use fp32 here"
+
+
+def skips_bf16(small: bool) -> bool:
+    """A ``--small`` run leaves bf16 out where the CPU emulates it: a step takes minutes
+    there, and precision=auto runs fp32 anyway."""
+    return small and cpu_bf16_support() == "emulated"
+
+
 CASES = {
     "vit_small": (
         ROOT / "configs/pretrain/vit_small_in1k.yaml",

@@ -25,10 +25,6 @@ from pathlib import Path
 import ibot_step as bs
 import torch
 
-from ibot_bench.precision import cpu_bf16_support
-
-EMULATED = "bf16 is emulated on this CPU (no avx512_bf16 or AMX); runs use fp32 here"
-
 
 def measure(
     case: str,
@@ -77,8 +73,8 @@ def rows(small: bool) -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for case, precision in cases:
-            if small and precision == "bf16" and cpu_bf16_support() == "emulated":
-                out.append({"name": f"iBOT step MFU, {case}, bf16", "skip": EMULATED})
+            if precision == "bf16" and bs.skips_bf16(small):
+                out.append({"name": f"iBOT step MFU, {case}, bf16", "skip": bs.EMULATED_BF16})
                 continue
             r = measure(
                 case, precision, 2 if small else 4, Path(tmp) / f"{case}_{precision}",

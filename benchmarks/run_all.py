@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ibot_bench.precision import cpu_bf16_support, cpu_info
+from ibot_bench.precision import cpu_info
 
 
 def machine() -> str:
@@ -73,8 +73,9 @@ def finetune_rows(small: bool) -> list[dict]:
     finetune = importlib.import_module("finetune")
     arch, size, batch = ("vit_tiny_patch8", 64, 16) if small else ("vit_small", 224, 8)
     name = f"fine-tuning step, {arch} @{size}, batch {batch}, bf16 vs fp32"
-    if small and cpu_bf16_support() == "emulated":
-        return [{"name": name, "skip": importlib.import_module("pretrain").EMULATED}]
+    step_tools = importlib.import_module("ibot_step")
+    if step_tools.skips_bf16(small):
+        return [{"name": name, "skip": step_tools.EMULATED_BF16}]
     device = torch.device("cpu")
     fp32 = finetune.time_steps(arch, size, batch, 2, 1, "fp32", device)
     bf16 = finetune.time_steps(arch, size, batch, 2, 1, "bf16", device)
