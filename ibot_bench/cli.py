@@ -571,11 +571,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
     )
     _warn(errors, stale)
     if args.format == "md":
-        print(detail_markdown(detail) if args.detail else to_markdown(boards))
+        print(detail_markdown(detail, boards) if args.detail else to_markdown(boards))
     elif args.format == "csv":  # pandas quotes names holding commas, quotes or newlines
         print(spreadsheet_safe(detail if args.detail else headline_csv_table(boards)).to_csv())
     else:
-        html = detail_html(detail) if args.detail else to_html(boards)
+        html = detail_html(detail, boards) if args.detail else to_html(boards)
         name = "leaderboard_detail.html" if args.detail else "leaderboard.html"
         atomic_write_text(os.path.join(output, name), html)
         print(html)

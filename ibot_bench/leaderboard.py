@@ -560,29 +560,63 @@ def to_html(boards: Sequence[GroupBoard]) -> str:
     return "\n".join(parts)
 
 
-def detail_markdown(table: pd.DataFrame) -> str:
-    """The detail leaderboard as Markdown: a heading and a table per group, names escaped
+def _by_display_name(
+    detail: pd.DataFrame, boards: Sequence[GroupBoard]
+) -> tuple[pd.DataFrame, dict[str, tuple[str, str]]]:
+    """The detail board (rows by spec) with its rows named as in the headline ``boards``
+    (a spec no board names keeps its spec), and name -> (spec, fingerprint) for its legend."""
+    legend = {name: entry for b in boards for name, entry in b.encoders.items()}
+    names = {spec: name for name, (spec, _) in legend.items()}
+    out = detail.copy()
+    out.index = pd.Index([names.get(e, e) for e in detail.index], name=detail.index.name)
+    return out, legend
+
+
+def _detail_legend(
+    names: Sequence[object], legend: Mapping[str, tuple[str, str]], text: Callable[[object], str]
+) -> list[str]:
+    """``name: spec, fingerprint ...`` for each of ``names`` that stands for something else."""
+    lines = []
+    for name in names:
+        if name in legend and legend[name][0] != name:
+            spec, fingerprint = legend[name]
+            fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
+            lines.append(f"{text(name)}: {text(spec)}{fp}")
+    return lines
+
+
+def detail_markdown(table: pd.DataFrame, boards: Sequence[GroupBoard] = ()) -> str:
+    """The detail leaderboard as Markdown: per group a heading, a table with the rows named
+    as in the headline ``boards`` and what the names stand for, names escaped
     (:func:`markdown_text`), values with 2 decimals, ``-`` where a cell has none."""
     lines = [f"<!-- {GENERATED} -->", "# Leaderboard (every metric)", ""]
     if table.empty:
         return "\n".join([*lines, "No records yet."]) + "\n"
+    table, legend = _by_display_name(table, boards)
     for group in table.columns.get_level_values(0).unique():
-        part = _relabel(table[group].dropna(how="all"), markdown_text)
-        cells = part.apply(lambda col: col.map(lambda v: "-" if v != v else f"{v:.2f}"))
+        rows = table[group].dropna(how="all")
+        cells = _relabel(rows, markdown_text).apply(
+            lambda col: col.map(lambda v: "-" if v != v else f"{v:.2f}")
+        )
         text = cells.to_markdown(  # numbers pre-formatted: a name like "1e3" stays text
             disable_numparse=True, colalign=("left",) + ("right",) * cells.shape[1]
         )
-        lines += [f"## {markdown_text(group)}", "", text, ""]
+        specs = [f"- {line}" for line in _detail_legend(rows.index, legend, markdown_text)]
+        lines += [f"## {markdown_text(group)}", "", text, "", *specs, *([""] if specs else [])]
     return "\n".join(lines)
 
 
-def detail_html(table: pd.DataFrame) -> str:
-    """The detail leaderboard as an HTML table, names escaped (:func:`html_text`)."""
+def detail_html(table: pd.DataFrame, boards: Sequence[GroupBoard] = ()) -> str:
+    """The detail leaderboard as an HTML table, rows named as in the headline ``boards``,
+    and what the names stand for; names escaped (:func:`html_text`)."""
     if table.empty:
         return "<p>No records yet.</p>"
-    return _relabel(table, html_text).to_html(
+    table, legend = _by_display_name(table, boards)
+    html = _relabel(table, html_text).to_html(
         escape=False, float_format="{:.2f}".format, na_rep="-"
     )
+    specs = "".join(f"<li>{line}</li>" for line in _detail_legend(table.index, legend, html_text))
+    return html + (f"\n<ul>{specs}</ul>" if specs else "")
 
 
 def write_reports(
@@ -594,7 +628,8 @@ def write_reports(
     names: Mapping[str, str] | None = None,
 ) -> tuple[list[GroupBoard], pd.DataFrame, list[tuple[Path, str]], list[str]]:
     """records.csv and leaderboard.csv/.md/.png (headline metrics) under ``out``; returns
-    (the headline boards, the detail board, read errors, :func:`stale_warnings`). See
+    (the headline boards, the detail board with rows by spec, read errors,
+    :func:`stale_warnings`). See
     :func:`headline_boards` for ``baseline`` and ``names``."""
     from ibot_bench.leaderboard_png import write_heatmap
 

@@ -160,7 +160,20 @@ def test_leaderboard_three_encoders_two_groups(tmp_path, capsys):
     # every metric remains in records.csv and --detail
     assert "ari" in (res / "records.csv").read_text()
     assert main(["report", str(res), "--detail"]) == 0
-    assert "cluster-kmeans ari" in capsys.readouterr().out
+    detail = capsys.readouterr().out
+    assert "cluster-kmeans ari" in detail
+    # its rows by the same short names, their specs below each table
+    assert {r[0] for r in _md_table(detail, "digits-32px")[2:]} == set(rows) - {
+        "quick-init (baseline)"
+    } | {"quick-init"}
+    assert (
+        rf"- quick: {QUICK.replace('_', chr(92) + '_')}, fingerprint {fingerprint[QUICK]}" in detail
+    )
+    assert r"- dino \<b\>S\</b\>\|16: dino:/ckpt/dino\_deitsmall16\_pretrain.pth" in detail
+    assert "<b>" not in detail
+    assert main(["report", str(res), "--detail", "--format", "html"]) == 0
+    html = capsys.readouterr().out
+    assert "<li>quick: " in html and "dino &lt;b&gt;S&lt;/b&gt;|16" in html and "<b>S" not in html
     with Image.open(res / "leaderboard.png") as image:
         assert image.width <= MAX_WIDTH_PX and image.height < 2000
 
