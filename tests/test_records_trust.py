@@ -237,15 +237,20 @@ def test_markdown_shows_names_literally_and_keeps_the_table(tmp_path, capsys):
     assert f"kNN top-1 = {NASTY['protocol']} top1" in legend[-2]
     for raw in ("<b>", "<script>", "<i>"):  # no live HTML in the Markdown
         assert raw not in text
-    # every metric, by spec, with --detail
+    # every metric with --detail, rows by the same names, their specs below
     assert main(["report", str(res), "--format", "md", "--detail"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
-    assert len(rows) == 4  # the newline stayed inside its cell
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(rows) == 4
     assert _md_cells(rows[0])[1:] == [
         f"{NASTY['protocol']} top1",
         f"{NASTY['protocol']} {NASTY['metric']}",
     ]
-    assert _md_cells(rows[2]) == [NASTY["encoder"], "71.25", "72.25"]
+    assert _md_cells(rows[2]) == [NASTY["name"], "71.25", "72.25"]
+    legend = [_md_cells(f"|{line[2:]}|")[0] for line in text.splitlines() if line[:2] == "- "]
+    assert legend == [f"{NASTY['name']}: {NASTY['encoder']}, fingerprint fp-enc|pipe"]
+    for raw in ("<b>", "<script>", "<i>"):
+        assert raw not in text
 
 
 class _Cells(HTMLParser):
@@ -287,11 +292,14 @@ def test_html_shows_names_literally(tmp_path, capsys):
     assert "71.25" in parser.cells and "60.50" in parser.cells
     assert html.escape(NASTY["group"]) in text and "<script>" not in text
     assert main(["report", str(res), "--format", "html", "--detail"]) == 0
+    text = capsys.readouterr().out
     parser = _Cells()
-    parser.feed(capsys.readouterr().out)
-    assert set(parser.tags) <= {"table", "thead", "tbody", "tr", "th", "td", "br"}
-    for name in (NASTY["encoder"], NASTY["group"], f"{NASTY['protocol']} {NASTY['metric']}"):
+    parser.feed(text)
+    assert set(parser.tags) <= {"table", "thead", "tbody", "tr", "th", "td", "br", "ul", "li"}
+    for name in (NASTY["name"], NASTY["group"], f"{NASTY['protocol']} {NASTY['metric']}"):
         assert name in parser.cells, name
+    assert html.escape(NASTY["encoder"].split("\n")[0]) in text  # the spec, in the legend
+    assert "<b>" not in text and "<script>" not in text
     assert (res / "leaderboard_detail.html").is_file()
 
 
