@@ -495,14 +495,21 @@ def _cell(value: float, best: bool, bold: Callable[[str], str]) -> str:
     return bold(f"{value:.2f}") if best else f"{value:.2f}"
 
 
+def _spec_line(
+    name: str, spec: str, fingerprint: str, text: Callable[[object], str], mark: str = ""
+) -> str:
+    """``name<mark>: spec, fingerprint <first 12>``, every part passed through ``text``."""
+    fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
+    return f"{text(name)}{mark}: {text(spec)}{fp}"
+
+
 def legend_lines(board: GroupBoard, text: Callable[[object], str]) -> list[str]:
     """What each row name and column stands for, as plain lines passed through ``text``."""
     lines = []
     for name, (spec, fingerprint) in board.encoders.items():
         mark = " (baseline)" if name == board.baseline else ""
-        fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
-        fp += "".join(f" ({text(note)})" for note in board.notes.get(name, []))
-        lines.append(f"{text(name)}{mark}: {text(spec)}{fp}")
+        notes = "".join(f" ({text(note)})" for note in board.notes.get(name, []))
+        lines.append(_spec_line(name, spec, fingerprint, text, mark) + notes)
     columns = "; ".join(f"{text(c)} = {text(p)} {text(m)}" for c, (p, m) in board.columns.items())
     if board.baseline is None:
         colours = "no baseline (random/init encoder or --baseline): leaderboard.png colours "
@@ -576,13 +583,11 @@ def _detail_legend(
     names: Sequence[object], legend: Mapping[str, tuple[str, str]], text: Callable[[object], str]
 ) -> list[str]:
     """``name: spec, fingerprint ...`` for each of ``names`` that stands for something else."""
-    lines = []
-    for name in names:
-        if name in legend and legend[name][0] != name:
-            spec, fingerprint = legend[name]
-            fp = f", fingerprint {text(fingerprint[:12])}" if fingerprint else ""
-            lines.append(f"{text(name)}: {text(spec)}{fp}")
-    return lines
+    return [
+        _spec_line(str(name), *legend[name], text)
+        for name in names
+        if name in legend and legend[name][0] != name
+    ]
 
 
 def detail_markdown(table: pd.DataFrame, boards: Sequence[GroupBoard] = ()) -> str:
