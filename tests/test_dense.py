@@ -226,6 +226,7 @@ QUICK_DET = [
     "multiscale=false",
     "rois_per_image=32",
     "proposals_per_image=50",
+    "detections_per_image=10",
     "img_scale=[64,64]",
     "num_workers=0",
     "log_every=1",
@@ -241,6 +242,27 @@ QUICK_SEG = [
     "log_every=1",
     "checkpoint_every=1",
 ]
+
+
+@pytest.mark.parametrize("model", ["mask-rcnn", "cascade-mask-rcnn"])
+def test_detection_limits_reach_the_mmdet_model(model):
+    from ibot_bench.dense.runner import DenseRuntime
+    from ibot_bench.downstream.detection import DetectionConfig, validate
+    from ibot_bench.downstream.detection.models import detector
+
+    cfg = DetectionConfig(model=model, rois_per_image=32, proposals_per_image=50,
+                          detections_per_image=10)  # fmt: skip
+    rt = DenseRuntime("cpu", "fp32", "BN", 0.75, 0.1, 192, 12, 16)
+    built = detector(cfg, rt, "random:vit_tiny_patch16", num_classes=3)
+    assert built["test_cfg"]["rcnn"]["max_per_img"] == 10
+    assert built["test_cfg"]["rpn"]["max_per_img"] == 50
+    stages = built["train_cfg"]["rcnn"]
+    assert all(
+        s["sampler"]["num"] == 32 for s in (stages if isinstance(stages, list) else [stages])
+    )
+    assert DetectionConfig().detections_per_image == 100  # COCO's maxDets
+    with pytest.raises(ConfigError, match="detections_per_image=0: must be >= 1"):
+        validate(DetectionConfig(detections_per_image=0))
 
 
 @pytest.mark.parametrize("model", ["mask-rcnn", "cascade-mask-rcnn"])

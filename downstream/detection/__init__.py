@@ -56,6 +56,7 @@ class DetectionConfig:
     clip_grad: float | None = None
     rois_per_image: int = 512  # RoIs sampled per image for the box/mask heads (mmdet's 512)
     proposals_per_image: int = 1000  # RPN proposals kept per image (train and test)
+    detections_per_image: int = 100  # boxes (and masks) kept per test image (COCO's 100)
     train_images: int | None = None  # train on the first N images only (smoke runs); None: all
     classes: list[str] | None = None  # None: the annotation file's categories, in id order
     multiscale: bool = True  # Swin/iBOT multi-scale + crop training; false: one resize
@@ -85,8 +86,10 @@ def milestones_for(cfg: DetectionConfig) -> list[int]:
 def validate(cfg: DetectionConfig) -> None:
     if cfg.model not in MODELS:
         raise ConfigError(f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
-    if min(cfg.epochs, cfg.batch_size, cfg.rois_per_image, cfg.proposals_per_image) < 1:
-        raise ConfigError("epochs, batch_size, rois_per_image and proposals_per_image must be >= 1")
+    counts = ("epochs", "batch_size", "rois_per_image", "proposals_per_image",
+              "detections_per_image")  # fmt: skip
+    if low := [f"{k}={getattr(cfg, k)}" for k in counts if getattr(cfg, k) < 1]:
+        raise ConfigError(f"{', '.join(low)}: must be >= 1")
     if len(cfg.img_scale) != 2:
         raise ConfigError(f"img_scale is [long, short] side, got {cfg.img_scale}")
     check_ranges(dense_checks(cfg) + [

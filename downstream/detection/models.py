@@ -153,6 +153,7 @@ def detector(cfg, rt: DenseRuntime, encoder_spec: str, num_classes: int) -> dict
         stage["sampler"]["num"] = cfg.rois_per_image
     model["train_cfg"]["rpn_proposal"]["max_per_img"] = cfg.proposals_per_image
     model["test_cfg"]["rpn"]["max_per_img"] = cfg.proposals_per_image
+    model["test_cfg"]["rcnn"]["max_per_img"] = cfg.detections_per_image
     return model
 
 

@@ -209,7 +209,10 @@ def run(config: dict[str, Any]) -> dict[str, float]:
     import ibot_bench.dense.register  # noqa: F401  (backbone + optimizer constructor)
 
     Path(config["work_dir"]).mkdir(parents=True, exist_ok=True)
-    runner = Runner.from_cfg(Config(config))  # builds the model: loads the encoder
+    # builds the model: loads the encoder. format_python_code=False: mmengine otherwise runs
+    # the config text through yapf for the log and for every checkpoint's meta, 5 s or more
+    # a time on a CPU (a third of a `--profile tiny` detection run); the text stays indented
+    runner = Runner.from_cfg(Config(config, format_python_code=False))
     iter_based = not config["default_hooks"]["checkpoint"]["by_epoch"]
     # entered after the encoder loader's own (non-nesting) safe_globals block has exited
     with (
